@@ -1,0 +1,172 @@
+"""``luffy <stage> ...``: one subcommand per workflow stage.
+
+Stage settings arrive as canonical JSON (``--settings``), exactly what the Snakemake rule
+carries in its params, so a rule reruns when, and only when, its settings change. Errors
+that name a bad input (config, data schema, export mismatch) exit with status 2 and a
+one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from luffy.config import (ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
+                          resolve_train_config)
+
+log = logging.getLogger("luffy")
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for value in values or []:
+        if "=" not in value:
+            raise ConfigError(f"{what}: expected NAME=PATH, got '{value}'")
+        name, path = value.split("=", 1)
+        out[name] = path
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="luffy", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def stage(name: str, help_text: str, settings: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        if settings:
+            p.add_argument("--settings", required=True, help="the stage's settings as JSON")
+        p.add_argument("--group", default=name, help="MLflow parent run group (experiment name or shared group)")
+        p.add_argument("--rule", default=None, help="the Snakemake rule (an MLflow tag)")
+        p.add_argument("--log", default=None, help="also write the log to this file")
+        p.add_argument("--threads", type=int, default=2)
+        return p
+
+    p = stage("make-toy-traces", "synthetic task: raw traces (OpenR1 schema), eval suites, format corpus")
+    p.add_argument("--out-dir", required=True)
+
+    p = stage("prepare-traces", "the LUFFY filter: OpenR1-schema traces -> training parquet + report")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--tokenizer", required=True, help="policy tokenizer: model dir, hub id, or 'shipped'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+
+    p = stage("make-base-model", "build and briefly pre-train the tiny demo base model")
+    p.add_argument("--system-prompt", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--metrics", required=True, help="pre-training loss per step (JSON lines)")
+
+    p = stage("train", "train one experiment (local engine)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--base-model", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--work-dir", required=True, help="resumable checkpoints (not a workflow output)")
+
+    p = stage("convert", "export a training checkpoint as a verified HuggingFace directory", settings=False)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-dir", required=True)
+
+    p = stage("evaluate", "evaluate one model on its suites with one engine load")
+    p.add_argument("--model", required=True)
+    p.add_argument("--suite", action="append", required=True, help="NAME=PATH (repeatable)")
+    p.add_argument("--out-dir", required=True)
+
+    p = stage("report", "results table (Markdown, CSV) and plots")
+    p.add_argument("--eval-dir", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--suites", nargs="+", required=True)
+    p.add_argument("--train-metrics", nargs="*", default=[], help="EXPERIMENT=metrics.jsonl")
+    p.add_argument("--out-dir", required=True)
+
+    p = sub.add_parser("init-tracking", help="create the MLflow store and parent runs (once, before jobs)")
+    p.add_argument("--resolved-config", required=True, help="the resolved config as JSON")
+
+    p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
+    p.add_argument("configfile")
+
+    sub.add_parser("schema", help="print the config JSON schema (workflow/schemas/config.schema.yaml)")
+    return parser
+
+
+def _tokenizer_path(value: str) -> str:
+    if value == "shipped":
+        from luffy.models.tokenizer import SHIPPED_DIR
+
+        return str(SHIPPED_DIR)
+    return value
+
+
+def run(args: argparse.Namespace) -> None:
+    from luffy import stages
+
+    common = {"group": getattr(args, "group", None), "rule": getattr(args, "rule", None) or args.stage}
+    if args.stage == "make-toy-traces":
+        stages.make_toy_traces(from_json(DataConfig, args.settings), args.out_dir, **common)
+    elif args.stage == "prepare-traces":
+        stages.prepare_traces(from_json(DataConfig, args.settings), args.traces, _tokenizer_path(args.tokenizer),
+                              args.out, args.report, **common)
+    elif args.stage == "make-base-model":
+        stages.make_base_model(from_json(TinyModelConfig, args.settings), args.system_prompt, args.corpus,
+                               args.out_dir, args.metrics, threads=args.threads, **common)
+    elif args.stage == "train":
+        settings = resolve_train_config(args.group, {}, json.loads(args.settings))
+        stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics,
+                     args.work_dir, threads=args.threads, **common)
+    elif args.stage == "convert":
+        stages.convert(args.checkpoint, args.out_dir, **common)
+    elif args.stage == "evaluate":
+        stages.evaluate(from_json(EvaluationConfig, args.settings), args.model, _pairs(args.suite, "--suite"),
+                        args.out_dir, threads=args.threads, **common)
+    elif args.stage == "report":
+        print(stages.report(from_json(ReportConfig, args.settings), args.eval_dir, args.models, args.suites,
+                            _pairs(args.train_metrics, "--train-metrics"), args.out_dir, **common))
+    elif args.stage == "init-tracking":
+        stages.init_tracking(json.loads(args.resolved_config))
+    elif args.stage == "check-config":
+        import yaml
+
+        from luffy.config import load_config, to_dict
+
+        with open(args.configfile) as fh:
+            resolved = load_config(yaml.safe_load(fh))
+        print(json.dumps({"root": to_dict(resolved.root), "experiments": to_dict(resolved.experiments)}, indent=2))
+    elif args.stage == "schema":
+        import yaml
+
+        from luffy.config import json_schema
+
+        print(yaml.safe_dump(json_schema(), sort_keys=False, width=100), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "log", None))
+    from luffy.data.schema import DataError
+    from luffy.models.export import ExportMismatch
+
+    try:
+        run(args)
+    except (ConfigError, DataError, ExportMismatch, FileNotFoundError) as err:
+        log.error("%s", err)
+        print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

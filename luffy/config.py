@@ -1,0 +1,379 @@
+"""Structured configuration: one dataclass per section, loaded and validated with OmegaConf.
+
+The YAML files in ``config/`` override these defaults. Unknown keys and values of the wrong
+type are errors that name the key (``ConfigError``). ``experiments`` maps a name to a
+``TrainConfig``; each experiment is merged over ``train_defaults`` so a config states the
+shared budget once and each experiment only what differs.
+
+The JSON schema in ``workflow/schemas/config.schema.yaml`` is generated from these classes
+(``luffy schema``), so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REFERENCE_SYSTEM_PROMPT = (
+    "Your task is to follow a systematic, thorough reasoning process before providing the final "
+    "solution. This involves analyzing, summarizing, exploring, reassessing, and refining your "
+    "thought process through multiple iterations. Structure your response into two sections: "
+    'Thought and Solution. In the Thought section, present your reasoning using the format: '
+    '"<think>\\n {thoughts} </think>\\n". Each thought should include detailed analysis, '
+    'brainstorming, verification, and refinement of ideas. After "</think>\\n," in the Solution '
+    "section, provide the final, logical, and accurate answer, clearly derived from the "
+    "exploration in the Thought section. If applicable, include the answer in \\boxed{} for "
+    "closed-form results like multiple choices or mathematical solutions."
+)
+
+ALGORITHMS = ("luffy", "grpo", "sft")
+BACKENDS = ("auto", "vllm", "hf")
+TOY_SOURCE_PREFIX = "toy:"
+TOY_SPLITS = ("id", "ood")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key or file named in the message."""
+
+
+def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
+    """A dataclass field with a one-line help string (kept in the field metadata)."""
+    if callable(default) and not isinstance(default, (int, float, str, bool)):
+        return field(default_factory=default, metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = _help("MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins",
+                     "sqlite:///mlflow.db")
+    experiment: str = _help("MLflow experiment name", "luffy")
+
+
+@dataclass
+class ToyTaskConfig:
+    seed: int = _help("seed of the synthetic task generator", 0)
+    n_train: int = _help("training problems (each with teacher traces)", 1000)
+    n_pretrain: int = _help("problems in the format corpus used to pre-train the tiny base model", 2000)
+    n_eval_id: int = _help("held-out in-distribution evaluation problems", 100)
+    n_eval_ood: int = _help("harder out-of-distribution evaluation problems", 100)
+    min_ops: int = _help("fewest operations in an in-distribution problem", 1)
+    max_ops: int = _help("most operations in an in-distribution problem", 3)
+    max_operand: int = _help("largest operand in an in-distribution problem", 20)
+    ood_min_ops: int = _help("fewest operations in an OOD problem", 3)
+    ood_max_ops: int = _help("most operations in an OOD problem", 4)
+    ood_max_operand: int = _help("largest operand in an OOD problem", 40)
+    generations_min: int = _help("fewest teacher traces per training problem", 2)
+    generations_max: int = _help("most teacher traces per training problem", 4)
+    wrong_rate: float = _help("share of traces with an arithmetic slip (wrong answer)", 0.25)
+    incomplete_rate: float = _help("share of traces cut off before </think>", 0.15)
+    verbose_rate: float = _help("share of traces padded with re-checks (often too long)", 0.15)
+
+
+@dataclass
+class DataConfig:
+    traces: str = _help("'toy' (synthetic task) or a parquet file in the OpenR1-Math-220k schema", "toy")
+    max_trace_tokens: int = _help("longest teacher trace kept, in policy-tokenizer tokens", 8192)
+    system_prompt: str = _help("system prompt of the training prompts ('' for none)", REFERENCE_SYSTEM_PROMPT)
+    data_source: str = _help("data_source value written to the training parquet", "openr1_math")
+    toy: ToyTaskConfig = _help("synthetic task settings (used when traces == 'toy')", ToyTaskConfig)
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = _help("hidden size of the tiny Qwen2 model", 128)
+    num_layers: int = _help("transformer layers", 2)
+    num_heads: int = _help("attention heads", 4)
+    num_kv_heads: int = _help("key/value heads", 2)
+    intermediate_size: int = _help("MLP width", 256)
+    max_position_embeddings: int = _help("context length", 512)
+    pretrain_steps: int = _help("pre-training steps on the format corpus", 300)
+    batch_size: int = _help("pre-training batch size (sequences)", 32)
+    lr: float = _help("pre-training learning rate", 3.0e-3)
+    seed: int = _help("initialisation and data-order seed", 0)
+
+
+@dataclass
+class BaseModelConfig:
+    path: Optional[str] = _help(
+        "HuggingFace model id or local directory of the policy; null builds the tiny demo model", None)
+    tiny: TinyModelConfig = _help("the tiny demo model (when path is null)", TinyModelConfig)
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = _help("luffy | grpo | sft", "luffy")
+    engine: str = _help("training engine: local (one process, CPU or one GPU)", "local")
+    steps: int = _help("training steps (one batch of prompts each)", 500)
+    prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128)
+    n: int = _help("responses per prompt (group size)", 8)
+    n_off: Optional[int] = _help("off-policy members per group (null: luffy 1, grpo 0)", None)
+    temperature: float = _help("rollout sampling temperature", 1.0)
+    max_response_tokens: int = _help("longest sampled response", 8192)
+    lr: float = _help("AdamW learning rate", 1.0e-6)
+    warmup_steps: int = _help("linear warm-up steps (the first step already has lr > 0)", 0)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.999)
+    grad_clip: float = _help("gradient-norm clip", 1.0)
+    mini_batches: int = _help("optimizer updates per step (PPO mini-batches)", 2)
+    ppo_epochs: int = _help("passes over each step's batch", 1)
+    clip: Optional[bool] = _help("PPO-clip the on-policy ratio (null: grpo yes, luffy no)", None)
+    clip_ratio: float = _help("PPO clip epsilon", 0.2)
+    std_normalize: bool = _help("divide group advantages by the group std", False)
+    shaping: str = _help("off-policy shaping f(p): 'luffy' = p/(p+gamma), 'none' = p", "luffy")
+    shaping_gamma: float = _help("gamma of f(p) = p/(p+gamma)", 0.1)
+    loss_agg: str = _help("token_mean | constant (sum / loss_constant, Dr.GRPO)", "constant")
+    loss_constant: Optional[float] = _help("normaliser of loss_agg=constant (null: max_response_tokens)", None)
+    entropy_coef: float = _help("entropy bonus coefficient", 0.001)
+    checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50)
+    seed: int = _help("seed of sampling and data order", 0)
+    device: str = _help("auto | cpu | cuda", "auto")
+
+
+@dataclass
+class VllmConfig:
+    gpu_memory_utilization: float = _help("vLLM memory share (on CPU: of host RAM for the KV cache)", 0.9)
+    dtype: str = _help("vLLM dtype", "auto")
+    enforce_eager: bool = _help("disable CUDA graphs / compilation", False)
+    max_model_len: Optional[int] = _help("context limit (null: the model's)", None)
+    enable_prefix_caching: bool = _help("share prompt KV across the n samples", True)
+
+
+@dataclass
+class SuiteConfig:
+    source: str = _help("'toy:id' / 'toy:ood' (synthetic suites) or a parquet in the benchmark schema")
+    n: int = _help("samples per problem (the engine's n)", 1)
+    temperature: float = _help("sampling temperature", 0.6)
+    top_p: float = _help("nucleus sampling", 1.0)
+    max_tokens: int = _help("most new tokens per sample", 8192)
+
+
+@dataclass
+class EvaluationConfig:
+    backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto")
+    seed: int = _help("sampling seed", 0)
+    hf_batch_size: int = _help("prompts per HF generate call", 64)
+    vllm: VllmConfig = _help("vLLM engine settings", VllmConfig)
+    suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict)
+
+
+@dataclass
+class ReportConfig:
+    title: str = _help("heading of the results table", "Results")
+    decimals: int = _help("decimals of accuracies (in percent)", 1)
+
+
+@dataclass
+class Config:
+    results_dir: str = _help("where every output goes", "results")
+    tracking: TrackingConfig = _help("MLflow", TrackingConfig)
+    data: DataConfig = _help("training data", DataConfig)
+    base_model: BaseModelConfig = _help("the policy's starting point", BaseModelConfig)
+    train_defaults: dict[str, Any] = _help("settings shared by every experiment (TrainConfig keys)", dict)
+    experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict)
+    evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
+    report: ReportConfig = _help("tables and plots", ReportConfig)
+
+
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "luffy": {"n_off": 1, "clip": False},
+    "grpo": {"n_off": 0, "clip": True},
+    "sft": {"n_off": 0, "clip": False},
+}
+RESERVED_MODEL_NAMES = ("base",)
+
+
+def _describe(err: OmegaConfBaseException, prefix: str) -> str:
+    key = getattr(err, "full_key", None) or ""
+    key = f"{prefix}.{key}" if prefix and key else (key or prefix)
+    msg = str(err).split("\n")[0]
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
+
+
+def _merge(schema: type, *layers: Any, prefix: str = "") -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, prefix)) from None
+
+
+def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """Merge an experiment over ``train_defaults`` and fill the algorithm's own defaults."""
+    prefix = f"experiments.{name}"
+    for key in list(defaults) + list(overrides or {}):
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            where = prefix if key in (overrides or {}) else "train_defaults"
+            raise ConfigError(f"config key '{where}.{key}': unknown setting (expected one of TrainConfig's keys)")
+    cfg: TrainConfig = _merge(TrainConfig, defaults, overrides or {}, prefix=prefix)
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"config key '{prefix}.algorithm': '{cfg.algorithm}' is not one of {ALGORITHMS}")
+    for key, value in ALGORITHM_DEFAULTS[cfg.algorithm].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.loss_constant is None:
+        cfg.loss_constant = float(cfg.max_response_tokens)
+    checks = [
+        (cfg.algorithm == "grpo" and cfg.n_off != 0, "n_off", "grpo is on-policy only: n_off must be 0"),
+        (cfg.algorithm == "luffy" and not 0 <= cfg.n_off < cfg.n, "n_off",
+         f"must be in [0, n={cfg.n}) so the group has on-policy members"),
+        (cfg.engine != "local", "engine", f"'{cfg.engine}' is not available (only 'local')"),
+        (cfg.shaping not in ("luffy", "none"), "shaping", f"'{cfg.shaping}' is not one of ('luffy', 'none')"),
+        (cfg.loss_agg not in ("token_mean", "constant"), "loss_agg",
+         f"'{cfg.loss_agg}' is not one of ('token_mean', 'constant')"),
+        (cfg.steps < 1, "steps", "must be >= 1"),
+        (cfg.n < 1, "n", "must be >= 1"),
+        (cfg.prompts_per_step < 1, "prompts_per_step", "must be >= 1"),
+        (cfg.mini_batches < 1 or cfg.prompts_per_step % cfg.mini_batches, "mini_batches",
+         f"must divide prompts_per_step={cfg.prompts_per_step}"),
+        (cfg.checkpoint_every < 1, "checkpoint_every", "must be >= 1"),
+        (cfg.lr <= 0, "lr", "must be > 0"),
+        (cfg.shaping_gamma <= 0, "shaping_gamma", "must be > 0"),
+        (cfg.device not in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' is not one of auto, cpu, cuda"),
+    ]
+    for bad, key, why in checks:
+        if bad:
+            raise ConfigError(f"config key '{prefix}.{key}': {why}")
+    return cfg
+
+
+@dataclass
+class ResolvedConfig:
+    """The validated configuration: typed sections plus the resolved experiments."""
+
+    root: Config
+    experiments: dict[str, TrainConfig]
+
+    @property
+    def models(self) -> list[str]:
+        """Rows of the results table: the base model, then every experiment."""
+        return ["base", *self.experiments]
+
+
+def _check_file(path: str, key: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"config key '{key}': file not found: {path}")
+
+
+def _looks_local(path: str) -> bool:
+    """A path (not a hub id such as 'Qwen/Qwen2.5-Math-7B'): absolute, relative with ./ or ~."""
+    return path.startswith((".", "/", "~"))
+
+
+def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
+    """Validate a raw config mapping (e.g. Snakemake's ``config``) and resolve experiments."""
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    root: Config = _merge(Config, raw or {})
+    toy = root.data.toy
+    if root.data.traces != "toy":
+        _check_file(root.data.traces, "data.traces")
+    if toy.generations_min < 1 or toy.generations_max < toy.generations_min:
+        raise ConfigError("config key 'data.toy.generations_min': need 1 <= generations_min <= generations_max")
+    if root.base_model.path is not None and _looks_local(root.base_model.path):
+        _check_file(root.base_model.path, "base_model.path")
+    if not root.experiments:
+        raise ConfigError("config key 'experiments': at least one experiment is required")
+    experiments = {}
+    for name, overrides in root.experiments.items():
+        if name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"config key 'experiments.{name}': names must be [A-Za-z0-9_-] and not 'base'")
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"config key 'experiments.{name}': expected a mapping of settings")
+        experiments[name] = resolve_train_config(name, root.train_defaults or {}, overrides or {})
+    ev = root.evaluation
+    if ev.backend not in BACKENDS:
+        raise ConfigError(f"config key 'evaluation.backend': '{ev.backend}' is not one of {BACKENDS}")
+    if not ev.suites:
+        raise ConfigError("config key 'evaluation.suites': at least one suite is required")
+    for name, suite in ev.suites.items():
+        key = f"evaluation.suites.{name}"
+        if suite.source.startswith(TOY_SOURCE_PREFIX):
+            split = suite.source[len(TOY_SOURCE_PREFIX):]
+            if split not in TOY_SPLITS:
+                raise ConfigError(f"config key '{key}.source': toy split '{split}' is not one of {TOY_SPLITS}")
+        else:
+            _check_file(suite.source, f"{key}.source")
+        if suite.n < 1 or suite.max_tokens < 1:
+            raise ConfigError(f"config key '{key}': n and max_tokens must be >= 1")
+    return ResolvedConfig(root=root, experiments=experiments)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (or nested structure of them) to plain JSON-able Python."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    """Canonical JSON (sorted keys): stable, so Snakemake params only change with the settings."""
+    return json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+
+
+def from_json(schema: type, text: str) -> Any:
+    """Inverse of ``to_json`` for one section, validated against its dataclass."""
+    return _merge(schema, json.loads(text))
+
+
+# ---- JSON schema generation (workflow/schemas/config.schema.yaml) ----
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        schema = _type_schema(inner[0])
+        types = schema.get("type")
+        if types is not None:
+            schema["type"] = [*([types] if isinstance(types, str) else types), "null"]
+        return schema
+    if dataclasses.is_dataclass(tp):
+        return dataclass_schema(tp)
+    if origin is dict:
+        value_type = args[1] if len(args) == 2 else Any
+        schema: dict[str, Any] = {"type": "object"}
+        if value_type is not Any:
+            schema["additionalProperties"] = _type_schema(value_type)
+        return schema
+    if tp is float:
+        return {"type": "number"}
+    if tp in _JSON_TYPES:
+        return {"type": _JSON_TYPES[tp]}
+    return {}
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    props = {}
+    for f in dataclasses.fields(cls):
+        prop = _type_schema(hints[f.name])
+        if "help" in f.metadata:
+            prop["description"] = f.metadata["help"]
+        props[f.name] = prop
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def json_schema() -> dict[str, Any]:
+    schema = dataclass_schema(Config)
+    schema["properties"]["train_defaults"] = dataclass_schema(TrainConfig)
+    schema["properties"]["experiments"]["additionalProperties"] = {
+        "anyOf": [dataclass_schema(TrainConfig), {"type": "null"}]}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "description": "LUFFY pipeline configuration (generated from luffy/config.py by `luffy schema`)",
+            **schema}

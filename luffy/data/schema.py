@@ -1,0 +1,176 @@
+"""Dataset schemas: OpenR1-Math-220k (raw traces), LUFFY training rows, benchmark suites.
+
+Validation raises ``DataError`` naming the file, the column or the rows at fault, so a bad
+input never surfaces as a traceback from deep inside pandas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+OPENR1_REQUIRED = ("problem", "answer", "generations", "correctness_math_verify", "is_reasoning_complete")
+LUFFY_REQUIRED = ("data_source", "prompt", "target", "ability", "reward_model", "extra_info")
+BENCHMARK_REQUIRED = ("data_source", "prompt", "reward_model")
+MAX_LISTED_ROWS = 10
+
+
+class DataError(ValueError):
+    """A dataset that does not match its schema; the message names the column or rows."""
+
+
+def read_parquet(path: str, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise DataError(f"{what}: file not found: {path}") from None
+    except Exception as err:  # pyarrow raises several unrelated types for a non-parquet file
+        raise DataError(f"{what}: cannot read {path} as parquet ({type(err).__name__}: {err})") from None
+
+
+def require_columns(frame: pd.DataFrame, required: Iterable[str], what: str) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{what}: missing column(s) {missing}; found {list(frame.columns)}")
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def bad_rows(frame: pd.DataFrame, check: Callable[[pd.Series], str | None]) -> dict[str, list[int]]:
+    """Row positions per problem found by ``check`` (which returns a reason or None)."""
+    found: dict[str, list[int]] = {}
+    for pos, row in enumerate(frame.itertuples(index=False)):
+        reason = check(row._asdict())
+        if reason:
+            found.setdefault(reason, []).append(pos)
+    return found
+
+
+def raise_bad_rows(found: dict[str, list[int]], what: str) -> None:
+    if not found:
+        return
+    parts = []
+    for reason, rows in found.items():
+        listed = ", ".join(map(str, rows[:MAX_LISTED_ROWS])) + (" ..." if len(rows) > MAX_LISTED_ROWS else "")
+        parts.append(f"{reason}: {len(rows)} row(s) [{listed}]")
+    raise DataError(f"{what}: malformed rows (0-based positions): " + "; ".join(parts))
+
+
+def check_openr1_row(row: dict[str, Any]) -> str | None:
+    problem, answer = row["problem"], row["answer"]
+    if not isinstance(problem, str) or not problem.strip():
+        return "empty or non-string problem"
+    if not isinstance(answer, str) or not answer.strip():
+        return "empty or non-string answer"
+    lists = [row["generations"], row["correctness_math_verify"], row["is_reasoning_complete"]]
+    if not all(_is_list(v) for v in lists):
+        return "generations / correctness_math_verify / is_reasoning_complete not lists"
+    if len({len(v) for v in lists}) != 1:
+        return "generations, correctness_math_verify and is_reasoning_complete differ in length"
+    if not all(isinstance(g, str) for g in row["generations"]):
+        return "a generation is not a string"
+    return None
+
+
+def validate_openr1(frame: pd.DataFrame, what: str) -> None:
+    require_columns(frame, OPENR1_REQUIRED, what)
+    raise_bad_rows(bad_rows(frame, check_openr1_row), what)
+
+
+def messages(system_prompt: str, user: str) -> list[dict[str, str]]:
+    out = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return out + [{"role": "user", "content": user}]
+
+
+def luffy_rows(data_source: str, system_prompt: str, problems: Sequence[str], traces: Sequence[str],
+               answers: Sequence[str], split: str = "train") -> pd.DataFrame:
+    """Training rows in the LUFFY schema (also what verl's RLHFDataset expects)."""
+    return pd.DataFrame({
+        "data_source": [data_source] * len(problems),
+        "prompt": [messages(system_prompt, p) for p in problems],
+        "target": [[{"role": "assistant", "content": t}] for t in traces],
+        "ability": ["math"] * len(problems),
+        "reward_model": [{"style": "rule", "ground_truth": a} for a in answers],
+        "extra_info": [{"split": split, "index": i} for i in range(len(problems))],
+    })
+
+
+def benchmark_rows(data_source: str, split: str, system_prompt: str, problems: Sequence[str],
+                   answers: Sequence[str]) -> pd.DataFrame:
+    """Evaluation rows in the schema of the reference's benchmark parquets."""
+    return pd.DataFrame({
+        "data_source": [data_source] * len(problems),
+        "prompt": [messages(system_prompt, p) for p in problems],
+        "ability": ["math"] * len(problems),
+        "reward_model": [{"style": "rule", "ground_truth": a} for a in answers],
+        "extra_info": [{"split": split, "index": i} for i in range(len(problems))],
+    })
+
+
+def _chat(value: Any) -> list[dict[str, str]] | None:
+    if not _is_list(value) or not len(value):
+        return None
+    out = []
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            return None
+        out.append({"role": str(message["role"]), "content": message["content"]})
+    return out
+
+
+def _ground_truth(value: Any) -> str | None:
+    if isinstance(value, dict) and isinstance(value.get("ground_truth"), str) and value["ground_truth"].strip():
+        return value["ground_truth"]
+    return None
+
+
+def check_prompt_row(row: dict[str, Any]) -> str | None:
+    if _chat(row["prompt"]) is None:
+        return "prompt is not a non-empty list of {role, content} messages"
+    if _ground_truth(row["reward_model"]) is None:
+        return "reward_model.ground_truth missing or empty"
+    return None
+
+
+def check_luffy_row(row: dict[str, Any]) -> str | None:
+    reason = check_prompt_row(row)
+    if reason:
+        return reason
+    target = _chat(row["target"])
+    if target is None or target[0]["role"] != "assistant" or not target[0]["content"]:
+        return "target is not [{role: assistant, content: trace}]"
+    return None
+
+
+def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
+    """Training rows: (prompt messages, teacher trace, ground truth) per row."""
+    what = f"training data {path}"
+    frame = read_parquet(path, what)
+    require_columns(frame, LUFFY_REQUIRED, what)
+    raise_bad_rows(bad_rows(frame, check_luffy_row), what)
+    if frame.empty:
+        raise DataError(f"{what}: no rows")
+    prompts = [_chat(v) for v in frame["prompt"]]
+    traces = [_chat(v)[0]["content"] for v in frame["target"]]
+    answers = [_ground_truth(v) for v in frame["reward_model"]]
+    return prompts, traces, answers
+
+
+def load_benchmark(path: str) -> pd.DataFrame:
+    """A suite as (problem_id, prompt messages, ground_truth, data_source) rows."""
+    what = f"benchmark {path}"
+    frame = read_parquet(path, what)
+    require_columns(frame, BENCHMARK_REQUIRED, what)
+    raise_bad_rows(bad_rows(frame, check_prompt_row), what)
+    if frame.empty:
+        raise DataError(f"{what}: no rows")
+    return pd.DataFrame({
+        "problem_id": range(len(frame)),
+        "prompt": [_chat(v) for v in frame["prompt"]],
+        "ground_truth": [_ground_truth(v) for v in frame["reward_model"]],
+        "data_source": frame["data_source"].astype(str).tolist(),
+    })

@@ -1,0 +1,258 @@
+"""The local engine: one process, torch + transformers, rollouts by HF ``generate``.
+
+Per step (luffy / grpo): draw ``prompts_per_step`` prompts; for each, ``n - n_off`` sampled
+responses plus ``n_off`` copies of the teacher trace (+EOS); grade all with the reward;
+compute group advantages over the mixed group; record pi_old by a no-grad forward; then
+``ppo_epochs`` passes of ``mini_batches`` optimizer updates on ``luffy.algo``'s loss.
+``sft`` minimises the NLL of the traces instead. The math lives in ``luffy.algo`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from luffy.algo.advantages import group_advantages
+from luffy.algo.losses import LossSettings, mixed_policy_loss, sft_loss
+from luffy.config import TrainConfig, to_dict
+from luffy.data.schema import DataError, load_luffy
+from luffy.data.templates import encode_prompts, encode_traces
+from luffy.engines.local import checkpoint
+from luffy.io import atomic_dir
+from luffy.models.generation import sample
+from luffy.models.sequences import SequenceBatch, build_batch, token_logprobs_and_entropy
+from luffy.reward.math import grade
+
+log = logging.getLogger(__name__)
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
+    """The prompts of ``step``: consecutive slices of per-epoch seeded permutations.
+
+    Stateless in the step number, so a resumed run draws exactly the same prompts.
+    """
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, total)
+        order = list(range(total))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+@dataclass
+class TrainData:
+    rendered: list[str]
+    prompt_ids: list[list[int]]
+    trace_ids: list[list[int]]
+    answers: list[str]
+
+
+def load_train_data(path: str, tokenizer) -> TrainData:
+    prompts, traces, answers = load_luffy(path)
+    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
+    return TrainData(rendered, prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
+
+
+def loss_settings(cfg: TrainConfig) -> LossSettings:
+    return LossSettings(clip=bool(cfg.clip), clip_ratio=cfg.clip_ratio, shaping=cfg.shaping,
+                        shaping_gamma=cfg.shaping_gamma, loss_agg=cfg.loss_agg,
+                        loss_constant=float(cfg.loss_constant), entropy_coef=cfg.entropy_coef)
+
+
+class LocalTrainer:
+    def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
+                 sink: MetricsSink | None = None):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.base_model = base_model
+        self.work_dir = work_dir
+        self.sink = sink
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        torch.manual_seed(cfg.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
+        self.data = load_train_data(data_path, self.tokenizer)
+        if cfg.algorithm == "luffy" and cfg.n_off > 0:
+            too_long = sum(len(t) > cfg.max_response_tokens for t in self.data.trace_ids)
+            if too_long:
+                raise DataError(
+                    f"training data {data_path}: {too_long} teacher trace(s) (+EOS) exceed max_response_tokens="
+                    f"{cfg.max_response_tokens}; raise it or lower data.max_trace_tokens")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay)
+        updates_per_step = cfg.mini_batches * (cfg.ppo_epochs if cfg.algorithm != "sft" else 1)
+        warmup = cfg.warmup_steps * updates_per_step
+        # (u + 1): the first update already has a positive learning rate (the reference's first
+        # step ran at lr 0).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
+        self.loss_settings = loss_settings(cfg)
+        self.metrics_path = work_dir / "metrics.jsonl"
+
+    # ---- one step ----
+    def _update(self, batch, old_logp, advantages, off_mask) -> dict[str, float]:
+        self.model.train()
+        logp, entropy = token_logprobs_and_entropy(self.model, batch)
+        loss, metrics = mixed_policy_loss(logp, old_logp, advantages, batch.response_mask, off_mask,
+                                          self.loss_settings, entropy)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        return metrics
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg, tok = self.cfg, self.tokenizer
+        idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
+        n_on = cfg.n - cfg.n_off
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        sampled = sample(self.model, [self.data.prompt_ids[i] for i in idx], n=n_on,
+                         max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature, top_p=1.0,
+                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id) if n_on else [[] for _ in idx]
+        prompts, responses, off_flags, golds = [], [], [], []
+        for i, group in zip(idx, sampled):
+            members = [self.data.trace_ids[i]] * cfg.n_off + group
+            for m, response in enumerate(members):
+                prompts.append(self.data.prompt_ids[i])
+                responses.append(response)
+                off_flags.append(m < cfg.n_off)
+                golds.append(self.data.answers[i])
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        grades = [grade(t, g) for t, g in zip(texts, golds)]
+        rewards = torch.tensor([g.reward for g in grades]).view(len(idx), cfg.n)
+        advantages = group_advantages(rewards, cfg.std_normalize).reshape(-1)
+        batch = build_batch(prompts, responses, tok.pad_token_id).to(self.device)
+        off_flag_t = torch.tensor(off_flags, dtype=torch.float32, device=self.device)
+        off_mask = off_flag_t.unsqueeze(-1) * batch.response_mask
+        advantages = advantages.to(self.device)
+        members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
+        chunks = [slice(s, s + members_per_mb) for s in range(0, len(responses), members_per_mb)]
+        with torch.no_grad():
+            self.model.eval()
+            old_logp = torch.cat([token_logprobs_and_entropy(self.model, _rows(batch, sl), with_entropy=False)[0]
+                                  for sl in chunks])
+        per_update = []
+        for _ in range(cfg.ppo_epochs):
+            for sl in chunks:
+                sub = _rows(batch, sl, trim=True)
+                per_update.append(self._update(sub, old_logp[sl, : sub.response_mask.shape[1]],
+                                               advantages[sl], off_mask[sl, : sub.response_mask.shape[1]]))
+        on = [g.reward for g, off in zip(grades, off_flags) if not off]
+        offp = [g.reward for g, off in zip(grades, off_flags) if off]
+        on_lengths = [len(r) for r, off in zip(responses, off_flags) if not off]
+        off_lengths = [len(r) for r, off in zip(responses, off_flags) if off]
+        solved = rewards[:, cfg.n_off:].amax(dim=1) if n_on else torch.zeros(len(idx))
+        metrics = _mean_dicts(per_update)
+        metrics.update({
+            "reward/mean": float(rewards.mean()),
+            "reward/on_policy_mean": _mean(on),
+            "reward/off_policy_mean": _mean(offp),
+            "accuracy/on_policy": _mean(on),
+            "accuracy/group_solved": float(solved.float().mean()),
+            "response_length/on_policy": _mean(on_lengths),
+            "response_length/off_policy": _mean(off_lengths),
+            "response/no_think_end_share": _mean([g.reason == "no_think_end" for g in grades]),
+        })
+        return metrics
+
+    def sft_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
+        per_update = []
+        per_mb = cfg.prompts_per_step // cfg.mini_batches
+        for start in range(0, len(idx), per_mb):
+            chunk = idx[start : start + per_mb]
+            batch = build_batch([self.data.prompt_ids[i] for i in chunk], [self.data.trace_ids[i] for i in chunk],
+                                self.tokenizer.pad_token_id).to(self.device)
+            self.model.train()
+            logp, entropy = token_logprobs_and_entropy(self.model, batch)
+            loss = sft_loss(logp, batch.response_mask, "token_mean")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            per_update.append({"loss/sft": loss.item(), "grad_norm": grad_norm,
+                               "entropy": float((entropy * batch.response_mask).sum() / batch.response_mask.sum())})
+        metrics = _mean_dicts(per_update)
+        metrics["response_length/off_policy"] = _mean([len(self.data.trace_ids[i]) for i in idx])
+        return metrics
+
+    # ---- the loop ----
+    def run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None = None) -> None:
+        cfg = self.cfg
+        resumed = checkpoint.load_latest(self.work_dir, self.model, self.optimizer, self.scheduler)
+        start = resumed.step if resumed else 0
+        if resumed:
+            log.info("resuming from %s at step %d", self.work_dir, start)
+            checkpoint.truncate_metrics(self.metrics_path, start - 1)
+        step_fn = self.sft_step if cfg.algorithm == "sft" else self.rl_step
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train[{cfg.algorithm}]",
+                   mininterval=5.0)
+        for step in bar:
+            began = time.perf_counter()
+            metrics = step_fn(step)
+            metrics["lr"] = self.scheduler.get_last_lr()[0]
+            metrics["step_time_s"] = time.perf_counter() - began
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self.sink:
+                self.sink(metrics, step)
+            bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
+                             if k in ("reward/on_policy_mean", "loss/total", "loss/sft")})
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoint.save(self.work_dir, step + 1, self.model, self.optimizer, self.scheduler,
+                                {"run_id": resume_run_id() if resume_run_id else None})
+        self._write_final(out_dir, metrics_out)
+
+    def _write_final(self, out_dir: Path, metrics_out: Path) -> None:
+        with atomic_dir(out_dir) as tmp:
+            torch.save(self.model.state_dict(), tmp / "model.pt")
+            (tmp / "checkpoint.json").write_text(json.dumps(
+                {"base_model": self.base_model, "steps": self.cfg.steps, "settings": to_dict(self.cfg)}, indent=2))
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.metrics_path, metrics_out)
+
+
+def _rows(batch: SequenceBatch, rows: slice, trim: bool = False) -> SequenceBatch:
+    """Rows of a batch; with ``trim``, cut to their own longest sequence (less padding)."""
+    length = int(batch.attention_mask[rows].sum(dim=1).max()) if trim else batch.input_ids.shape[1]
+    return SequenceBatch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length],
+                         batch.target_ids[rows, : length - 1], batch.response_mask[rows, : length - 1])
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in dicts for k in d}
+    return {k: _mean(d[k] for d in dicts if k in d and not math.isnan(d[k])) for k in sorted(keys)}
+
+
+def resume_state(work_dir: Path) -> dict[str, Any] | None:
+    pointer = work_dir / "latest"
+    if not pointer.exists():
+        return None
+    return json.loads((work_dir / pointer.read_text().strip() / "state.json").read_text())
+

@@ -1,0 +1,51 @@
+"""Prompt + response batches and their per-token log-probabilities (teacher-forced).
+
+Layout: each row is ``prompt ++ response`` right-padded, so positions start at 0 for every
+row. ``response_mask[b, t]`` marks the *predictions* of response tokens: logits at position
+t predict token t + 1, so all per-token tensors have length ``L - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor       # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    target_ids: torch.Tensor      # [B, L-1]  token predicted at each position
+    response_mask: torch.Tensor   # [B, L-1]  1.0 where the predicted token is a response token
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                      self.target_ids, self.response_mask)))
+
+
+def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    batch = len(prompts)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    response_mask = torch.zeros((batch, length - 1), dtype=torch.float32)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = list(prompt) + list(response)
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+        response_mask[i, len(prompt) - 1 : len(row) - 1] = 1.0
+    return SequenceBatch(input_ids, attention, input_ids[:, 1:].clone(), response_mask)
+
+
+def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch,
+                               with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target_t | prefix) and the policy entropy at each position, both [B, L-1]."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    token_logp = log_probs.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return token_logp, entropy

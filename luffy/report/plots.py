@@ -1,0 +1,60 @@
+"""Plots: training curves per experiment and a bar chart of the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from luffy.io import atomic_path, read_jsonl  # noqa: E402
+
+CURVES = (
+    ("reward/on_policy_mean", "on-policy reward"),
+    ("reward/off_policy_mean", "off-policy (teacher) reward"),
+    ("accuracy/group_solved", "groups with a solved on-policy member"),
+    ("entropy", "mean token entropy"),
+    ("loss/sft", "SFT loss"),
+)
+
+
+def _smooth(values: pd.Series, window: int) -> pd.Series:
+    return values.rolling(window, min_periods=1).mean()
+
+
+def training_curves(metrics_files: dict[str, str | Path], out: str | Path, smooth: int = 5) -> None:
+    """One panel per metric (those present in any run), one line per experiment."""
+    runs = {name: pd.DataFrame(read_jsonl(path)) for name, path in metrics_files.items()}
+    present = [(key, label) for key, label in CURVES
+               if any(key in run and run[key].notna().any() for run in runs.values())]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.2 * max(1, len(present)), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], present):
+        for name, run in runs.items():
+            if key in run and run[key].notna().any():
+                ax.plot(run["step"], _smooth(run[key], smooth), label=name)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def results_bars(table: pd.DataFrame, out: str | Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(table.columns), 3.6))
+    table.T.plot.bar(ax=ax, rot=0)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> None:
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

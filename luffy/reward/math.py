@@ -1,0 +1,65 @@
+"""The reward: binary math-verify grading of the answer that follows ``</think>``.
+
+Protocol of the reference: ``verify(parse("$" + gold + "$"), parse(solution))`` with the gold
+answer first (``verify`` is asymmetric); a response without ``</think>`` scores 0; the
+teacher trace is graded like any response. math-verify's own time limits (SIGALRM) bound
+each parse and comparison on the main thread; the grade records why an answer failed.
+math-verify parses LaTeX with its own grammar into sympy and never evaluates the text as
+Python code.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+THINK_END = "</think>"
+REASONS = ("correct", "wrong", "no_think_end", "no_answer", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    extracted: str | None
+    reason: str  # one of REASONS
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.correct else 0.0
+
+
+def answer_part(completion: str) -> str | None:
+    """Text after the first ``</think>``, or None when the reasoning never closed."""
+    if THINK_END not in completion:
+        return None
+    return completion.split(THINK_END, 1)[1]
+
+
+def grade(completion: str, gold: str, timeout_s: int = 2) -> Grade:
+    """Grade one completion against the gold answer (math-verify, gold first)."""
+    answer = answer_part(completion)
+    if answer is None:
+        return Grade(False, None, "no_think_end")
+    # math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere they
+    # are disabled (None) rather than silently failing, and the caller must bound the time.
+    limit = timeout_s if threading.current_thread() is threading.main_thread() else None
+    extracted = None
+    try:
+        predicted = parse(answer, parsing_timeout=limit, raise_on_error=True)
+        if not predicted:
+            return Grade(False, None, "no_answer")
+        extracted = str(predicted[-1])
+        gold_parsed = parse(f"${gold}$", parsing_timeout=limit, raise_on_error=True)
+        ok = verify(gold_parsed, predicted, timeout_seconds=limit, raise_on_error=True)
+    except (TimeoutError, TimeoutException):
+        return Grade(False, extracted, "timeout")
+    except Exception:  # a grader crash on model text is a wrong answer, never a failed batch
+        return Grade(False, extracted, "error")
+    return Grade(bool(ok), extracted, "correct" if ok else "wrong")
+
+
+def grade_many(completions: list[str], golds: list[str], timeout_s: int = 2) -> list[Grade]:
+    return [grade(c, g, timeout_s) for c, g in zip(completions, golds)]

@@ -1,0 +1,181 @@
+"""One function per workflow stage: read inputs, call the package, write outputs atomically,
+log an MLflow child run. ``luffy.cli`` maps each ``luffy <stage>`` command onto these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from luffy import io
+from luffy.config import DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig, to_dict
+from luffy.tracking import StageRun, config_hash
+
+log = logging.getLogger(__name__)
+
+
+def make_toy_traces(settings: DataConfig, out_dir: str, group: str, rule: str) -> None:
+    from luffy.data.toy import make_toy_data
+
+    with StageRun("make_toy_traces", group, rule, params=to_dict(settings)) as run:
+        data = make_toy_data(settings.toy, settings.system_prompt)
+        out = Path(out_dir)
+        io.write_parquet(out / "raw_traces.parquet", data.raw_traces)
+        io.write_parquet(out / "pretrain.parquet", data.pretrain)
+        for split, frame in data.suites.items():
+            io.write_parquet(out / f"suite_{split}.parquet", frame)
+        counts = {"train_problems": len(data.raw_traces), "pretrain_problems": len(data.pretrain),
+                  "traces": int(data.raw_traces["generations"].map(len).sum()),
+                  **{f"suite_{k}_problems": len(v) for k, v in data.suites.items()}}
+        run.log_metrics(counts)
+        log.info("toy task: %s", counts)
+
+
+def prepare_traces(settings: DataConfig, traces: str, tokenizer_path: str, out: str, report_path: str,
+                   group: str, rule: str) -> None:
+    from transformers import AutoTokenizer
+
+    from luffy.data.schema import read_parquet
+    from luffy.data.traces import filter_traces
+
+    with StageRun("prepare_traces", group, rule, params={**to_dict(settings), "tokenizer": tokenizer_path}) as run:
+        frame = read_parquet(traces, f"trace file {traces}")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+        def count_tokens(texts):
+            return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+        rows, report = filter_traces(frame, count_tokens, settings.max_trace_tokens, settings.system_prompt,
+                                     settings.data_source, what=f"trace file {traces}")
+        io.write_parquet(out, rows)
+        summary = {"input": traces, "output": out, "max_trace_tokens": settings.max_trace_tokens, **report.as_dict()}
+        io.write_json(report_path, summary)
+        run.log_metrics({"rows_in": report.rows_in, "rows_out": report.rows_out,
+                         **{f"dropped/{k}": v for k, v in report.dropped.items()},
+                         **{f"generations_rejected/{k}": v for k, v in report.generations_rejected.items()}})
+        run.log_artifacts([report_path])
+        log.info("prepare_traces: %d rows in, %d out, dropped %s", report.rows_in, report.rows_out, report.dropped)
+
+
+def make_base_model(settings: TinyModelConfig, system_prompt: str, corpus: str, out_dir: str, metrics_path: str,
+                    group: str, rule: str, threads: int) -> None:
+    import torch
+
+    from luffy.data.schema import messages, read_parquet, require_columns
+    from luffy.models.export import export_verified
+    from luffy.models.tiny import build_tiny_model, pretrain
+    from luffy.models.tokenizer import load_shipped_tokenizer
+
+    torch.set_num_threads(threads)
+    params = {**to_dict(settings), "system_prompt": system_prompt}
+    with StageRun("make_base_model", group, rule, params=params) as run:
+        frame = read_parquet(corpus, f"pre-training corpus {corpus}")
+        require_columns(frame, ("problem", "trace"), f"pre-training corpus {corpus}")
+        tokenizer = load_shipped_tokenizer()
+        model = build_tiny_model(settings, tokenizer)
+        lines = []
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            lines.append({"step": step, **metrics})
+            run.log_metrics(metrics, step)
+
+        began = time.perf_counter()
+        pretrain(model, tokenizer, [messages(system_prompt, p) for p in frame["problem"]], frame["trace"].tolist(),
+                 settings, on_step)
+        run.log_metrics({"pretrain_time_s": time.perf_counter() - began,
+                         "parameters": sum(p.numel() for p in model.parameters())})
+        export_verified(model, tokenizer, out_dir, metadata={"stage": "make_base_model", **params})
+        io.write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
+          group: str, rule: str, threads: int) -> None:
+    import torch
+
+    from luffy.engines.local.trainer import LocalTrainer, resume_state
+
+    torch.set_num_threads(threads)
+    work_dir = Path(work_root) / config_hash({"settings": to_dict(settings), "data": data, "base": base_model})
+    work_dir.mkdir(parents=True, exist_ok=True)
+    previous = resume_state(work_dir)
+    with StageRun("train", group, rule, params=to_dict(settings),
+                  resume_run_id=(previous or {}).get("run_id")) as run:
+        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics)
+        trainer.run(Path(out_dir), Path(metrics_out), resume_run_id=lambda: run.run_id)
+        run.log_artifacts([metrics_out])
+
+
+def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
+    from luffy.models.export import export_verified, load_trained
+
+    info = io.read_json(Path(checkpoint_dir) / "checkpoint.json")
+    with StageRun("convert", group, rule, params={"checkpoint": checkpoint_dir, "base_model": info["base_model"]}) as run:
+        model, tokenizer = load_trained(info["base_model"], Path(checkpoint_dir) / "model.pt")
+        diff = export_verified(model, tokenizer, out_dir, metadata={"stage": "convert", **info})
+        run.log_metrics({"probe_logits_max_abs_diff": diff})
+
+
+def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out_dir: str, group: str, rule: str,
+             threads: int) -> None:
+    import torch
+
+    from luffy.evaluate.backends import make_backend
+    from luffy.evaluate.runner import evaluate_model
+
+    torch.set_num_threads(threads)
+    unknown = set(suites) - set(settings.suites)
+    if unknown:
+        raise ValueError(f"suites {sorted(unknown)} have no settings in evaluation.suites")
+    params = {**to_dict(settings), "model": model}
+    with StageRun("evaluate", group, rule, params=params) as run:
+        began = time.perf_counter()
+        backend = make_backend(model, settings)
+        load_s = time.perf_counter() - began
+        log.info("%s backend loaded %s in %.1fs", backend.name, model, load_s)
+        results = evaluate_model(backend, model, {name: (path, settings.suites[name]) for name, path in suites.items()},
+                                 settings.seed)
+        out = Path(out_dir)
+        for name, result in results.items():
+            io.write_parquet(out / f"{name}.parquet", result.samples)
+            io.write_json(out / f"{name}.json", {"suite": name, "model": model, "backend": backend.name,
+                                                 "settings": to_dict(settings.suites[name]), **result.metrics})
+            run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+        run.log_metrics({"engine_load_s": load_s})
+        run.log_artifacts([str(out / f"{name}.json") for name in results])
+
+
+def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: list[str],
+           train_metrics: dict[str, str], out_dir: str, group: str, rule: str) -> str:
+    from luffy.report.plots import results_bars, training_curves
+    from luffy.report.tables import collect, to_markdown
+
+    with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
+        table = collect(eval_dir, models, suites)
+        out = Path(out_dir)
+        markdown = to_markdown(table, settings.title, settings.decimals)
+        io.write_text(out / "results.md", markdown)
+        with io.atomic_path(out / "results.csv", suffix=".csv") as tmp:
+            table.round(4).to_csv(tmp)
+        results_bars(table, out / "results.png", settings.title)
+        paths = [str(out / n) for n in ("results.md", "results.csv", "results.png")]
+        if train_metrics:
+            training_curves(train_metrics, out / "training_curves.png")
+            paths.append(str(out / "training_curves.png"))
+        run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
+        run.log_artifacts(paths)
+    return markdown
+
+
+def init_tracking(resolved_config: dict[str, Any]) -> None:
+    """Parent runs: one per experiment, plus 'data' (shared stages), 'base' and 'report'."""
+    from luffy.tracking import init_tracking as init
+
+    shared = {k: v for k, v in resolved_config.items() if k not in ("experiments", "train_defaults")}
+    groups = {"data": {"data": resolved_config["data"], "base_model": resolved_config["base_model"]},
+              "base": {"base_model": resolved_config["base_model"], "evaluation": resolved_config["evaluation"]},
+              "report": shared}
+    for name, settings in resolved_config["experiments"].items():
+        groups[name] = {"experiment": name, "train": settings, **shared}
+    init(groups)

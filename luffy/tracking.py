@@ -1,0 +1,174 @@
+"""MLflow tracking: one parent run per run group (an experiment, or a shared group such as
+``data``), each stage a child run tagged with its stage and Snakemake rule.
+
+The store is initialised once (``init_tracking``, called by the workflow's ``onstart``) so
+that parallel jobs never race to create a fresh SQLite database. Each stage opens a
+``StageRun``; if the store cannot be reached, the stage goes on, its metrics still land in
+the files next to its outputs, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+GROUP_TAG = "luffy.group"
+ROLE_TAG = "luffy.role"
+HASH_TAG = "luffy.config_hash"
+STAGE_TAG = "luffy.stage"
+RULE_TAG = "snakemake.rule"
+MAX_PARAM_LENGTH = 6000
+
+# An unreachable tracking server must cost seconds, not minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "luffy")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {'a.b.c': str(value)} (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix.rstrip(".")] = str(obj)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def config_hash(settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def _experiment_id(client) -> str:
+    name = experiment_name()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def _latest_parent(client, experiment_id: str, group: str):
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`{ROLE_TAG}` = 'parent'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _create_parent(client, experiment_id: str, group: str, settings: dict[str, Any]) -> str:
+    run = client.create_run(experiment_id, run_name=group, tags={
+        GROUP_TAG: group, ROLE_TAG: "parent", HASH_TAG: config_hash(settings)})
+    _log_params(client, run.info.run_id, flatten(settings))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def init_tracking(groups: dict[str, dict[str, Any]]) -> None:
+    """Create the store, the experiment and a parent run per group (a new parent when the
+    group's resolved settings changed). Never raises: tracking is best-effort."""
+    try:
+        client = _client()
+        experiment_id = _experiment_id(client)
+        for group, settings in groups.items():
+            parent = _latest_parent(client, experiment_id, group)
+            if parent is None or parent.data.tags.get(HASH_TAG) != config_hash(settings):
+                _create_parent(client, experiment_id, group, settings)
+        log.info("MLflow tracking ready at %s (experiment %s)", tracking_uri(), experiment_name())
+    except Exception as err:  # noqa: BLE001 - any store failure means "run without MLflow"
+        log.warning("MLflow store %s not usable (%s); stages will write local metrics only", tracking_uri(), err)
+
+
+class StageRun:
+    """A child run for one stage. Every MLflow call is best-effort: on the first failure the
+    run warns once and continues without MLflow (the stage's files still hold everything)."""
+
+    def __init__(self, stage: str, group: str, rule: str | None = None, params: dict[str, Any] | None = None,
+                 resume_run_id: str | None = None):
+        self.stage, self.group, self.rule = stage, group, rule or stage
+        self.params = params or {}
+        self.resume_run_id = resume_run_id
+        self.client = None
+        self.run_id: str | None = None
+
+    def _disable(self, err: Exception) -> None:
+        log.warning("MLflow logging disabled for stage %s (%s: %s); metrics are kept next to the outputs",
+                    self.stage, type(err).__name__, err)
+        self.client = None
+
+    def __enter__(self) -> "StageRun":
+        try:
+            self.client = _client()
+            if self.resume_run_id:
+                self.client.update_run(self.resume_run_id, status="RUNNING")
+                self.run_id = self.resume_run_id
+                return self
+            experiment_id = _experiment_id(self.client)
+            parent = _latest_parent(self.client, experiment_id, self.group)
+            parent_id = parent.info.run_id if parent else _create_parent(self.client, experiment_id, self.group, {})
+            run = self.client.create_run(experiment_id, run_name=f"{self.group}/{self.stage}", tags={
+                "mlflow.parentRunId": parent_id, GROUP_TAG: self.group, ROLE_TAG: "stage",
+                STAGE_TAG: self.stage, RULE_TAG: self.rule})
+            self.run_id = run.info.run_id
+            _log_params(self.client, self.run_id, flatten(self.params))
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)
+        return self
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_at_"), float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None]
+        try:
+            self.client.log_batch(self.run_id, metrics=items)
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)
+
+    def log_artifacts(self, paths: Iterable[str], artifact_path: str | None = None) -> None:
+        if self.client is None:
+            return
+        try:
+            for path in paths:
+                if os.path.isdir(path):
+                    self.client.log_artifacts(self.run_id, path, artifact_path)
+                elif os.path.exists(path):
+                    self.client.log_artifact(self.run_id, path, artifact_path)
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)

@@ -1,0 +1,97 @@
+"""Paths and per-rule settings for the Snakemake workflow (``workflow/rules/common.smk``).
+
+Each ``*_settings`` function returns the canonical JSON of exactly the settings that should
+make its rule rerun when they change; the rule passes it to ``luffy <stage> --settings``.
+This module imports only the config (no torch, no MLflow) so that building the DAG is fast.
+"""
+
+from __future__ import annotations
+
+from luffy.config import TOY_SOURCE_PREFIX, ResolvedConfig, to_dict, to_json
+
+SHIPPED_TOKENIZER = "shipped"
+
+
+def _results(cfg: ResolvedConfig) -> str:
+    return cfg.root.results_dir
+
+
+def builds_base_model(cfg: ResolvedConfig) -> bool:
+    return cfg.root.base_model.path is None
+
+
+def model_path(cfg: ResolvedConfig, model: str) -> str:
+    if model == "base":
+        return f"{_results(cfg)}/models/base" if builds_base_model(cfg) else str(cfg.root.base_model.path)
+    return f"{_results(cfg)}/models/{model}"
+
+
+def model_inputs(cfg: ResolvedConfig, model: str) -> list[str]:
+    """File inputs of an evaluation: the model directory when the workflow produces it."""
+    return base_model_inputs(cfg) if model == "base" else [model_path(cfg, model)]
+
+
+def base_model_inputs(cfg: ResolvedConfig) -> list[str]:
+    return [model_path(cfg, "base")] if builds_base_model(cfg) else []
+
+
+def tokenizer(cfg: ResolvedConfig) -> str:
+    """The policy's tokenizer for the trace-length filter (the shipped one for the tiny model)."""
+    return SHIPPED_TOKENIZER if builds_base_model(cfg) else str(cfg.root.base_model.path)
+
+
+def trace_file(cfg: ResolvedConfig) -> str:
+    data = cfg.root.data
+    return f"{_results(cfg)}/data/toy/raw_traces.parquet" if data.traces == "toy" else data.traces
+
+
+def suite_files(cfg: ResolvedConfig) -> dict[str, str]:
+    out = {}
+    for name, suite in cfg.root.evaluation.suites.items():
+        if suite.source.startswith(TOY_SOURCE_PREFIX):
+            out[name] = f"{_results(cfg)}/data/toy/suite_{suite.source[len(TOY_SOURCE_PREFIX):]}.parquet"
+        else:
+            out[name] = suite.source
+    return out
+
+
+def suite_args(cfg: ResolvedConfig) -> str:
+    return " ".join(f"--suite '{name}={path}'" for name, path in suite_files(cfg).items())
+
+
+def toy_settings(cfg: ResolvedConfig) -> str:
+    data = cfg.root.data
+    return to_json({"toy": data.toy, "system_prompt": data.system_prompt})
+
+
+def filter_settings(cfg: ResolvedConfig) -> str:
+    data = cfg.root.data
+    return to_json({"max_trace_tokens": data.max_trace_tokens, "system_prompt": data.system_prompt,
+                    "data_source": data.data_source})
+
+
+def tiny_settings(cfg: ResolvedConfig) -> str:
+    return to_json(cfg.root.base_model.tiny)
+
+
+def train_settings(cfg: ResolvedConfig, experiment: str) -> str:
+    return to_json(cfg.experiments[experiment])
+
+
+def eval_settings(cfg: ResolvedConfig) -> str:
+    return to_json(cfg.root.evaluation)
+
+
+def report_settings(cfg: ResolvedConfig) -> str:
+    return to_json(cfg.root.report)
+
+
+def report_outputs(cfg: ResolvedConfig) -> list[str]:
+    out = f"{_results(cfg)}/report"
+    return [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png", f"{out}/training_curves.png"]
+
+
+def init_tracking(cfg: ResolvedConfig) -> None:
+    from luffy.stages import init_tracking as init
+
+    init({**to_dict(cfg.root), "experiments": to_dict(cfg.experiments)})

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BIN = Path(sys.executable).parent
+# The `luffy` and `snakemake` commands of this environment, for subprocess-level tests.
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A small untrained tiny model exported with the shipped tokenizer (seconds)."""
+    from luffy.config import TinyModelConfig
+    from luffy.models.export import export_verified
+    from luffy.models.tiny import build_tiny_model
+    from luffy.models.tokenizer import load_shipped_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    tokenizer = load_shipped_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), tokenizer)
+    export_verified(model, tokenizer, out)
+    return str(out)

@@ -1,0 +1,45 @@
+"""Both generation backends produce graded samples from the tiny model (engine's n, no duplicated rows)."""
+
+import pytest
+
+from luffy.config import EvaluationConfig, SuiteConfig, ToyTaskConfig, VllmConfig
+from luffy.data.toy import make_toy_data
+from luffy.evaluate.backends import HFBackend, VllmBackend, vllm_available
+from luffy.evaluate.runner import evaluate_model
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suites")
+    data = make_toy_data(ToyTaskConfig(n_train=1, n_pretrain=1, n_eval_id=6, n_eval_ood=4), "Be brief.")
+    paths = {}
+    for split, frame in data.suites.items():
+        paths[f"toy_{split}"] = str(out / f"{split}.parquet")
+        frame.to_parquet(paths[f"toy_{split}"])
+    return {name: (path, SuiteConfig(source=path, n=3 if name == "toy_id" else 2, temperature=1.0, max_tokens=12))
+            for name, path in paths.items()}
+
+
+def check_results(results):
+    assert set(results) == {"toy_id", "toy_ood"}
+    for name, problems, n in (("toy_id", 6, 3), ("toy_ood", 4, 2)):
+        samples, metrics = results[name].samples, results[name].metrics
+        assert len(samples) == problems * n
+        assert sorted(samples["sample_index"].unique()) == list(range(n))
+        assert metrics["n"] == n and metrics["problems"] == problems
+        assert set(samples["reason"]) <= {"correct", "wrong", "no_think_end", "no_answer", "timeout", "error"}
+        assert samples["completion"].map(lambda s: isinstance(s, str)).all()
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
+    cfg = EvaluationConfig(backend="hf", suites={k: v[1] for k, v in suites.items()})
+    check_results(evaluate_model(HFBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
+    cfg = EvaluationConfig(backend="vllm", suites={k: v[1] for k, v in suites.items()},
+                           vllm=VllmConfig(gpu_memory_utilization=0.1, enforce_eager=True, dtype="float32"))
+    check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0))

@@ -1,0 +1,115 @@
+import pandas as pd
+import pytest
+
+from luffy.config import ToyTaskConfig
+from luffy.data.schema import DataError, load_benchmark, load_luffy, validate_openr1
+from luffy.data.templates import response_text
+from luffy.data.toy import make_toy_data, render_trace, sample_problem
+from luffy.data.traces import DROP_REASONS, filter_traces
+from luffy.reward.math import grade
+
+
+def char_count(texts):
+    return [len(t) for t in texts]
+
+
+def openr1(rows):
+    base = {"solution": "", "problem_type": "x", "question_type": "x", "source": "t", "uuid": "u",
+            "correctness_llama": None, "finish_reasons": None, "correctness_count": 0, "messages": None}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def row(problem, answer, gens, correct, complete):
+    return {"problem": problem, "answer": answer, "generations": gens, "correctness_math_verify": correct,
+            "is_reasoning_complete": complete}
+
+
+def test_filter_keeps_first_survivor_and_counts_every_reason():
+    frame = openr1([
+        row("p0", "1", ["wrong", "long correct " * 20, "ok-1", "ok-2"], [False, True, True, True], [True] * 4),
+        row("p1", "2", ["w1", "w2"], [False, False], [True, True]),                     # no correct trace
+        row("p2", "3", ["cut", "cut2"], [True, False], [False, True]),                  # correct but incomplete
+        row("p3", "4", ["too long " * 30], [True], [True]),                             # correct, complete, long
+        row("p4", "5", ["fine"], [True], [True]),
+    ])
+    out, report = filter_traces(frame, char_count, max_trace_tokens=40, system_prompt="SYS", data_source="src")
+    assert report.rows_in == 5 and report.rows_out == 2
+    assert report.dropped == {"no_correct_trace": 1, "no_complete_correct_trace": 1, "all_correct_traces_too_long": 1}
+    assert report.rows_in == report.rows_out + sum(report.dropped.values())
+    assert report.generations_in == 10
+    assert report.generations_rejected == {"wrong": 4, "incomplete": 1, "too_long": 2}
+    assert [t[0]["content"] for t in out["target"]] == ["ok-1", "fine"]
+    assert out["prompt"][0] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "p0"}]
+    assert out["reward_model"][1] == {"style": "rule", "ground_truth": "5"}
+    assert list(out.columns) == ["data_source", "prompt", "target", "ability", "reward_model", "extra_info"]
+    assert set(report.dropped) == set(DROP_REASONS)
+
+
+def test_missing_columns_are_named():
+    frame = openr1([row("p", "1", ["g"], [True], [True])]).drop(columns=["is_reasoning_complete"])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['is_reasoning_complete'\]"):
+        validate_openr1(frame, "trace file x")
+
+
+def test_malformed_rows_are_named_by_position():
+    frame = openr1([
+        row("ok", "1", ["g"], [True], [True]),
+        row("p", "1", ["g1", "g2"], [True], [True, True]),   # misaligned lists
+        row("", "1", ["g"], [True], [True]),                 # empty problem
+        row("p", 3, ["g"], [True], [True]),                  # non-string answer
+        row("p", "1", None, [True], [True]),                 # null generations
+    ])
+    with pytest.raises(DataError) as err:
+        filter_traces(frame, char_count, 100, "", "src")
+    message = str(err.value)
+    assert "differ in length: 1 row(s) [1]" in message
+    assert "empty or non-string problem: 1 row(s) [2]" in message
+    assert "empty or non-string answer: 1 row(s) [3]" in message
+    assert "not lists: 1 row(s) [4]" in message
+
+
+def test_unreadable_file_is_a_data_error(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read .*x.parquet as parquet"):
+        load_luffy(str(bad))
+    with pytest.raises(DataError, match="file not found"):
+        load_benchmark(str(tmp_path / "missing.parquet"))
+
+
+def test_toy_data_is_seeded_disjoint_and_in_schema():
+    cfg = ToyTaskConfig(n_train=50, n_pretrain=60, n_eval_id=20, n_eval_ood=20)
+    a, b = make_toy_data(cfg, "SYS"), make_toy_data(cfg, "SYS")
+    pd.testing.assert_frame_equal(a.raw_traces, b.raw_traces)
+    validate_openr1(a.raw_traces, "toy")
+    eval_problems = {m[-1]["content"] for s in a.suites.values() for m in s["prompt"]}
+    assert not eval_problems & set(a.raw_traces["problem"]) and not eval_problems & set(a.pretrain["problem"])
+    assert not set(a.raw_traces["problem"]) & set(a.pretrain["problem"])
+    # the trace generator's own labels agree with the real grader
+    for _, r in a.raw_traces.iterrows():
+        for text, correct in zip(r["generations"], r["correctness_math_verify"]):
+            assert grade(text, r["answer"]).correct == correct
+
+
+def test_toy_benchmark_loads(tmp_path):
+    data = make_toy_data(ToyTaskConfig(n_train=5, n_pretrain=5, n_eval_id=7, n_eval_ood=3), "SYS")
+    path = tmp_path / "suite.parquet"
+    data.suites["ood"].to_parquet(path)
+    suite = load_benchmark(str(path))
+    assert len(suite) == 3 and suite["prompt"][0][0] == {"role": "system", "content": "SYS"}
+
+
+def test_trace_rendering_and_think_prefix():
+    import random
+
+    problem = sample_problem(random.Random(1), 2, 2, 9)
+    text, answer = render_trace(problem)
+    assert text.startswith("<think>\n") and f"\\boxed{{{answer}}}" in text and answer == problem.answer
+    assert response_text("...<think>\n", text) == text[len("<think>\n"):]
+    assert response_text("no think prompt", text) == text
+
+
+def test_toy_space_too_small_is_an_error():
+    with pytest.raises(ValueError, match="too small"):
+        make_toy_data(ToyTaskConfig(n_train=500, n_pretrain=0, n_eval_id=0, n_eval_ood=0, min_ops=1, max_ops=1,
+                                    max_operand=3), "")

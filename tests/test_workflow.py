@@ -1,0 +1,113 @@
+"""The real Snakemake DAG on a micro config: outputs, MLflow runs, no-op rerun, targeted reruns, bad config."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = Path(__file__).with_name("micro.yaml")
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True)
+
+
+def write_config(workdir: Path, name: str, **experiment_overrides) -> str:
+    cfg = yaml.safe_load(MICRO.read_text())
+    for exp, overrides in experiment_overrides.items():
+        cfg["experiments"][exp].update(overrides)
+    (workdir / name).write_text(yaml.safe_dump(cfg))
+    return name
+
+
+def planned_jobs(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    out = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        out[parts[0]] = int(parts[1])
+    return out
+
+
+@pytest.mark.slow
+def test_micro_pipeline_end_to_end(tmp_path):
+    config = write_config(tmp_path, "micro.yaml")
+    first = snakemake(tmp_path, "--configfile", config)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    results = tmp_path / "results"
+    table = (results / "report" / "results.md").read_text()
+    for row in ("| base |", "| grpo |", "| sft |", "| luffy |"):
+        assert row in table
+    assert "| Model | toy_id | toy_ood | Avg |" in table
+    for name in ("results.csv", "results.png", "training_curves.png"):
+        assert (results / "report" / name).stat().st_size > 0
+    report = yaml.safe_load((results / "data" / "prepare_report.json").read_text())
+    assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values())
+    assert (results / "models" / "luffy" / "model.safetensors").exists()
+    assert (results / "logs" / "train" / "luffy.log").exists()
+
+    # MLflow: a parent per experiment and shared group, stage children tagged with their rule
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("luffy-micro").experiment_id])
+    parents = {r.data.tags["luffy.group"]: r.info.run_id for r in runs if r.data.tags.get("luffy.role") == "parent"}
+    assert set(parents) == {"data", "base", "report", "grpo", "sft", "luffy"}
+    children = [r for r in runs if r.data.tags.get("luffy.role") == "stage"]
+    stages = {(r.data.tags["luffy.group"], r.data.tags["luffy.stage"]) for r in children}
+    for exp in ("grpo", "sft", "luffy"):
+        assert {(exp, "train"), (exp, "convert"), (exp, "evaluate")} <= stages
+    assert {("data", "make_toy_traces"), ("data", "prepare_traces"), ("base", "make_base_model"),
+            ("base", "evaluate"), ("report", "report")} <= stages
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[run.data.tags["luffy.group"]]
+        assert run.data.tags["snakemake.rule"] == run.data.tags["luffy.stage"]
+        assert run.info.status == "FINISHED"
+    luffy_train = next(r for r in children if r.data.tags["luffy.group"] == "luffy"
+                       and r.data.tags["luffy.stage"] == "train")
+    assert luffy_train.data.params["lr"] == "0.001"
+    history = client.get_metric_history(luffy_train.info.run_id, "off_policy/token_share")
+    assert sorted(m.step for m in history) == [0, 1]
+
+    # nothing to do on a second run
+    began = time.perf_counter()
+    again = snakemake(tmp_path, "--configfile", config)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    assert time.perf_counter() - began < 30
+
+    # one experiment's learning rate changed: only its train, convert, evaluate and the report rerun
+    changed = write_config(tmp_path, "micro_lr.yaml", luffy={"lr": 2.0e-3})
+    dry = snakemake(tmp_path, "--configfile", changed, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    output = dry.stdout + dry.stderr
+    assert planned_jobs(output) == {"train": 1, "convert": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert "experiment=luffy" in output and "model=luffy" in output
+    assert "experiment=grpo" not in output and "model=base" not in output
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["experiments"]["luffy"].update(lrr=1.0), "lrr"),
+    (lambda c: c["train_defaults"].update(steps="many"), "steps"),
+    (lambda c: c["evaluation"]["suites"]["toy_id"].update(source="/no/such/aime.parquet"), "/no/such/aime.parquet"),
+    (lambda c: c["data"].update(traces="missing_openr1.parquet"), "missing_openr1.parquet"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
+    cfg = yaml.safe_load(MICRO.read_text())
+    mutate(cfg)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "--configfile", "bad.yaml")
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)

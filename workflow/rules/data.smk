@@ -1,0 +1,31 @@
+rule make_toy_traces:
+    output:
+        traces=f"{RESULTS}/data/toy/raw_traces.parquet",
+        pretrain=f"{RESULTS}/data/toy/pretrain.parquet",
+        suite_id=f"{RESULTS}/data/toy/suite_id.parquet",
+        suite_ood=f"{RESULTS}/data/toy/suite_ood.parquet",
+    params:
+        settings=wf.toy_settings(CFG),
+        out_dir=f"{RESULTS}/data/toy",
+    log:
+        f"{RESULTS}/logs/make_toy_traces.log",
+    shell:
+        "luffy make-toy-traces --settings {params.settings:q} --out-dir {params.out_dir}"
+        " --group data --rule {rule} > {log} 2>&1"
+
+
+rule prepare_traces:
+    input:
+        traces=wf.trace_file(CFG),
+    output:
+        train=f"{RESULTS}/data/train.parquet",
+        report=f"{RESULTS}/data/prepare_report.json",
+    params:
+        settings=wf.filter_settings(CFG),
+        tokenizer=wf.tokenizer(CFG),
+    log:
+        f"{RESULTS}/logs/prepare_traces.log",
+    shell:
+        "luffy prepare-traces --settings {params.settings:q} --traces {input.traces:q}"
+        " --tokenizer {params.tokenizer:q} --out {output.train} --report {output.report}"
+        " --group data --rule {rule} > {log} 2>&1"

@@ -1,0 +1,18 @@
+rule evaluate:
+    input:
+        model=lambda w: wf.model_inputs(CFG, w.model),
+        suites=wf.suite_files(CFG).values(),
+    output:
+        metrics=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.json", suite=SUITES),
+        samples=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.parquet", suite=SUITES),
+    params:
+        settings=wf.eval_settings(CFG),
+        model=lambda w: wf.model_path(CFG, w.model),
+        suites=wf.suite_args(CFG),
+        out_dir=f"{RESULTS}/eval/{{model}}",
+    threads: 2
+    log:
+        f"{RESULTS}/logs/evaluate/{{model}}.log",
+    shell:
+        "luffy evaluate --settings {params.settings:q} --model {params.model:q} {params.suites}"
+        " --out-dir {params.out_dir} --threads {threads} --group {wildcards.model} --rule {rule} > {log} 2>&1"

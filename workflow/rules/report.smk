@@ -1,0 +1,18 @@
+rule report:
+    input:
+        metrics=expand(f"{RESULTS}/eval/{{model}}/{{suite}}.json", model=MODELS, suite=SUITES),
+        curves=expand(f"{RESULTS}/train/{{experiment}}/metrics.jsonl", experiment=EXPERIMENTS),
+    output:
+        wf.report_outputs(CFG),
+    params:
+        settings=wf.report_settings(CFG),
+        models=MODELS,
+        suites=SUITES,
+        curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],
+        out_dir=f"{RESULTS}/report",
+    log:
+        f"{RESULTS}/logs/report.log",
+    shell:
+        "luffy report --settings {params.settings:q} --eval-dir {RESULTS}/eval --models {params.models}"
+        " --suites {params.suites} --train-metrics {params.curves} --out-dir {params.out_dir}"
+        " --group report --rule {rule} > {log} 2>&1"
