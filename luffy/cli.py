@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (ConfigError, DataError, ExportMismatch, FileNotFoundError) as err:
+    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError) as err:
         log.error("%s", err)
         print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
         return 2

@@ -173,3 +173,4 @@ def test_sft_loss_is_masked_nll_with_gradient():
     assert loss.item() == pytest.approx((math.log(2) + math.log(4) + math.log(10)) / 3)
     loss.backward()
     assert torch.allclose(logp.grad, -mask / 3)
+

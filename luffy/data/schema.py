@@ -40,7 +40,7 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
 
-def bad_rows(frame: pd.DataFrame, check: Callable[[pd.Series], str | None]) -> dict[str, list[int]]:
+def bad_rows(frame: pd.DataFrame, check: Callable[[dict[str, Any]], str | None]) -> dict[str, list[int]]:
     """Row positions per problem found by ``check`` (which returns a reason or None)."""
     found: dict[str, list[int]] = {}
     for pos, row in enumerate(frame.itertuples(index=False)):
@@ -146,14 +146,20 @@ def check_luffy_row(row: dict[str, Any]) -> str | None:
     return None
 
 
-def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
-    """Training rows: (prompt messages, teacher trace, ground truth) per row."""
-    what = f"training data {path}"
+def read_validated(path: str, what: str, required: Sequence[str],
+                   check: Callable[[dict[str, Any]], str | None]) -> pd.DataFrame:
+    """A non-empty parquet with the required columns and no row failing ``check``."""
     frame = read_parquet(path, what)
-    require_columns(frame, LUFFY_REQUIRED, what)
-    raise_bad_rows(bad_rows(frame, check_luffy_row), what)
+    require_columns(frame, required, what)
+    raise_bad_rows(bad_rows(frame, check), what)
     if frame.empty:
         raise DataError(f"{what}: no rows")
+    return frame
+
+
+def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
+    """Training rows: (prompt messages, teacher trace, ground truth) per row."""
+    frame = read_validated(path, f"training data {path}", LUFFY_REQUIRED, check_luffy_row)
     prompts = [_chat(v) for v in frame["prompt"]]
     traces = [_chat(v)[0]["content"] for v in frame["target"]]
     answers = [_ground_truth(v) for v in frame["reward_model"]]
@@ -162,12 +168,7 @@ def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[s
 
 def load_benchmark(path: str) -> pd.DataFrame:
     """A suite as (problem_id, prompt messages, ground_truth, data_source) rows."""
-    what = f"benchmark {path}"
-    frame = read_parquet(path, what)
-    require_columns(frame, BENCHMARK_REQUIRED, what)
-    raise_bad_rows(bad_rows(frame, check_prompt_row), what)
-    if frame.empty:
-        raise DataError(f"{what}: no rows")
+    frame = read_validated(path, f"benchmark {path}", BENCHMARK_REQUIRED, check_prompt_row)
     return pd.DataFrame({
         "problem_id": range(len(frame)),
         "prompt": [_chat(v) for v in frame["prompt"]],

@@ -14,7 +14,6 @@ from luffy.io import atomic_path, read_jsonl  # noqa: E402
 
 CURVES = (
     ("reward/on_policy_mean", "on-policy reward"),
-    ("reward/off_policy_mean", "off-policy (teacher) reward"),
     ("accuracy/group_solved", "groups with a solved on-policy member"),
     ("entropy", "mean token entropy"),
     ("loss/sft", "SFT loss"),
@@ -30,16 +29,18 @@ def training_curves(metrics_files: dict[str, str | Path], out: str | Path, smoot
     runs = {name: pd.DataFrame(read_jsonl(path)) for name, path in metrics_files.items()}
     present = [(key, label) for key, label in CURVES
                if any(key in run and run[key].notna().any() for run in runs.values())]
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.2 * max(1, len(present)), 3.4), squeeze=False)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per experiment in every panel
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.2 * max(1, len(present)), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], present):
         for name, run in runs.items():
             if key in run and run[key].notna().any():
-                ax.plot(run["step"], _smooth(run[key], smooth), label=name)
+                ax.plot(run["step"], _smooth(run[key], smooth), color=colors[name])
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(f"step (moving average of {smooth})")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[name], label=name) for name in runs]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     _save(fig, out)
 
 

@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         model=lambda w: wf.model_inputs(CFG, w.model),
-        suites=wf.suite_files(CFG).values(),
+        suites=list(wf.suite_files(CFG).values()),
     output:
         metrics=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.json", suite=SUITES),
         samples=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.parquet", suite=SUITES),

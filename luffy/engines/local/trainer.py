@@ -9,6 +9,7 @@ compute group advantages over the mixed group; record pi_old by a no-grad forwar
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -44,6 +45,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, total: int) -> tuple[int, ...]:
+    order = list(range(total))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
 def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
     """The prompts of ``step``: consecutive slices of per-epoch seeded permutations.
 
@@ -52,9 +60,7 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
     out = []
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(k, total)
-        order = list(range(total))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[pos])
+        out.append(_epoch_order(seed, epoch, total)[pos])
     return out
 
 
