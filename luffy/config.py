@@ -278,6 +278,10 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         _check_file(root.data.traces, "data.traces")
     if toy.generations_min < 1 or toy.generations_max < toy.generations_min:
         raise ConfigError("config key 'data.toy.generations_min': need 1 <= generations_min <= generations_max")
+    tiny = root.base_model.tiny
+    if tiny.hidden_size % tiny.num_heads or tiny.num_heads % tiny.num_kv_heads:
+        raise ConfigError("config key 'base_model.tiny': hidden_size must be a multiple of num_heads and "
+                          "num_heads a multiple of num_kv_heads")
     if root.base_model.path is not None and _looks_local(root.base_model.path):
         _check_file(root.base_model.path, "base_model.path")
     if not root.experiments:

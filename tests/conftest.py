@@ -21,7 +21,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     tokenizer = load_shipped_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+    # head_dim 32: vLLM's CPU attention supports 32, 64, ... but not 16
+    model = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                                              intermediate_size=64), tokenizer)
     export_verified(model, tokenizer, out)
     return str(out)
