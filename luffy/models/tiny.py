@@ -25,7 +25,7 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True, bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0, use_sliding_window=False, torch_dtype="float32")
+        rope_theta=10000.0, use_sliding_window=False, dtype="float32")
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

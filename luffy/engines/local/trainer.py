@@ -93,7 +93,6 @@ class LocalTrainer:
         self.work_dir = work_dir
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
-        torch.manual_seed(cfg.seed)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
         self.data = load_train_data(data_path, self.tokenizer)
         if cfg.algorithm == "luffy" and cfg.n_off > 0:
