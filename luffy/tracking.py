@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,6 @@ class StageRun:
         if self.client is None:
             return
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k.replace("@", "_at_"), float(v), now, step or 0) for k, v in metrics.items()
