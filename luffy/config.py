@@ -34,6 +34,10 @@ REFERENCE_SYSTEM_PROMPT = (
 )
 
 ALGORITHMS = ("luffy", "grpo", "sft")
+# Names of luffy.algo.losses.SHAPINGS / AGGREGATIONS (kept here so that reading the config
+# does not import torch; a test checks they agree).
+SHAPING_NAMES = ("luffy", "none", "logp", "p_logp", "sqrt", "pow")
+AGGREGATION_NAMES = ("token_mean", "seq_mean_token_mean", "constant")
 BACKENDS = ("auto", "vllm", "hf")
 TOY_SOURCE_PREFIX = "toy:"
 TOY_SPLITS = ("id", "ood")
@@ -126,11 +130,21 @@ class TrainConfig:
     mini_batches: int = _help("optimizer updates per step (PPO mini-batches)", 2)
     ppo_epochs: int = _help("passes over each step's batch", 1)
     clip: Optional[bool] = _help("PPO-clip the on-policy ratio (null: grpo yes, luffy no)", None)
-    clip_ratio: float = _help("PPO clip epsilon", 0.2)
+    clip_ratio: float = _help("PPO clip epsilon (the lower one under clip-higher)", 0.2)
+    clip_ratio_high: Optional[float] = _help("clip-higher: upper PPO epsilon (null: = clip_ratio)", None)
     std_normalize: bool = _help("divide group advantages by the group std", False)
-    shaping: str = _help("off-policy shaping f(p): 'luffy' = p/(p+gamma), 'none' = p", "luffy")
+    advantage_baseline: str = _help("mixed (the whole group) | on_policy (on-policy members only)", "mixed")
+    filter_groups: bool = _help("drop groups whose rewards are all equal before the update", False)
+    shaping: str = _help("off-policy f(p): luffy p/(p+gamma) | none p | logp w*log p | p_logp p+w*log p | "
+                         "sqrt | pow p^alpha", "luffy")
     shaping_gamma: float = _help("gamma of f(p) = p/(p+gamma)", 0.1)
-    loss_agg: str = _help("token_mean | constant (sum / loss_constant, Dr.GRPO)", "constant")
+    shaping_weight: float = _help("w of the logp and p_logp shapings", 0.1)
+    shaping_power: float = _help("alpha of the pow shaping", 0.5)
+    off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None)
+    off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None)
+    kl_coef: float = _help("KL penalty to the base model (k3 estimator); 0 = off, as in the paper", 0.0)
+    loss_agg: str = _help("token_mean | seq_mean_token_mean | constant (sum / loss_constant, Dr.GRPO)",
+                          "constant")
     loss_constant: Optional[float] = _help("normaliser of loss_agg=constant (null: max_response_tokens)", None)
     entropy_coef: float = _help("entropy bonus coefficient", 0.001)
     checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50)
@@ -226,9 +240,17 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
         (cfg.algorithm == "luffy" and not 0 <= cfg.n_off < cfg.n, "n_off",
          f"must be in [0, n={cfg.n}) so the group has on-policy members"),
         (cfg.engine != "local", "engine", f"'{cfg.engine}' is not available (only 'local')"),
-        (cfg.shaping not in ("luffy", "none"), "shaping", f"'{cfg.shaping}' is not one of ('luffy', 'none')"),
-        (cfg.loss_agg not in ("token_mean", "constant"), "loss_agg",
-         f"'{cfg.loss_agg}' is not one of ('token_mean', 'constant')"),
+        (cfg.shaping not in SHAPING_NAMES, "shaping", f"'{cfg.shaping}' is not one of {SHAPING_NAMES}"),
+        (cfg.loss_agg not in AGGREGATION_NAMES, "loss_agg", f"'{cfg.loss_agg}' is not one of {AGGREGATION_NAMES}"),
+        (cfg.advantage_baseline not in ("mixed", "on_policy"), "advantage_baseline",
+         f"'{cfg.advantage_baseline}' is not one of ('mixed', 'on_policy')"),
+        (cfg.advantage_baseline == "on_policy" and cfg.n_off >= cfg.n, "advantage_baseline",
+         "needs on-policy members (n_off < n)"),
+        (cfg.clip_ratio_high is not None and cfg.clip_ratio_high < cfg.clip_ratio, "clip_ratio_high",
+         "must be >= clip_ratio"),
+        (cfg.off_clip_min is not None and cfg.off_clip_max is not None and cfg.off_clip_min > cfg.off_clip_max,
+         "off_clip_min", "must be <= off_clip_max"),
+        (cfg.kl_coef < 0, "kl_coef", "must be >= 0"),
         (cfg.steps < 1, "steps", "must be >= 1"),
         (cfg.n < 1, "n", "must be >= 1"),
         (cfg.prompts_per_step < 1, "prompts_per_step", "must be >= 1"),

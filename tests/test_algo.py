@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from luffy.algo.advantages import group_advantages
-from luffy.algo.losses import (LossSettings, aggregate, mixed_policy_loss, off_policy_token_loss,
+from luffy.algo.advantages import group_advantages, informative_groups
+from luffy.algo.losses import (LossSettings, aggregate, kl_penalty, mixed_policy_loss, off_policy_token_loss,
                                on_policy_token_loss, shaped_weight, sft_loss)
 
 
@@ -43,6 +43,24 @@ def test_std_normalised_advantage_uses_unbiased_std():
 def test_uniform_group_with_std_has_zero_advantage_and_group_of_one_is_zero():
     assert torch.all(group_advantages(torch.ones(2, 4), std_normalize=True) == 0)
     assert torch.all(group_advantages(torch.tensor([[1.0], [0.0]]), std_normalize=True) == 0)
+
+
+def test_on_policy_only_baseline():
+    # teacher (1) + on-policy (1, 0, 0): baseline over the on-policy members = 1/3
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    on_policy = torch.tensor([[False, True, True, True]])
+    adv = group_advantages(rewards, baseline_mask=on_policy)
+    assert torch.allclose(adv, torch.tensor([[2 / 3, 2 / 3, -1 / 3, -1 / 3]]))
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    adv = group_advantages(rewards, std_normalize=True, baseline_mask=on_policy)
+    assert torch.allclose(adv, torch.tensor([[2 / 3, 2 / 3, -1 / 3, -1 / 3]]) / (std + 1e-6))
+    with pytest.raises(ValueError, match="at least one baseline member"):
+        group_advantages(rewards, baseline_mask=torch.zeros_like(on_policy))
+
+
+def test_dynamic_filtering_keeps_groups_with_reward_variance():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert informative_groups(rewards).tolist() == [False, False, True]
 
 
 def test_advantages_reject_wrong_shape():
@@ -84,34 +102,84 @@ def test_ppo_clip_value_and_gradient(advantage, ratio, expect_clipped, expected_
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.95])
 @pytest.mark.parametrize("gamma", [0.1, 0.5])
 def test_luffy_shaping_value_and_gradient(p, gamma):
+    settings = LossSettings(shaping="luffy", shaping_gamma=gamma)
     logp = leaf([math.log(p)])
     adv = torch.tensor([0.75], dtype=torch.float64)
-    loss = off_policy_token_loss(logp, adv, "luffy", gamma)
+    loss = off_policy_token_loss(logp, adv, settings)
     assert loss.item() == pytest.approx(-0.75 * p / (p + gamma))
     loss.sum().backward()
     # d f / d log pi = gamma * pi / (pi + gamma)^2
     assert logp.grad.item() == pytest.approx(-0.75 * gamma * p / (p + gamma) ** 2)
-    assert shaped_weight(logp, "luffy", gamma).item() == pytest.approx(gamma * p / (p + gamma) ** 2)
+    assert shaped_weight(logp, settings).item() == pytest.approx(gamma * p / (p + gamma) ** 2)
 
 
-def test_no_shaping_is_plain_probability():
-    p = 0.3
-    logp = leaf([math.log(p)])
-    loss = off_policy_token_loss(logp, torch.tensor([1.0], dtype=torch.float64), "none", 0.1)
-    assert loss.item() == pytest.approx(-p)
+P, W, ALPHA = 0.3, 0.2, 0.7
+
+
+@pytest.mark.parametrize("shaping, value, dvalue_dlogp", [
+    ("none", P, P),
+    ("logp", W * math.log(P), W),
+    ("p_logp", P + W * math.log(P), P + W),
+    ("sqrt", math.sqrt(P), math.sqrt(P) / 2),
+    ("pow", P ** ALPHA, ALPHA * P ** ALPHA),
+])
+def test_other_shapings_value_and_gradient(shaping, value, dvalue_dlogp):
+    settings = LossSettings(shaping=shaping, shaping_weight=W, shaping_power=ALPHA)
+    logp = leaf([math.log(P)])
+    loss = off_policy_token_loss(logp, torch.tensor([2.0], dtype=torch.float64), settings)
+    assert loss.item() == pytest.approx(-2.0 * value)
     loss.sum().backward()
-    assert logp.grad.item() == pytest.approx(-p)  # d p / d log p = p
+    assert logp.grad.item() == pytest.approx(-2.0 * dvalue_dlogp)
+
+
+def test_off_policy_weight_clipping_stops_the_gradient():
+    settings = LossSettings(shaping="none", off_clip_min=0.2, off_clip_max=0.6)
+    logp = leaf([math.log(0.1), math.log(0.4), math.log(0.9)])
+    loss = off_policy_token_loss(logp, torch.ones(3, dtype=torch.float64), settings)
+    assert loss.tolist() == pytest.approx([-0.2, -0.4, -0.6])
+    loss.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, -0.4, 0.0])
+
+
+def test_true_teacher_probability_gives_the_importance_ratio():
+    # pi_theta = 0.3, pi_phi = 0.6 -> w = 0.5 (shaping is not applied to the true ratio)
+    logp = leaf([math.log(0.3)])
+    teacher = torch.tensor([math.log(0.6)], dtype=torch.float64)
+    loss = off_policy_token_loss(logp, torch.tensor([1.0], dtype=torch.float64), LossSettings(), teacher)
+    assert loss.item() == pytest.approx(-0.5)
+    loss.sum().backward()
+    assert logp.grad.item() == pytest.approx(-0.5)  # d(pi/pi_phi)/dlog pi = pi/pi_phi
 
 
 def test_shaping_upweights_low_probability_tokens_relative_to_no_shaping():
     logp = torch.log(torch.tensor([0.02, 0.9], dtype=torch.float64))
-    shaped, plain = shaped_weight(logp, "luffy", 0.1), shaped_weight(logp, "none", 0.1)
+    shaped = shaped_weight(logp, LossSettings(shaping="luffy", shaping_gamma=0.1))
+    plain = shaped_weight(logp, LossSettings(shaping="none"))
     assert (shaped[0] / shaped[1]) > (plain[0] / plain[1])
 
 
 def test_unknown_shaping_is_an_error():
-    with pytest.raises(ValueError, match="unknown shaping 'sqrt'"):
-        off_policy_token_loss(torch.zeros(1), torch.ones(1), "sqrt", 0.1)
+    with pytest.raises(ValueError, match="unknown shaping 'cube'"):
+        off_policy_token_loss(torch.zeros(1), torch.ones(1), LossSettings(shaping="cube"))
+
+
+def test_clip_higher_uses_its_own_upper_bound():
+    logp = leaf([math.log(1.25), math.log(1.35)])
+    loss, clipped = on_policy_token_loss(logp, torch.zeros(2, dtype=torch.float64),
+                                         torch.ones(2, dtype=torch.float64), True, 0.2, clip_ratio_high=0.28)
+    assert loss.tolist() == pytest.approx([-1.25, -1.28])
+    assert clipped.tolist() == [False, True]
+    loss.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([-1.25, 0.0])
+
+
+def test_kl_penalty_value_and_gradient():
+    logp, ref = leaf([math.log(0.5)]), torch.tensor([math.log(0.25)], dtype=torch.float64)
+    kl = kl_penalty(logp, ref)
+    assert kl.item() == pytest.approx(0.5 - math.log(0.5) - 1.0)  # exp(d) - d - 1, d = log(0.25/0.5)
+    kl.sum().backward()
+    assert logp.grad.item() == pytest.approx(-0.5 + 1.0)  # d/dlogp = -exp(d) + 1
+    assert kl_penalty(ref.clone(), ref).item() == 0.0
 
 
 # ---- aggregation ----
@@ -123,6 +191,10 @@ def test_aggregations():
     assert aggregate(per_token, mask, "constant", 8.0).item() == pytest.approx((1 + 2 + 4) / 8)
     with pytest.raises(ValueError, match="positive loss_constant"):
         aggregate(per_token, mask, "constant", 0.0)
+    # per-sequence token means (1.5, 4.0), then their mean
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((1.5 + 4.0) / 2)
+    assert aggregate(per_token, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+                     "seq_mean_token_mean").item() == pytest.approx(1.5)  # empty sequences do not count
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate(per_token, mask, "seq_mean")
 
@@ -139,8 +211,8 @@ def test_mixed_loss_matches_hand_computation():
     off = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     entropy = torch.tensor([[1.0, 2.0], [3.0, 100.0]], dtype=torch.float64)
     settings = LossSettings(clip=False, shaping="luffy", shaping_gamma=0.1, loss_agg="constant", loss_constant=4.0,
-                            entropy_coef=0.01)
-    loss, metrics = mixed_policy_loss(logp, old, adv, mask, off, settings, entropy)
+                            entropy_coef=0.01, kl_coef=0.0)
+    loss, metrics = mixed_policy_loss(logp, old, adv, mask, off, settings, entropy, ref_log_prob=old)
     off_terms = -0.5 * (0.5 / 0.6) - 0.5 * (0.2 / 0.3)
     on_term = 0.5 * (0.4 / 0.5)
     expected = (off_terms + on_term) / 4.0 - 0.01 * (1.0 + 2.0 + 3.0) / 3
@@ -152,6 +224,18 @@ def test_mixed_loss_matches_hand_computation():
     assert torch.allclose(logp.grad, expected_grad)
     assert metrics["off_policy/shaped_weight_mean"] == pytest.approx(
         (0.1 * 0.5 / 0.6 ** 2 + 0.1 * 0.2 / 0.3 ** 2) / 2)
+    assert "kl" not in metrics  # kl_coef 0: no reference-model term
+
+
+def test_mixed_loss_adds_the_kl_term():
+    logp = torch.log(torch.tensor([[0.5]], dtype=torch.float64)).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25]], dtype=torch.float64))
+    mask, off = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    settings = LossSettings(loss_agg="token_mean", entropy_coef=0.0, kl_coef=0.1)
+    loss, metrics = mixed_policy_loss(logp, logp.detach(), torch.zeros(1, dtype=torch.float64), mask, off,
+                                      settings, ref_log_prob=ref)
+    assert metrics["kl"] == pytest.approx(0.5 - math.log(0.5) - 1.0)
+    assert loss.item() == pytest.approx(0.1 * metrics["kl"])
 
 
 def test_mixed_loss_without_teacher_is_grpo_token_mean():

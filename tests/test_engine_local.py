@@ -9,3 +9,38 @@ def test_prompt_order_is_a_seeded_permutation_per_epoch():
     assert epoch0 == [i for step in range(5) for i in prompt_indices(step, 2, 10, seed=3)]
     assert epoch0 != [i for step in range(5) for i in prompt_indices(step, 2, 10, seed=4)]
     assert sorted(prompt_indices(5, 10, 10, seed=3)) == list(range(10))  # the next epoch, reshuffled
+
+
+def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, tmp_path):
+    import json
+
+    from luffy.config import ToyTaskConfig, resolve_train_config
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+    from luffy.engines.local.trainer import LocalTrainer
+
+    raw = make_toy_data(ToyTaskConfig(n_train=12, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
+    rows.to_parquet(tmp_path / "train.parquet")
+    cfg = resolve_train_config("all_options", {}, {
+        "algorithm": "luffy", "steps": 2, "prompts_per_step": 2, "n": 3, "max_response_tokens": 96,
+        "mini_batches": 1, "checkpoint_every": 1, "lr": 1.0e-3, "clip": True, "clip_ratio_high": 0.28,
+        "advantage_baseline": "on_policy", "std_normalize": True, "filter_groups": True, "shaping": "pow",
+        "off_clip_max": 0.9, "kl_coef": 0.05, "loss_agg": "seq_mean_token_mean"})
+    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    trainer.run(tmp_path / "final", tmp_path / "metrics.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    for m in lines:
+        assert 0.0 <= m["groups/kept_share"] <= 1.0
+        if m["groups/kept_share"] > 0:  # an update ran: the KL term against the frozen start is logged
+            assert m["kl"] >= 0.0
+    assert (tmp_path / "final" / "model.pt").exists()
+
+
+def test_config_shaping_names_match_the_algorithm():
+    from luffy.algo.losses import AGGREGATIONS, SHAPINGS
+    from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES
+
+    assert set(SHAPING_NAMES) == set(SHAPINGS)
+    assert set(AGGREGATION_NAMES) == set(AGGREGATIONS)

@@ -1,4 +1,4 @@
-"""The LUFFY policy loss, its on-policy (GRPO) special case, and the SFT loss.
+"""The LUFFY policy loss, its on-policy (GRPO) special case, the SFT loss and the KL penalty.
 
 All per-token tensors are ``[batch, T]`` over response positions:
 ``log_prob`` = log pi_theta(o_t), ``old_log_prob`` = log pi_old(o_t) (the rollout policy,
@@ -8,10 +8,16 @@ response tokens (through EOS), ``off_policy_mask`` P_t = 1 on teacher tokens.
 Main-run objective (luffy-reference.md section 1), pi_phi = 1 for the teacher:
 
     L = agg_{i,t} M_it [ -P_it A_i f(pi_theta(tau_t)) - (1 - P_it) A_i pi_theta(o_t) / pi_old(o_t) ]
-        - entropy_coef * mean_t H_t
+        - entropy_coef * mean_t H_t  (+ kl_coef * mean_t KL_t)
 
-with f(p) = p / (p + gamma) (policy shaping), on-policy ratios optionally PPO-clipped, and
-agg either the masked token mean or the sum divided by a constant (Dr.GRPO).
+Options (see docs/algorithm.md for the reference's names):
+- f, the off-policy shaping (``SHAPINGS``): p/(p+gamma) (LUFFY), p, w log p, p + w log p,
+  sqrt p, p^alpha; optionally clipped to [off_clip_min, off_clip_max]. When per-token
+  teacher log-probs are given, the off-policy term uses the true importance ratio
+  pi_theta / pi_phi instead of f(pi_theta) (as the reference does).
+- on-policy PPO clip, symmetric (1 - eps, 1 + eps) or clip-higher (1 - eps_low, 1 + eps_high).
+- agg (``AGGREGATIONS``): masked token mean; mean over sequences of their token means;
+  sum divided by a constant (Dr.GRPO; the reference divides by the response length 8192).
 """
 
 from __future__ import annotations
@@ -21,31 +27,57 @@ from typing import Callable
 
 import torch
 
-SHAPINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    # f(p) = p / (p + gamma);  df/dlog p = gamma p / (p + gamma)^2
-    "luffy": lambda p, gamma: p / (p + gamma),
-    # f(p) = p (no shaping);   df/dlog p = p
-    "none": lambda p, gamma: p,
+ShapingFn = Callable[[torch.Tensor, torch.Tensor, "LossSettings"], torch.Tensor]
+
+# Each maps (p, log p, settings) -> f(p). Gradients with respect to log p are in the comments.
+SHAPINGS: dict[str, ShapingFn] = {
+    # f = p / (p + gamma);   df/dlog p = gamma p / (p + gamma)^2
+    "luffy": lambda p, logp, s: p / (p + s.shaping_gamma),
+    # f = p;                 df/dlog p = p
+    "none": lambda p, logp, s: p,
+    # f = w log p;           df/dlog p = w
+    "logp": lambda p, logp, s: s.shaping_weight * logp,
+    # f = p + w log p;       df/dlog p = p + w
+    "p_logp": lambda p, logp, s: p + s.shaping_weight * logp,
+    # f = sqrt p;            df/dlog p = sqrt(p) / 2
+    "sqrt": lambda p, logp, s: torch.sqrt(p),
+    # f = p^alpha;           df/dlog p = alpha p^alpha
+    "pow": lambda p, logp, s: torch.pow(p, s.shaping_power),
 }
-AGGREGATIONS = ("token_mean", "constant")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
 
 
 @dataclass(frozen=True)
 class LossSettings:
     clip: bool = False
     clip_ratio: float = 0.2
+    clip_ratio_high: float | None = None  # clip-higher; None = symmetric
     shaping: str = "luffy"
     shaping_gamma: float = 0.1
+    shaping_weight: float = 0.1
+    shaping_power: float = 0.5
+    off_clip_min: float | None = None
+    off_clip_max: float | None = None
     loss_agg: str = "constant"
     loss_constant: float = 8192.0
     entropy_coef: float = 0.001
+    kl_coef: float = 0.0
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: float | None = None) -> torch.Tensor:
-    """token_mean: sum(l * M) / sum(M);  constant: sum(l * M) / constant (Dr.GRPO)."""
+    """Reduce a ``[batch, T]`` loss over the tokens where ``mask`` is 1.
+
+    token_mean:          sum_{i,t} l M / sum_{i,t} M
+    seq_mean_token_mean: mean_i [ sum_t l M / sum_t M ]   (sequences with no token count 0)
+    constant:            sum_{i,t} l M / constant          (Dr.GRPO)
+    """
     total = (per_token * mask).sum()
     if mode == "token_mean":
         return total / mask.sum().clamp(min=1.0)
+    if mode == "seq_mean_token_mean":
+        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        present = (mask.sum(-1) > 0).float()
+        return (per_sequence * present).sum() / present.sum().clamp(min=1.0)
     if mode == "constant":
         if not constant or constant <= 0:
             raise ValueError(f"loss_agg='constant' needs a positive loss_constant, got {constant}")
@@ -58,44 +90,74 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def on_policy_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                         clip: bool, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         clip: bool, clip_ratio: float, clip_ratio_high: float | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token -A r with r = exp(log pi - log pi_old); with clip, PPO's pessimistic bound
 
-        l = max(-A r, -A clip(r, 1 - eps, 1 + eps))
+        l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
 
-    Returns (loss, clipped) where ``clipped`` marks tokens whose clipped term was chosen.
+    (eps_high = eps_low unless clip-higher sets it). Returns (loss, clipped) where
+    ``clipped`` marks tokens whose clipped term was chosen (they carry no gradient).
     """
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     if not clip:
         return unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def off_policy_token_loss(log_prob: torch.Tensor, advantages: torch.Tensor, shaping: str,
-                          gamma: float) -> torch.Tensor:
-    """Per-token -A f(pi_theta) with pi_phi = 1 and no clipping.
+def off_policy_weight(log_prob: torch.Tensor, settings: LossSettings,
+                      teacher_log_prob: torch.Tensor | None = None) -> torch.Tensor:
+    """The off-policy term's weight on each teacher token, before the advantage:
+
+        w_t = clip(f(pi_theta(tau_t)), off_clip_min, off_clip_max)      (pi_phi = 1)
+        w_t = clip(pi_theta(tau_t) / pi_phi(tau_t), ...)                (teacher log-probs given)
+    """
+    if teacher_log_prob is not None:
+        weight = torch.exp(log_prob - teacher_log_prob)
+    else:
+        if settings.shaping not in SHAPINGS:
+            raise ValueError(f"unknown shaping '{settings.shaping}', expected one of {sorted(SHAPINGS)}")
+        weight = SHAPINGS[settings.shaping](torch.exp(log_prob), log_prob, settings)
+    if settings.off_clip_min is not None or settings.off_clip_max is not None:
+        weight = torch.clamp(weight, min=settings.off_clip_min, max=settings.off_clip_max)
+    return weight
+
+
+def off_policy_token_loss(log_prob: torch.Tensor, advantages: torch.Tensor, settings: LossSettings,
+                          teacher_log_prob: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token -A w_t (``off_policy_weight``); no PPO clip on teacher tokens.
 
     Gradient with f(p) = p/(p+gamma): -A * gamma p / (p + gamma)^2 * grad log p, which gives
     low-probability teacher tokens relatively more weight than f(p) = p does.
     """
-    if shaping not in SHAPINGS:
-        raise ValueError(f"unknown shaping '{shaping}', expected one of {sorted(SHAPINGS)}")
-    return -advantages * SHAPINGS[shaping](torch.exp(log_prob), gamma)
+    return -advantages * off_policy_weight(log_prob, settings, teacher_log_prob)
 
 
-def shaped_weight(log_prob: torch.Tensor, shaping: str, gamma: float) -> torch.Tensor:
-    """df/dlog p at each token: the weight shaping puts on grad log p (no gradient)."""
+def shaped_weight(log_prob: torch.Tensor, settings: LossSettings,
+                  teacher_log_prob: torch.Tensor | None = None) -> torch.Tensor:
+    """dw/dlog p at each token: the weight the off-policy term puts on grad log p (no gradient)."""
     log_prob = log_prob.detach().clone().requires_grad_(True)
-    value = SHAPINGS[shaping](torch.exp(log_prob), gamma)
+    value = off_policy_weight(log_prob, settings, teacher_log_prob)
     (grad,) = torch.autograd.grad(value.sum(), log_prob)
     return grad
 
 
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref) (verl's ``low_var_kl``):
+
+        KL_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1   (>= 0, 0 when equal)
+    """
+    delta = ref_log_prob - log_prob
+    return torch.exp(delta) - delta - 1.0
+
+
 def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       response_mask: torch.Tensor, off_policy_mask: torch.Tensor,
-                      settings: LossSettings, entropy: torch.Tensor | None = None
+                      settings: LossSettings, entropy: torch.Tensor | None = None,
+                      teacher_log_prob: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, dict[str, float]]:
     """The LUFFY loss (module docstring) on one mini-batch; GRPO when ``off_policy_mask`` is 0.
 
@@ -106,8 +168,9 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         advantages = advantages.unsqueeze(-1).expand_as(log_prob)
     off_mask = off_policy_mask.float() * response_mask
     on_mask = (1.0 - off_policy_mask.float()) * response_mask
-    on_loss, clipped = on_policy_token_loss(log_prob, old_log_prob, advantages, settings.clip, settings.clip_ratio)
-    off_loss = off_policy_token_loss(log_prob, advantages, settings.shaping, settings.shaping_gamma)
+    on_loss, clipped = on_policy_token_loss(log_prob, old_log_prob, advantages, settings.clip, settings.clip_ratio,
+                                            settings.clip_ratio_high)
+    off_loss = off_policy_token_loss(log_prob, advantages, settings, teacher_log_prob)
     per_token = on_mask * on_loss + off_mask * off_loss
     policy_loss = aggregate(per_token, response_mask, settings.loss_agg, settings.loss_constant)
     loss = policy_loss
@@ -120,13 +183,17 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         "on_policy/ratio_mean": masked_mean(torch.exp(log_prob - old_log_prob).detach(), on_mask).item(),
     }
     if off_mask.sum() > 0:
-        weight = shaped_weight(log_prob, settings.shaping, settings.shaping_gamma)
+        weight = shaped_weight(log_prob, settings, teacher_log_prob)
         metrics["off_policy/shaped_weight_mean"] = masked_mean(weight, off_mask).item()
         metrics["off_policy/prob_mean"] = masked_mean(torch.exp(log_prob.detach()), off_mask).item()
     if entropy is not None:
         mean_entropy = masked_mean(entropy, response_mask)
         loss = loss - settings.entropy_coef * mean_entropy
         metrics["entropy"] = mean_entropy.item()
+    if ref_log_prob is not None and settings.kl_coef > 0:
+        kl = masked_mean(kl_penalty(log_prob, ref_log_prob), response_mask)
+        loss = loss + settings.kl_coef * kl
+        metrics["kl"] = kl.item()
     metrics["loss/total"] = loss.item()
     return loss, metrics
 

@@ -9,6 +9,7 @@ compute group advantages over the mixed group; record pi_old by a no-grad forwar
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from luffy.algo.advantages import group_advantages
+from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.losses import LossSettings, mixed_policy_loss, sft_loss
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import DataError, load_luffy
@@ -79,9 +80,11 @@ def load_train_data(path: str, tokenizer) -> TrainData:
 
 
 def loss_settings(cfg: TrainConfig) -> LossSettings:
-    return LossSettings(clip=bool(cfg.clip), clip_ratio=cfg.clip_ratio, shaping=cfg.shaping,
-                        shaping_gamma=cfg.shaping_gamma, loss_agg=cfg.loss_agg,
-                        loss_constant=float(cfg.loss_constant), entropy_coef=cfg.entropy_coef)
+    return LossSettings(clip=bool(cfg.clip), clip_ratio=cfg.clip_ratio, clip_ratio_high=cfg.clip_ratio_high,
+                        shaping=cfg.shaping, shaping_gamma=cfg.shaping_gamma, shaping_weight=cfg.shaping_weight,
+                        shaping_power=cfg.shaping_power, off_clip_min=cfg.off_clip_min,
+                        off_clip_max=cfg.off_clip_max, loss_agg=cfg.loss_agg,
+                        loss_constant=float(cfg.loss_constant), entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef)
 
 
 class LocalTrainer:
@@ -91,6 +94,7 @@ class LocalTrainer:
         self.device = pick_device(cfg.device)
         self.base_model = base_model
         self.work_dir = work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
@@ -111,13 +115,17 @@ class LocalTrainer:
             self.optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
         self.loss_settings = loss_settings(cfg)
         self.metrics_path = work_dir / "metrics.jsonl"
+        # The KL penalty's reference: a frozen copy of the starting weights (only when used).
+        self.ref_model = None
+        if cfg.algorithm != "sft" and cfg.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     # ---- one step ----
-    def _update(self, batch, old_logp, advantages, off_mask) -> dict[str, float]:
+    def _update(self, batch, old_logp, advantages, off_mask, ref_logp=None) -> dict[str, float]:
         self.model.train()
         logp, entropy = token_logprobs_and_entropy(self.model, batch)
         loss, metrics = mixed_policy_loss(logp, old_logp, advantages, batch.response_mask, off_mask,
-                                          self.loss_settings, entropy)
+                                          self.loss_settings, entropy, ref_log_prob=ref_logp)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -144,23 +152,15 @@ class LocalTrainer:
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         grades = [grade(t, g) for t, g in zip(texts, golds)]
         rewards = torch.tensor([g.reward for g in grades]).view(len(idx), cfg.n)
-        advantages = group_advantages(rewards, cfg.std_normalize).reshape(-1)
-        batch = build_batch(prompts, responses, tok.pad_token_id).to(self.device)
-        off_flag_t = torch.tensor(off_flags, dtype=torch.float32, device=self.device)
-        off_mask = off_flag_t.unsqueeze(-1) * batch.response_mask
-        advantages = advantages.to(self.device)
-        members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
-        chunks = [slice(s, s + members_per_mb) for s in range(0, len(responses), members_per_mb)]
-        with torch.no_grad():
-            self.model.eval()
-            old_logp = torch.cat([token_logprobs_and_entropy(self.model, _rows(batch, sl), with_entropy=False)[0]
-                                  for sl in chunks])
+        on_policy_members = ~torch.tensor(off_flags).view(len(idx), cfg.n)
+        advantages = group_advantages(rewards, cfg.std_normalize, baseline_mask=(
+            on_policy_members if cfg.advantage_baseline == "on_policy" else None)).reshape(-1)
+        keep = informative_groups(rewards) if cfg.filter_groups else torch.ones(len(idx), dtype=torch.bool)
+        rows = [g * cfg.n + m for g in range(len(idx)) if keep[g] for m in range(cfg.n)]
         per_update = []
-        for _ in range(cfg.ppo_epochs):
-            for sl in chunks:
-                sub = _rows(batch, sl, trim=True)
-                per_update.append(self._update(sub, old_logp[sl, : sub.response_mask.shape[1]],
-                                               advantages[sl], off_mask[sl, : sub.response_mask.shape[1]]))
+        if rows:
+            per_update = self._policy_updates([prompts[r] for r in rows], [responses[r] for r in rows],
+                                              [off_flags[r] for r in rows], advantages[rows])
         on = [g.reward for g, off in zip(grades, off_flags) if not off]
         offp = [g.reward for g, off in zip(grades, off_flags) if off]
         on_lengths = [len(r) for r, off in zip(responses, off_flags) if not off]
@@ -168,6 +168,7 @@ class LocalTrainer:
         solved = rewards[:, cfg.n_off:].amax(dim=1) if n_on else torch.zeros(len(idx))
         metrics = _mean_dicts(per_update)
         metrics.update({
+            "groups/kept_share": float(keep.float().mean()),
             "reward/mean": float(rewards.mean()),
             "reward/on_policy_mean": _mean(on),
             "reward/off_policy_mean": _mean(offp),
@@ -178,6 +179,29 @@ class LocalTrainer:
             "response/no_think_end_share": _mean([g.reason == "no_think_end" for g in grades]),
         })
         return metrics
+
+    def _policy_updates(self, prompts, responses, off_flags, advantages) -> list[dict[str, float]]:
+        """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates."""
+        cfg = self.cfg
+        batch = build_batch(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
+        off_mask = torch.tensor(off_flags, dtype=torch.float32, device=self.device).unsqueeze(-1) * batch.response_mask
+        advantages = advantages.to(self.device)
+        members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
+        chunks = [slice(s, s + members_per_mb) for s in range(0, len(responses), members_per_mb)]
+        with torch.no_grad():
+            self.model.eval()
+            old_logp = torch.cat([token_logprobs_and_entropy(self.model, _rows(batch, sl), with_entropy=False)[0]
+                                  for sl in chunks])
+            ref_logp = None if self.ref_model is None else torch.cat(
+                [token_logprobs_and_entropy(self.ref_model, _rows(batch, sl), with_entropy=False)[0] for sl in chunks])
+        per_update = []
+        for _ in range(cfg.ppo_epochs):
+            for sl in chunks:
+                sub = _rows(batch, sl, trim=True)
+                width = sub.response_mask.shape[1]
+                per_update.append(self._update(sub, old_logp[sl, :width], advantages[sl], off_mask[sl, :width],
+                                               None if ref_logp is None else ref_logp[sl, :width]))
+        return per_update
 
     def sft_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
