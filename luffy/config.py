@@ -119,6 +119,10 @@ class TrainConfig:
     prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128)
     n: int = _help("responses per prompt (group size)", 8)
     n_off: Optional[int] = _help("off-policy members per group (null: luffy 1, grpo 0)", None)
+    prefix_strategy: str = _help("teacher prefix ratio per off-policy member: random U[min,max] | fixed "
+                                 "(evenly spaced) | linear (decays from max to min over the steps)", "random")
+    prefix_ratio_min: float = _help("smallest share of the teacher trace given as prefix", 1.0)
+    prefix_ratio_max: float = _help("largest share of the teacher trace (1.0 = full trace, the paper)", 1.0)
     temperature: float = _help("rollout sampling temperature", 1.0)
     max_response_tokens: int = _help("longest sampled response", 8192)
     lr: float = _help("AdamW learning rate", 1.0e-6)
@@ -251,6 +255,10 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
         (cfg.off_clip_min is not None and cfg.off_clip_max is not None and cfg.off_clip_min > cfg.off_clip_max,
          "off_clip_min", "must be <= off_clip_max"),
         (cfg.kl_coef < 0, "kl_coef", "must be >= 0"),
+        (cfg.prefix_strategy not in ("random", "fixed", "linear"), "prefix_strategy",
+         f"'{cfg.prefix_strategy}' is not one of ('random', 'fixed', 'linear')"),
+        (not 0.0 <= cfg.prefix_ratio_min <= cfg.prefix_ratio_max <= 1.0, "prefix_ratio_min",
+         "need 0 <= prefix_ratio_min <= prefix_ratio_max <= 1"),
         (cfg.steps < 1, "steps", "must be >= 1"),
         (cfg.n < 1, "n", "must be >= 1"),
         (cfg.prompts_per_step < 1, "prompts_per_step", "must be >= 1"),

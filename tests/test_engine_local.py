@@ -44,3 +44,28 @@ def test_config_shaping_names_match_the_algorithm():
 
     assert set(SHAPING_NAMES) == set(SHAPINGS)
     assert set(AGGREGATION_NAMES) == set(AGGREGATIONS)
+
+
+def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_model_dir, tmp_path):
+    from luffy.config import ToyTaskConfig, resolve_train_config
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+    from luffy.engines.local.trainer import LocalTrainer
+
+    raw = make_toy_data(ToyTaskConfig(n_train=6, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
+    rows.to_parquet(tmp_path / "train.parquet")
+    cfg = resolve_train_config("prefix", {}, {
+        "algorithm": "luffy", "steps": 1, "prompts_per_step": 2, "n": 4, "n_off": 2, "max_response_tokens": 96,
+        "mini_batches": 1, "prefix_strategy": "fixed", "prefix_ratio_min": 0.5, "prefix_ratio_max": 1.0})
+    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    idx = [0, 1]
+    members = trainer._off_policy_members(idx, step=0)
+    for i, group in zip(idx, members):
+        trace = trainer.data.trace_ids[i]
+        (full, full_count), (partial, k) = group
+        assert full == trace and full_count == len(trace)  # ratio 1: the whole trace + EOS
+        assert k == (len(trace) - 1) // 2 and partial[:k] == trace[:k]  # ratio 0.5: prefix ...
+        assert len(partial) > k  # ... then the policy's own tokens
+    metrics = trainer.rl_step(0)
+    assert 0.0 < metrics["off_policy/token_share"] < 1.0

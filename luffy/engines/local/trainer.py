@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from luffy.algo.advantages import group_advantages, informative_groups
+from luffy.algo.groups import prefix_length, prefix_ratios
 from luffy.algo.losses import LossSettings, mixed_policy_loss, sft_loss
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import DataError, load_luffy
@@ -141,13 +142,15 @@ class LocalTrainer:
         sampled = sample(self.model, [self.data.prompt_ids[i] for i in idx], n=n_on,
                          max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature, top_p=1.0,
                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id) if n_on else [[] for _ in idx]
-        prompts, responses, off_flags, golds = [], [], [], []
-        for i, group in zip(idx, sampled):
-            members = [self.data.trace_ids[i]] * cfg.n_off + group
-            for m, response in enumerate(members):
+        guided = self._off_policy_members(idx, step)
+        prompts, responses, off_flags, off_tokens, golds = [], [], [], [], []
+        for i, teacher, group in zip(idx, guided, sampled):
+            members = teacher + [(response, 0) for response in group]
+            for m, (response, n_off_tokens) in enumerate(members):
                 prompts.append(self.data.prompt_ids[i])
                 responses.append(response)
                 off_flags.append(m < cfg.n_off)
+                off_tokens.append(n_off_tokens)
                 golds.append(self.data.answers[i])
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         grades = [grade(t, g) for t, g in zip(texts, golds)]
@@ -160,7 +163,7 @@ class LocalTrainer:
         per_update = []
         if rows:
             per_update = self._policy_updates([prompts[r] for r in rows], [responses[r] for r in rows],
-                                              [off_flags[r] for r in rows], advantages[rows])
+                                              [off_tokens[r] for r in rows], advantages[rows])
         on = [g.reward for g, off in zip(grades, off_flags) if not off]
         offp = [g.reward for g, off in zip(grades, off_flags) if off]
         on_lengths = [len(r) for r, off in zip(responses, off_flags) if not off]
@@ -180,11 +183,47 @@ class LocalTrainer:
         })
         return metrics
 
-    def _policy_updates(self, prompts, responses, off_flags, advantages) -> list[dict[str, float]]:
-        """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates."""
+    def _off_policy_members(self, idx: list[int], step: int) -> list[list[tuple[list[int], int]]]:
+        """Per prompt, its n_off teacher members as (response ids, number of off-policy tokens).
+
+        Ratio 1 gives the whole trace + EOS; a smaller ratio gives the trace's prefix followed by
+        the policy's own continuation, of which only the prefix is off-policy.
+        """
+        cfg, tok = self.cfg, self.tokenizer
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        progress = step / max(1, cfg.steps - 1)
+        members: list[list[tuple[list[int], int]]] = [[] for _ in idx]
+        pending = []  # (group, prompt + prefix, prefix length) needing a continuation
+        for g, i in enumerate(idx):
+            trace = self.data.trace_ids[i]
+            body = len(trace) - 1  # without EOS
+            for ratio in prefix_ratios(cfg.prefix_strategy, cfg.n_off, cfg.prefix_ratio_min,
+                                       cfg.prefix_ratio_max, rng, progress):
+                k = prefix_length(body, ratio)
+                if k >= body:
+                    members[g].append((trace, len(trace)))
+                else:
+                    pending.append((g, self.data.prompt_ids[i] + trace[:k], k))
+        if pending:
+            continuations = sample(self.model, [p for _, p, _ in pending], n=1,
+                                   max_new_tokens=cfg.max_response_tokens - min(k for _, _, k in pending),
+                                   temperature=cfg.temperature, top_p=1.0, eos_id=tok.eos_token_id,
+                                   pad_id=tok.pad_token_id)
+            for (g, with_prefix, k), (continuation,) in zip(pending, continuations):
+                prefix = with_prefix[len(with_prefix) - k:] if k else []
+                members[g].append((prefix + continuation[: cfg.max_response_tokens - k], k))
+        return members
+
+    def _policy_updates(self, prompts, responses, off_tokens, advantages) -> list[dict[str, float]]:
+        """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates.
+
+        ``off_tokens[j]``: how many leading tokens of response j are the teacher's.
+        """
         cfg = self.cfg
         batch = build_batch(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
-        off_mask = torch.tensor(off_flags, dtype=torch.float32, device=self.device).unsqueeze(-1) * batch.response_mask
+        position = batch.response_mask.cumsum(dim=-1)  # 1, 2, ... along each response
+        limit = torch.tensor(off_tokens, dtype=torch.float32, device=self.device).unsqueeze(-1)
+        off_mask = ((position <= limit) * batch.response_mask).float()
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
         chunks = [slice(s, s + members_per_mb) for s in range(0, len(responses), members_per_mb)]
