@@ -33,7 +33,7 @@ REFERENCE_SYSTEM_PROMPT = (
     "closed-form results like multiple choices or mathematical solutions."
 )
 
-ALGORITHMS = ("luffy", "grpo", "sft")
+ALGORITHMS = ("luffy", "grpo", "sft", "rl_sft")
 # Names of luffy.algo.losses.SHAPINGS / AGGREGATIONS (kept here so that reading the config
 # does not import torch; a test checks they agree).
 SHAPING_NAMES = ("luffy", "none", "logp", "p_logp", "sqrt", "pow")
@@ -113,7 +113,7 @@ class BaseModelConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = _help("luffy | grpo | sft", "luffy")
+    algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy")
     engine: str = _help("training engine: local (one process, CPU or one GPU)", "local")
     steps: int = _help("training steps (one batch of prompts each)", 500)
     prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128)
@@ -137,7 +137,8 @@ class TrainConfig:
     clip_ratio: float = _help("PPO clip epsilon (the lower one under clip-higher)", 0.2)
     clip_ratio_high: Optional[float] = _help("clip-higher: upper PPO epsilon (null: = clip_ratio)", None)
     std_normalize: bool = _help("divide group advantages by the group std", False)
-    advantage_baseline: str = _help("mixed (the whole group) | on_policy (on-policy members only)", "mixed")
+    advantage_baseline: Optional[str] = _help(
+        "mixed (the whole group) | on_policy (on-policy members only); null: rl_sft on_policy, others mixed", None)
     filter_groups: bool = _help("drop groups whose rewards are all equal before the update", False)
     shaping: str = _help("off-policy f(p): luffy p/(p+gamma) | none p | logp w*log p | p_logp p+w*log p | "
                          "sqrt | pow p^alpha", "luffy")
@@ -147,6 +148,7 @@ class TrainConfig:
     off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None)
     off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None)
     kl_coef: float = _help("KL penalty to the base model (k3 estimator); 0 = off, as in the paper", 0.0)
+    sft_coef: float = _help("rl_sft: weight of the trace NLL added to the on-policy loss", 1.0)
     loss_agg: str = _help("token_mean | seq_mean_token_mean | constant (sum / loss_constant, Dr.GRPO)",
                           "constant")
     loss_constant: Optional[float] = _help("normaliser of loss_agg=constant (null: max_response_tokens)", None)
@@ -205,6 +207,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "luffy": {"n_off": 1, "clip": False},
     "grpo": {"n_off": 0, "clip": True},
     "sft": {"n_off": 0, "clip": False},
+    "rl_sft": {"n_off": 0, "clip": True, "advantage_baseline": "on_policy"},
 }
 RESERVED_MODEL_NAMES = ("base",)
 
@@ -234,13 +237,14 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
     cfg: TrainConfig = _merge(TrainConfig, defaults, overrides or {}, prefix=prefix)
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(f"config key '{prefix}.algorithm': '{cfg.algorithm}' is not one of {ALGORITHMS}")
-    for key, value in ALGORITHM_DEFAULTS[cfg.algorithm].items():
+    for key, value in {"advantage_baseline": "mixed", **ALGORITHM_DEFAULTS[cfg.algorithm]}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.loss_constant is None:
         cfg.loss_constant = float(cfg.max_response_tokens)
     checks = [
-        (cfg.algorithm == "grpo" and cfg.n_off != 0, "n_off", "grpo is on-policy only: n_off must be 0"),
+        (cfg.algorithm in ("grpo", "rl_sft") and cfg.n_off != 0, "n_off",
+         f"{cfg.algorithm} groups are on-policy only: n_off must be 0"),
         (cfg.algorithm == "luffy" and not 0 <= cfg.n_off < cfg.n, "n_off",
          f"must be in [0, n={cfg.n}) so the group has on-policy members"),
         (cfg.engine != "local", "engine", f"'{cfg.engine}' is not available (only 'local')"),

@@ -258,3 +258,15 @@ def test_sft_loss_is_masked_nll_with_gradient():
     loss.backward()
     assert torch.allclose(logp.grad, -mask / 3)
 
+
+
+def test_rl_with_sft_loss_adds_the_weighted_trace_nll():
+    from luffy.algo.losses import rl_with_sft_loss
+
+    trace_logp = leaf([[math.log(0.5), math.log(0.25)]])
+    loss, nll = rl_with_sft_loss(torch.tensor(1.0, dtype=torch.float64), trace_logp,
+                                 torch.ones(1, 2, dtype=torch.float64), coef=0.5)
+    assert nll.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert loss.item() == pytest.approx(1.0 + 0.5 * nll.item())
+    loss.backward()
+    assert trace_logp.grad[0].tolist() == pytest.approx([-0.25, -0.25])  # -coef / tokens

@@ -69,3 +69,20 @@ def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_
         assert len(partial) > k  # ... then the policy's own tokens
     metrics = trainer.rl_step(0)
     assert 0.0 < metrics["off_policy/token_share"] < 1.0
+
+
+def test_rl_with_sft_loss_baseline_runs_and_logs_its_nll(tiny_model_dir, tmp_path):
+    from luffy.config import ToyTaskConfig, resolve_train_config
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+    from luffy.engines.local.trainer import LocalTrainer
+
+    raw = make_toy_data(ToyTaskConfig(n_train=6, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
+    rows.to_parquet(tmp_path / "train.parquet")
+    cfg = resolve_train_config("rl_sft", {}, {"algorithm": "rl_sft", "steps": 1, "prompts_per_step": 2, "n": 3,
+                                              "max_response_tokens": 64, "mini_batches": 1, "sft_coef": 0.5})
+    assert (cfg.n_off, cfg.clip, cfg.advantage_baseline) == (0, True, "on_policy")
+    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    metrics = trainer.rl_step(0)
+    assert metrics["loss/sft"] > 0 and metrics["off_policy/token_share"] == 0.0

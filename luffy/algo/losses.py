@@ -202,3 +202,14 @@ def sft_loss(log_prob: torch.Tensor, response_mask: torch.Tensor, loss_agg: str 
              loss_constant: float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the target tokens: agg_t M_t (-log pi_theta(tau_t))."""
     return aggregate(-log_prob, response_mask, loss_agg, loss_constant)
+
+
+def rl_with_sft_loss(policy_loss: torch.Tensor, trace_log_prob: torch.Tensor, trace_mask: torch.Tensor,
+                     coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "RL w/ SFT loss" baseline: L = L_GRPO + coef * mean_t(-log pi_theta(tau_t)).
+
+    ``policy_loss`` is the on-policy GRPO loss (advantages over the on-policy members only);
+    the NLL is the token mean over the teacher traces of the same prompts. Returns (loss, nll).
+    """
+    nll = sft_loss(trace_log_prob, trace_mask, "token_mean")
+    return policy_loss + coef * nll, nll

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
-from luffy.algo.losses import LossSettings, mixed_policy_loss, sft_loss
+from luffy.algo.losses import LossSettings, mixed_policy_loss, rl_with_sft_loss, sft_loss
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import DataError, load_luffy
 from luffy.data.templates import encode_prompts, encode_traces
@@ -122,11 +122,16 @@ class LocalTrainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     # ---- one step ----
-    def _update(self, batch, old_logp, advantages, off_mask, ref_logp=None) -> dict[str, float]:
+    def _update(self, batch, old_logp, advantages, off_mask, ref_logp=None, trace_batch=None) -> dict[str, float]:
         self.model.train()
         logp, entropy = token_logprobs_and_entropy(self.model, batch)
         loss, metrics = mixed_policy_loss(logp, old_logp, advantages, batch.response_mask, off_mask,
                                           self.loss_settings, entropy, ref_log_prob=ref_logp)
+        if trace_batch is not None:  # rl_sft: + sft_coef x NLL of the same prompts' teacher traces
+            trace_logp, _ = token_logprobs_and_entropy(self.model, trace_batch, with_entropy=False)
+            loss, nll = rl_with_sft_loss(loss, trace_logp, trace_batch.response_mask, self.cfg.sft_coef)
+            metrics["loss/sft"] = nll.item()
+            metrics["loss/total"] = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -163,7 +168,8 @@ class LocalTrainer:
         per_update = []
         if rows:
             per_update = self._policy_updates([prompts[r] for r in rows], [responses[r] for r in rows],
-                                              [off_tokens[r] for r in rows], advantages[rows])
+                                              [off_tokens[r] for r in rows], advantages[rows],
+                                              [idx[r // cfg.n] for r in rows])
         on = [g.reward for g, off in zip(grades, off_flags) if not off]
         offp = [g.reward for g, off in zip(grades, off_flags) if off]
         on_lengths = [len(r) for r, off in zip(responses, off_flags) if not off]
@@ -214,10 +220,11 @@ class LocalTrainer:
                 members[g].append((prefix + continuation[: cfg.max_response_tokens - k], k))
         return members
 
-    def _policy_updates(self, prompts, responses, off_tokens, advantages) -> list[dict[str, float]]:
+    def _policy_updates(self, prompts, responses, off_tokens, advantages, sources) -> list[dict[str, float]]:
         """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates.
 
-        ``off_tokens[j]``: how many leading tokens of response j are the teacher's.
+        ``off_tokens[j]``: how many leading tokens of response j are the teacher's;
+        ``sources[j]``: the training row response j answers.
         """
         cfg = self.cfg
         batch = build_batch(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
@@ -239,8 +246,15 @@ class LocalTrainer:
                 sub = _rows(batch, sl, trim=True)
                 width = sub.response_mask.shape[1]
                 per_update.append(self._update(sub, old_logp[sl, :width], advantages[sl], off_mask[sl, :width],
-                                               None if ref_logp is None else ref_logp[sl, :width]))
+                                               None if ref_logp is None else ref_logp[sl, :width],
+                                               self._trace_batch(sources[sl]) if cfg.algorithm == "rl_sft" else None))
         return per_update
+
+    def _trace_batch(self, sources: list[int]) -> SequenceBatch:
+        """The teacher traces (+EOS) of the distinct training rows in ``sources``."""
+        rows = list(dict.fromkeys(sources))
+        return build_batch([self.data.prompt_ids[i] for i in rows], [self.data.trace_ids[i] for i in rows],
+                           self.tokenizer.pad_token_id).to(self.device)
 
     def sft_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
