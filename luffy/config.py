@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -156,6 +157,10 @@ class TrainConfig:
     checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50)
     seed: int = _help("seed of sampling and data order", 0)
     device: str = _help("auto | cpu | cuda", "auto")
+    init_from: Optional[str] = _help("start from another experiment's trained model (SFT then RL); "
+                                     "null: the base model", None)
+    data_start: float = _help("first fraction of the training rows used (complementary problem sets)", 0.0)
+    data_end: float = _help("end fraction of the training rows used", 1.0)
 
 
 @dataclass
@@ -199,6 +204,8 @@ class Config:
     base_model: BaseModelConfig = _help("the policy's starting point", BaseModelConfig)
     train_defaults: dict[str, Any] = _help("settings shared by every experiment (TrainConfig keys)", dict)
     experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict)
+    seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
+                             list)
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
 
@@ -259,6 +266,7 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
         (cfg.off_clip_min is not None and cfg.off_clip_max is not None and cfg.off_clip_min > cfg.off_clip_max,
          "off_clip_min", "must be <= off_clip_max"),
         (cfg.kl_coef < 0, "kl_coef", "must be >= 0"),
+        (not 0.0 <= cfg.data_start < cfg.data_end <= 1.0, "data_start", "need 0 <= data_start < data_end <= 1"),
         (cfg.prefix_strategy not in ("random", "fixed", "linear"), "prefix_strategy",
          f"'{cfg.prefix_strategy}' is not one of ('random', 'fixed', 'linear')"),
         (not 0.0 <= cfg.prefix_ratio_min <= cfg.prefix_ratio_max <= 1.0, "prefix_ratio_min",
@@ -284,12 +292,43 @@ class ResolvedConfig:
     """The validated configuration: typed sections plus the resolved experiments."""
 
     root: Config
-    experiments: dict[str, TrainConfig]
+    experiments: dict[str, TrainConfig]  # expanded: one entry per (experiment, seed)
 
     @property
     def models(self) -> list[str]:
-        """Rows of the results table: the base model, then every experiment."""
+        """Evaluated models: the base model, then every (expanded) experiment."""
         return ["base", *self.experiments]
+
+
+SEED_SUFFIX = re.compile(r"^(?P<family>.+)-seed(?P<seed>\d+)$")
+
+
+def experiment_family(name: str) -> str:
+    """'luffy-seed2' -> 'luffy': the declared experiment an expanded run belongs to."""
+    match = SEED_SUFFIX.match(name)
+    return match.group("family") if match else name
+
+
+def _expand_seeds(declared: dict[str, TrainConfig], seeds: list[int]) -> dict[str, TrainConfig]:
+    for name, cfg in declared.items():
+        if cfg.init_from is not None and cfg.init_from not in declared:
+            raise ConfigError(f"config key 'experiments.{name}.init_from': '{cfg.init_from}' is not an experiment")
+        seen, current = {name}, cfg.init_from
+        while current is not None:
+            if current in seen:
+                raise ConfigError(f"config key 'experiments.{name}.init_from': cycle through '{current}'")
+            seen.add(current)
+            current = declared[current].init_from
+    if not seeds:
+        return declared
+    expanded = {}
+    for name, cfg in declared.items():
+        for seed in seeds:
+            run = dataclasses.replace(cfg, seed=seed)
+            if cfg.init_from is not None:
+                run.init_from = f"{cfg.init_from}-seed{seed}"  # each seed continues its own first stage
+            expanded[f"{name}-seed{seed}"] = run
+    return expanded
 
 
 def _check_file(path: str, key: str) -> None:
@@ -322,11 +361,16 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         raise ConfigError("config key 'experiments': at least one experiment is required")
     experiments = {}
     for name, overrides in root.experiments.items():
-        if name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"config key 'experiments.{name}': names must be [A-Za-z0-9_-] and not 'base'")
+        if (name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum()
+                or SEED_SUFFIX.match(name)):
+            raise ConfigError(f"config key 'experiments.{name}': names must be [A-Za-z0-9_-], not 'base' "
+                              "and not end in -seed<N>")
         if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError(f"config key 'experiments.{name}': expected a mapping of settings")
         experiments[name] = resolve_train_config(name, root.train_defaults or {}, overrides or {})
+    if len(set(root.seeds)) != len(root.seeds):
+        raise ConfigError(f"config key 'seeds': repeated seeds in {root.seeds}")
+    experiments = _expand_seeds(experiments, list(root.seeds))
     ev = root.evaluation
     if ev.backend not in BACKENDS:
         raise ConfigError(f"config key 'evaluation.backend': '{ev.backend}' is not one of {BACKENDS}")
@@ -383,6 +427,8 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         return schema
     if dataclasses.is_dataclass(tp):
         return dataclass_schema(tp)
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0]) if args else {}}
     if origin is dict:
         value_type = args[1] if len(args) == 2 else Any
         schema: dict[str, Any] = {"type": "object"}

@@ -149,7 +149,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
 def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: list[str],
            train_metrics: dict[str, str], out_dir: str, group: str, rule: str) -> str:
     from luffy.report.plots import results_bars, training_curves
-    from luffy.report.tables import collect, to_markdown
+    from luffy.report.tables import collect, per_seed, summarize, to_markdown
 
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
         table = collect(eval_dir, models, suites)
@@ -157,8 +157,9 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
         markdown = to_markdown(table, settings.title, settings.decimals)
         io.write_text(out / "results.md", markdown)
         with io.atomic_path(out / "results.csv", suffix=".csv") as tmp:
-            table.round(4).to_csv(tmp)
-        results_bars(table, out / "results.png", settings.title)
+            per_seed(table).round(4).to_csv(tmp)
+        mean, std, _ = summarize(table)
+        results_bars(mean, std, out / "results.png", settings.title)
         paths = [str(out / n) for n in ("results.md", "results.csv", "results.png")]
         if train_metrics:
             training_curves(train_metrics, out / "training_curves.png")

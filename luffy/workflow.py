@@ -35,6 +35,17 @@ def base_model_inputs(cfg: ResolvedConfig) -> list[str]:
     return [model_path(cfg, "base")] if builds_base_model(cfg) else []
 
 
+def start_model(cfg: ResolvedConfig, experiment: str) -> str:
+    """Where an experiment's training starts: the base model, or another experiment's model."""
+    init = cfg.experiments[experiment].init_from
+    return model_path(cfg, init) if init else model_path(cfg, "base")
+
+
+def start_model_inputs(cfg: ResolvedConfig, experiment: str) -> list[str]:
+    init = cfg.experiments[experiment].init_from
+    return [model_path(cfg, init)] if init else base_model_inputs(cfg)
+
+
 def tokenizer(cfg: ResolvedConfig) -> str:
     """The policy's tokenizer for the trace-length filter (the shipped one for the tiny model)."""
     return SHIPPED_TOKENIZER if builds_base_model(cfg) else str(cfg.root.base_model.path)

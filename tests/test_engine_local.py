@@ -86,3 +86,25 @@ def test_rl_with_sft_loss_baseline_runs_and_logs_its_nll(tiny_model_dir, tmp_pat
     trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
     metrics = trainer.rl_step(0)
     assert metrics["loss/sft"] > 0 and metrics["off_policy/token_share"] == 0.0
+
+
+def test_complementary_fractions_give_disjoint_problem_sets(tmp_path):
+    import pytest
+
+    from luffy.config import ToyTaskConfig
+    from luffy.data.schema import DataError
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+    from luffy.engines.local.trainer import load_train_data
+    from luffy.models.tokenizer import load_shipped_tokenizer
+
+    raw = make_toy_data(ToyTaskConfig(n_train=20, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 200, "S", "toy")
+    rows.to_parquet(tmp_path / "train.parquet")
+    tok = load_shipped_tokenizer()
+    first = load_train_data(str(tmp_path / "train.parquet"), tok, 0.0, 0.5)
+    second = load_train_data(str(tmp_path / "train.parquet"), tok, 0.5, 1.0)
+    assert len(first.prompt_ids) + len(second.prompt_ids) == len(rows)
+    assert not {tuple(p) for p in first.prompt_ids} & {tuple(p) for p in second.prompt_ids}
+    with pytest.raises(DataError, match="are empty"):
+        load_train_data(str(tmp_path / "train.parquet"), tok, 0.5, 0.51)

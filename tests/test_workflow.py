@@ -111,3 +111,18 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
     assert expected in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+
+def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
+    cfg = yaml.safe_load(MICRO.read_text())
+    cfg["seeds"] = [0, 1]
+    cfg["experiments"] = {"sft_half": {"algorithm": "sft", "data_end": 0.5},
+                          "sft_rl": {"algorithm": "grpo", "init_from": "sft_half", "data_start": 0.5}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
+    dry = snakemake(tmp_path, "--configfile", "grid.yaml", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    output = dry.stdout + dry.stderr
+    assert planned_jobs(output)["train"] == 4 and planned_jobs(output)["evaluate"] == 5
+    # the second stage of each seed starts from that seed's converted first-stage model
+    for seed in (0, 1):
+        assert f"--base-model results/models/sft_half-seed{seed} " in output

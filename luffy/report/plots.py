@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from luffy.config import experiment_family  # noqa: E402
 from luffy.io import atomic_path, read_jsonl  # noqa: E402
 
 CURVES = (
@@ -25,8 +26,13 @@ def _smooth(values: pd.Series, window: int) -> pd.Series:
 
 
 def training_curves(metrics_files: dict[str, str | Path], out: str | Path, smooth: int = 5) -> None:
-    """One panel per metric (those present in any run), one line per experiment."""
-    runs = {name: pd.DataFrame(read_jsonl(path)) for name, path in metrics_files.items()}
+    """One panel per metric (those present in any run), one line per experiment (the mean
+    over its seeds, step by step)."""
+    by_family: dict[str, list[pd.DataFrame]] = {}
+    for name, path in metrics_files.items():
+        by_family.setdefault(experiment_family(name), []).append(pd.DataFrame(read_jsonl(path)))
+    runs = {family: pd.concat(frames).groupby("step", as_index=False).mean(numeric_only=True)
+            for family, frames in by_family.items()}
     present = [(key, label) for key, label in CURVES
                if any(key in run and run[key].notna().any() for run in runs.values())]
     colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per experiment in every panel
@@ -44,9 +50,10 @@ def training_curves(metrics_files: dict[str, str | Path], out: str | Path, smoot
     _save(fig, out)
 
 
-def results_bars(table: pd.DataFrame, out: str | Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(table.columns), 3.6))
-    table.T.plot.bar(ax=ax, rot=0)
+def results_bars(mean: pd.DataFrame, std: pd.DataFrame, out: str | Path, title: str) -> None:
+    """Grouped bars per suite (and Avg), one bar per model; error bars = std over seeds."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(mean.columns), 3.6))
+    mean.T.plot.bar(ax=ax, rot=0, yerr=std.T, capsize=2)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)

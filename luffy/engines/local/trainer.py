@@ -74,8 +74,14 @@ class TrainData:
     answers: list[str]
 
 
-def load_train_data(path: str, tokenizer) -> TrainData:
+def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0) -> TrainData:
+    """Rows [floor(start N), floor(end N)) of the training file: complementary fractions give
+    disjoint problem sets (e.g. SFT on the first half, RL on the second)."""
     prompts, traces, answers = load_luffy(path)
+    first, last = math.floor(start * len(prompts)), math.floor(end * len(prompts))
+    if last <= first:
+        raise DataError(f"training data {path}: rows [{start}, {end}) of {len(prompts)} are empty")
+    prompts, traces, answers = prompts[first:last], traces[first:last], answers[first:last]
     rendered, prompt_ids = encode_prompts(tokenizer, prompts)
     return TrainData(rendered, prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
 
@@ -99,7 +105,7 @@ class LocalTrainer:
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
-        self.data = load_train_data(data_path, self.tokenizer)
+        self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end)
         if cfg.algorithm == "luffy" and cfg.n_off > 0:
             too_long = sum(len(t) > cfg.max_response_tokens for t in self.data.trace_ids)
             if too_long:
