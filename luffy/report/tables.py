@@ -37,7 +37,8 @@ def per_seed(frame: pd.DataFrame) -> pd.DataFrame:
     """The per-model table with its experiment and seed as leading columns (the CSV)."""
     out = frame.copy()
     out.insert(0, "experiment", [experiment_family(m) for m in frame.index])
-    out.insert(1, "seed", [int(m.group("seed")) if (m := SEED_SUFFIX.match(name)) else None for name in frame.index])
+    seeds = [int(m.group("seed")) if (m := SEED_SUFFIX.match(name)) else None for name in frame.index]
+    out.insert(1, "seed", pd.array(seeds, dtype="Int64"))
     return out
 
 

@@ -1,0 +1,116 @@
+"""Local-engine step cost: LUFFY vs on-policy GRPO on the same batch, and the loss alone.
+
+LUFFY's group = GRPO's sampled responses + the teacher trace, so its extra cost should be
+the teacher tokens' forward/backward only (the trace is never generated). Prints medians
+over repeats; run: .venv/bin/python benchmarks/train_step.py [--prompts 16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from luffy.algo.advantages import group_advantages
+from luffy.algo.losses import LossSettings, mixed_policy_loss
+from luffy.config import TinyModelConfig, ToyTaskConfig
+from luffy.data.templates import encode_prompts, encode_traces
+from luffy.data.toy import make_toy_data
+from luffy.data.traces import filter_traces
+from luffy.models.generation import sample
+from luffy.models.sequences import build_batch, token_logprobs_and_entropy
+from luffy.models.tiny import build_tiny_model
+from luffy.models.tokenizer import load_shipped_tokenizer
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8, help="group size of LUFFY (n - 1 samples + the teacher)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    tok = load_shipped_tokenizer()
+    model = build_tiny_model(TinyModelConfig(), tok)  # the demo's architecture (random weights)
+    # the demo's training rows: the LUFFY filter (<= 128 trace tokens) over the toy traces
+    toy = make_toy_data(ToyTaskConfig(n_train=2 * args.prompts, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S")
+    rows, _ = filter_traces(toy.raw_traces, lambda texts: [len(ids) for ids in tok(list(texts))["input_ids"]],
+                            128, "S", "toy")
+    rows = rows.head(args.prompts)
+    rendered, prompt_ids = encode_prompts(tok, rows["prompt"].tolist())
+    traces = encode_traces(tok, rendered, [t[0]["content"] for t in rows["target"]])
+    n_on = args.n - 1
+    began = time.perf_counter()
+    sampled = sample(model, prompt_ids, n=n_on, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    rollout_s = time.perf_counter() - began
+
+    def batch_for(with_teacher: bool):
+        prompts, responses, off = [], [], []
+        for p, t, group in zip(prompt_ids, traces, sampled):
+            members = ([t] if with_teacher else []) + group
+            for m, r in enumerate(members):
+                prompts.append(p)
+                responses.append(r)
+                off.append(with_teacher and m == 0)
+        batch = build_batch(prompts, responses, tok.pad_token_id)
+        off_mask = torch.tensor(off, dtype=torch.float32).unsqueeze(-1) * batch.response_mask
+        rewards = torch.randint(0, 2, (len(prompt_ids), len(members))).float()
+        return batch, off_mask, group_advantages(rewards).reshape(-1)
+
+    settings = {True: LossSettings(clip=False), False: LossSettings(clip=True)}
+    results = {}
+    for name, with_teacher in (("grpo", False), ("luffy", True)):
+        batch, off_mask, adv = batch_for(with_teacher)
+        with torch.no_grad():
+            old, _ = token_logprobs_and_entropy(model, batch, with_entropy=False)
+
+        def update():
+            logp, entropy = token_logprobs_and_entropy(model, batch)
+            loss, _ = mixed_policy_loss(logp, old, adv, batch.response_mask, off_mask, settings[with_teacher], entropy)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        logp, entropy = token_logprobs_and_entropy(model, batch)
+        logp, entropy = logp.detach().requires_grad_(True), entropy.detach()
+
+        def loss_only():
+            loss, _ = mixed_policy_loss(logp, old, adv, batch.response_mask, off_mask, settings[with_teacher],
+                                        entropy)
+            loss.backward()
+
+        results[name] = {
+            "tokens": int(batch.response_mask.sum()),
+            "padded": int(batch.input_ids.numel()),
+            "teacher_tokens": int(off_mask.sum()),
+            "update_s": median_time(update, args.repeats),
+            "loss_only_s": median_time(loss_only, args.repeats),
+        }
+    print(f"machine threads={args.threads}, prompts={args.prompts}, n={args.n}, rollout of "
+          f"{args.prompts * n_on} samples: {rollout_s:.3f}s (same for both; the teacher is not generated)")
+    for name, r in results.items():
+        print(f"{name:5s}: response tokens {r['tokens']:6d} (teacher {r['teacher_tokens']:5d}), padded batch "
+              f"{r['padded']:6d}  "
+              f"forward+backward+loss {r['update_s'] * 1000:8.1f} ms   loss alone {r['loss_only_s'] * 1000:6.2f} ms")
+    g, l = results["grpo"], results["luffy"]
+    print(f"luffy/grpo update time {l['update_s'] / g['update_s']:.2f}x for {l['tokens'] / g['tokens']:.2f}x tokens "
+          f"({l['padded'] / g['padded']:.2f}x padded); "
+          f"loss alone is {100 * l['loss_only_s'] / l['update_s']:.1f}% of LUFFY's update")
+
+
+if __name__ == "__main__":
+    main()
