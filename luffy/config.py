@@ -134,6 +134,8 @@ class TrainConfig:
     grad_clip: float = _help("gradient-norm clip", 1.0)
     mini_batches: int = _help("optimizer updates per step (PPO mini-batches)", 2)
     ppo_epochs: int = _help("passes over each step's batch", 1)
+    micro_batch_tokens: int = _help("padded tokens per forward/backward (length-sorted micro-batches with "
+                                    "gradient accumulation; 0 = the whole mini-batch at once)", 8192)
     clip: Optional[bool] = _help("PPO-clip the on-policy ratio (null: grpo yes, luffy no)", None)
     clip_ratio: float = _help("PPO clip epsilon (the lower one under clip-higher)", 0.2)
     clip_ratio_high: Optional[float] = _help("clip-higher: upper PPO epsilon (null: = clip_ratio)", None)
@@ -277,6 +279,7 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
         (cfg.mini_batches < 1 or cfg.prompts_per_step % cfg.mini_batches, "mini_batches",
          f"must divide prompts_per_step={cfg.prompts_per_step}"),
         (cfg.checkpoint_every < 1, "checkpoint_every", "must be >= 1"),
+        (cfg.micro_batch_tokens < 0, "micro_batch_tokens", "must be >= 0"),
         (cfg.lr <= 0, "lr", "must be > 0"),
         (cfg.shaping_gamma <= 0, "shaping_gamma", "must be > 0"),
         (cfg.device not in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' is not one of auto, cpu, cuda"),

@@ -261,12 +261,39 @@ def test_sft_loss_is_masked_nll_with_gradient():
 
 
 def test_rl_with_sft_loss_adds_the_weighted_trace_nll():
-    from luffy.algo.losses import rl_with_sft_loss
+    from luffy.algo.losses import sft_loss_term
 
     trace_logp = leaf([[math.log(0.5), math.log(0.25)]])
-    loss, nll = rl_with_sft_loss(torch.tensor(1.0, dtype=torch.float64), trace_logp,
-                                 torch.ones(1, 2, dtype=torch.float64), coef=0.5)
+    loss, nll = sft_loss_term(trace_logp, torch.ones(1, 2, dtype=torch.float64), coef=0.5)
     assert nll.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
-    assert loss.item() == pytest.approx(1.0 + 0.5 * nll.item())
+    assert loss.item() == pytest.approx(0.5 * nll.item())
     loss.backward()
     assert trace_logp.grad[0].tolist() == pytest.approx([-0.25, -0.25])  # -coef / tokens
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "constant"])
+def test_micro_batch_losses_add_up_to_the_mini_batch_loss(agg):
+    from luffy.algo.losses import BatchTotals
+
+    torch.manual_seed(0)
+    logp = torch.log(torch.rand(4, 5, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
+    old = logp.detach() + 0.05 * torch.randn(4, 5, dtype=torch.float64)
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    off = torch.zeros_like(mask)
+    off[0] = 1.0
+    entropy, ref = torch.rand(4, 5, dtype=torch.float64), old - 0.1
+    settings = LossSettings(clip=True, loss_agg=agg, loss_constant=7.0, entropy_coef=0.01, kl_coef=0.1)
+    whole, whole_metrics = mixed_policy_loss(logp, old, adv, mask, off, settings, entropy, ref_log_prob=ref)
+    (full_grad,) = torch.autograd.grad(whole, logp)
+    totals = BatchTotals.of(mask)
+    parts, entropy_sum = [], 0.0
+    for rows in ([0, 2], [1, 3]):
+        part, metrics = mixed_policy_loss(logp[rows], old[rows], adv[rows], mask[rows], off[rows], settings,
+                                          entropy[rows], ref_log_prob=ref[rows], totals=totals)
+        parts.append(part)
+        entropy_sum += metrics["entropy"]
+    (split_grad,) = torch.autograd.grad(parts[0] + parts[1], logp)
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item())
+    assert torch.allclose(split_grad, full_grad)
+    assert entropy_sum == pytest.approx(whole_metrics["entropy"])

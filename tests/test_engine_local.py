@@ -108,3 +108,38 @@ def test_complementary_fractions_give_disjoint_problem_sets(tmp_path):
     assert not {tuple(p) for p in first.prompt_ids} & {tuple(p) for p in second.prompt_ids}
     with pytest.raises(DataError, match="are empty"):
         load_train_data(str(tmp_path / "train.parquet"), tok, 0.5, 0.51)
+
+
+def test_length_buckets_cover_rows_once_within_budget():
+    from luffy.engines.local.trainer import length_buckets
+
+    lengths = [10, 50, 20, 50, 5, 30]
+    buckets = length_buckets(list(range(6)), lengths, max_tokens=100)
+    assert sorted(r for b in buckets for r in b) == list(range(6))
+    for bucket in buckets:
+        assert len(bucket) == 1 or len(bucket) * max(lengths[r] for r in bucket) <= 100
+    assert length_buckets([0, 1], lengths, max_tokens=0) == [[0, 1]]
+    assert length_buckets([1], lengths, max_tokens=10) == [[1]]  # a longer row still runs alone
+
+
+def test_micro_batching_does_not_change_the_update(tiny_model_dir, tmp_path):
+    import pytest
+
+    from luffy.config import ToyTaskConfig, resolve_train_config
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+    from luffy.engines.local.trainer import LocalTrainer
+
+    raw = make_toy_data(ToyTaskConfig(n_train=8, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
+    rows.to_parquet(tmp_path / "train.parquet")
+    results = []
+    for micro in (0, 96):
+        cfg = resolve_train_config("m", {}, {"algorithm": "luffy", "steps": 1, "prompts_per_step": 4, "n": 4,
+                                             "max_response_tokens": 64, "mini_batches": 2, "loss_agg": "token_mean",
+                                             "micro_batch_tokens": micro, "kl_coef": 0.1})
+        trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / f"work{micro}")
+        results.append(trainer.rl_step(0))
+    whole, split = results
+    for key in ("loss/total", "loss/policy", "entropy", "kl", "grad_norm", "off_policy/token_share"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key

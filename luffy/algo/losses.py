@@ -64,20 +64,40 @@ class LossSettings:
     kl_coef: float = 0.0
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: float | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchTotals:
+    """Response tokens and non-empty sequences of a whole mini-batch.
+
+    When the loss is computed micro-batch by micro-batch, normalising each part by the
+    mini-batch's totals (instead of its own) makes the parts add up exactly to the
+    mini-batch loss, so gradient accumulation changes nothing but memory and padding.
+    """
+
+    tokens: float
+    sequences: float
+
+    @staticmethod
+    def of(mask: torch.Tensor) -> "BatchTotals":
+        return BatchTotals(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: float | None = None,
+              totals: BatchTotals | None = None) -> torch.Tensor:
     """Reduce a ``[batch, T]`` loss over the tokens where ``mask`` is 1.
 
     token_mean:          sum_{i,t} l M / sum_{i,t} M
     seq_mean_token_mean: mean_i [ sum_t l M / sum_t M ]   (sequences with no token count 0)
     constant:            sum_{i,t} l M / constant          (Dr.GRPO)
+
+    With ``totals`` the denominators are the whole mini-batch's (see ``BatchTotals``).
     """
+    totals = totals or BatchTotals.of(mask)
     total = (per_token * mask).sum()
     if mode == "token_mean":
-        return total / mask.sum().clamp(min=1.0)
+        return total / max(totals.tokens, 1.0)
     if mode == "seq_mean_token_mean":
         per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        present = (mask.sum(-1) > 0).float()
-        return (per_sequence * present).sum() / present.sum().clamp(min=1.0)
+        return per_sequence.sum() / max(totals.sequences, 1.0)
     if mode == "constant":
         if not constant or constant <= 0:
             raise ValueError(f"loss_agg='constant' needs a positive loss_constant, got {constant}")
@@ -85,8 +105,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: 
     raise ValueError(f"unknown loss aggregation '{mode}', expected one of {AGGREGATIONS}")
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, totals: BatchTotals | None = None) -> torch.Tensor:
+    denominator = mask.sum().clamp(min=1.0) if totals is None else max(totals.tokens, 1.0)
+    return (values * mask).sum() / denominator
 
 
 def on_policy_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -157,11 +178,14 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tens
 def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       response_mask: torch.Tensor, off_policy_mask: torch.Tensor,
                       settings: LossSettings, entropy: torch.Tensor | None = None,
-                      teacher_log_prob: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+                      teacher_log_prob: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None,
+                      totals: BatchTotals | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The LUFFY loss (module docstring) on one mini-batch; GRPO when ``off_policy_mask`` is 0.
 
-    ``advantages`` may be ``[batch]`` (per response) or ``[batch, T]``.
+    ``advantages`` may be ``[batch]`` (per response) or ``[batch, T]``. With ``totals`` the
+    inputs are one micro-batch of a larger mini-batch: the returned loss and the metrics
+    ``loss/policy``, ``loss/total``, ``entropy`` and ``kl`` are then that micro-batch's
+    additive share; the other metrics are means over its own tokens.
     Returns the scalar loss to minimise and detached metrics.
     """
     if advantages.dim() == 1:
@@ -172,7 +196,7 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
                                             settings.clip_ratio_high)
     off_loss = off_policy_token_loss(log_prob, advantages, settings, teacher_log_prob)
     per_token = on_mask * on_loss + off_mask * off_loss
-    policy_loss = aggregate(per_token, response_mask, settings.loss_agg, settings.loss_constant)
+    policy_loss = aggregate(per_token, response_mask, settings.loss_agg, settings.loss_constant, totals)
     loss = policy_loss
     metrics = {
         "loss/policy": policy_loss.item(),
@@ -187,11 +211,11 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         metrics["off_policy/shaped_weight_mean"] = masked_mean(weight, off_mask).item()
         metrics["off_policy/prob_mean"] = masked_mean(torch.exp(log_prob.detach()), off_mask).item()
     if entropy is not None:
-        mean_entropy = masked_mean(entropy, response_mask)
+        mean_entropy = masked_mean(entropy, response_mask, totals)
         loss = loss - settings.entropy_coef * mean_entropy
         metrics["entropy"] = mean_entropy.item()
     if ref_log_prob is not None and settings.kl_coef > 0:
-        kl = masked_mean(kl_penalty(log_prob, ref_log_prob), response_mask)
+        kl = masked_mean(kl_penalty(log_prob, ref_log_prob), response_mask, totals)
         loss = loss + settings.kl_coef * kl
         metrics["kl"] = kl.item()
     metrics["loss/total"] = loss.item()
@@ -204,12 +228,15 @@ def sft_loss(log_prob: torch.Tensor, response_mask: torch.Tensor, loss_agg: str 
     return aggregate(-log_prob, response_mask, loss_agg, loss_constant)
 
 
-def rl_with_sft_loss(policy_loss: torch.Tensor, trace_log_prob: torch.Tensor, trace_mask: torch.Tensor,
-                     coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "RL w/ SFT loss" baseline: L = L_GRPO + coef * mean_t(-log pi_theta(tau_t)).
+def sft_loss_term(trace_log_prob: torch.Tensor, trace_mask: torch.Tensor, coef: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The term the "RL w/ SFT loss" baseline adds to the on-policy GRPO loss (advantages over
+    the on-policy members only):
 
-    ``policy_loss`` is the on-policy GRPO loss (advantages over the on-policy members only);
-    the NLL is the token mean over the teacher traces of the same prompts. Returns (loss, nll).
+        L = L_GRPO + coef * mean_t(-log pi_theta(tau_t))
+
+    the NLL being the token mean over the teacher traces of the same prompts.
+    Returns (coef * nll, nll).
     """
     nll = sft_loss(trace_log_prob, trace_mask, "token_mean")
-    return policy_loss + coef * nll, nll
+    return coef * nll, nll

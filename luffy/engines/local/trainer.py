@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
-from luffy.algo.losses import LossSettings, mixed_policy_loss, rl_with_sft_loss, sft_loss
+from luffy.algo.losses import BatchTotals, LossSettings, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import DataError, load_luffy
 from luffy.data.templates import encode_prompts, encode_traces
@@ -128,18 +128,35 @@ class LocalTrainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     # ---- one step ----
-    def _update(self, batch, old_logp, advantages, off_mask, ref_logp=None, trace_batch=None) -> dict[str, float]:
+    def _update(self, batch: SequenceBatch, rows: list[int], old_logp, advantages, off_mask, ref_logp,
+                trace_batch: SequenceBatch | None) -> dict[str, float]:
+        """One optimizer update on the mini-batch ``rows`` of ``batch``.
+
+        The rows are processed in length-sorted micro-batches (``micro_batch_tokens``) whose
+        losses are normalised by the mini-batch's totals, so the accumulated gradient is the
+        mini-batch's and padding stays near each micro-batch's own length.
+        """
         self.model.train()
-        logp, entropy = token_logprobs_and_entropy(self.model, batch)
-        loss, metrics = mixed_policy_loss(logp, old_logp, advantages, batch.response_mask, off_mask,
-                                          self.loss_settings, entropy, ref_log_prob=ref_logp)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = BatchTotals.of(batch.response_mask[rows])
+        parts: list[tuple[float, dict[str, float]]] = []
+        for micro in length_buckets(rows, batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
+            sub = select_rows(batch, micro)
+            width = sub.response_mask.shape[1]
+            logp, entropy = token_logprobs_and_entropy(self.model, sub)
+            loss, metrics = mixed_policy_loss(
+                logp, old_logp[micro, :width], advantages[micro], sub.response_mask, off_mask[micro, :width],
+                self.loss_settings, entropy, ref_log_prob=None if ref_logp is None else ref_logp[micro, :width],
+                totals=totals)
+            loss.backward()
+            parts.append((float(sub.response_mask.sum()), metrics))
+        metrics = _combine(parts)
         if trace_batch is not None:  # rl_sft: + sft_coef x NLL of the same prompts' teacher traces
             trace_logp, _ = token_logprobs_and_entropy(self.model, trace_batch, with_entropy=False)
-            loss, nll = rl_with_sft_loss(loss, trace_logp, trace_batch.response_mask, self.cfg.sft_coef)
+            term, nll = sft_loss_term(trace_logp, trace_batch.response_mask, self.cfg.sft_coef)
+            term.backward()
             metrics["loss/sft"] = nll.item()
-            metrics["loss/total"] = loss.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            metrics["loss/total"] += term.item()
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
@@ -239,22 +256,27 @@ class LocalTrainer:
         off_mask = ((position <= limit) * batch.response_mask).float()
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
-        chunks = [slice(s, s + members_per_mb) for s in range(0, len(responses), members_per_mb)]
+        minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
         with torch.no_grad():
             self.model.eval()
-            old_logp = torch.cat([token_logprobs_and_entropy(self.model, _rows(batch, sl), with_entropy=False)[0]
-                                  for sl in chunks])
-            ref_logp = None if self.ref_model is None else torch.cat(
-                [token_logprobs_and_entropy(self.ref_model, _rows(batch, sl), with_entropy=False)[0] for sl in chunks])
+            old_logp = self._logprobs(self.model, batch)
+            ref_logp = None if self.ref_model is None else self._logprobs(self.ref_model, batch)
         per_update = []
         for _ in range(cfg.ppo_epochs):
-            for sl in chunks:
-                sub = _rows(batch, sl, trim=True)
-                width = sub.response_mask.shape[1]
-                per_update.append(self._update(sub, old_logp[sl, :width], advantages[sl], off_mask[sl, :width],
-                                               None if ref_logp is None else ref_logp[sl, :width],
-                                               self._trace_batch(sources[sl]) if cfg.algorithm == "rl_sft" else None))
+            for rows in minis:
+                trace_batch = self._trace_batch([sources[r] for r in rows]) if cfg.algorithm == "rl_sft" else None
+                per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, trace_batch))
         return per_update
+
+    def _logprobs(self, model, batch: SequenceBatch) -> torch.Tensor:
+        """Teacher-forced log-probs of every row, [B, L-1], computed in length-sorted micro-batches."""
+        out = torch.zeros_like(batch.response_mask)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        for micro in length_buckets(list(range(len(lengths))), lengths, self.cfg.micro_batch_tokens):
+            sub = select_rows(batch, micro)
+            logp, _ = token_logprobs_and_entropy(model, sub, with_entropy=False)
+            out[micro, : logp.shape[1]] = logp
+        return out
 
     def _trace_batch(self, sources: list[int]) -> SequenceBatch:
         """The teacher traces (+EOS) of the distinct training rows in ``sources``."""
@@ -321,11 +343,44 @@ class LocalTrainer:
         shutil.copyfile(self.metrics_path, metrics_out)
 
 
-def _rows(batch: SequenceBatch, rows: slice, trim: bool = False) -> SequenceBatch:
-    """Rows of a batch; with ``trim``, cut to their own longest sequence (less padding)."""
-    length = int(batch.attention_mask[rows].sum(dim=1).max()) if trim else batch.input_ids.shape[1]
+def length_buckets(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split ``rows`` into micro-batches of similar length with at most ``max_tokens`` padded
+    tokens each (rows x longest row; a single longer row still gets its own micro-batch).
+    ``max_tokens`` 0 keeps all rows together."""
+    if max_tokens <= 0:
+        return [list(rows)]
+    ordered = sorted(rows, key=lambda r: lengths[r], reverse=True)
+    buckets: list[list[int]] = []
+    for row in ordered:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= max_tokens:
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
+def select_rows(batch: SequenceBatch, rows: list[int]) -> SequenceBatch:
+    """Rows of a batch, cut to their own longest sequence (less padding)."""
+    length = int(batch.attention_mask[rows].sum(dim=1).max())
     return SequenceBatch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length],
                          batch.target_ids[rows, : length - 1], batch.response_mask[rows, : length - 1])
+
+
+ADDITIVE_METRICS = ("loss/policy", "loss/total", "entropy", "kl")
+
+
+def _combine(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Micro-batch metrics -> the mini-batch's: shares of the loss add up, means are
+    weighted by each micro-batch's tokens (those it does not have are skipped)."""
+    out: dict[str, float] = {}
+    for key in {k for _, metrics in parts for k in metrics}:
+        present = [(w, m[key]) for w, m in parts if key in m and not math.isnan(m[key])]
+        if key in ADDITIVE_METRICS:
+            out[key] = sum(v for _, v in present)
+        elif present:
+            weight = sum(w for w, _ in present)
+            out[key] = sum(w * v for w, v in present) / weight if weight else present[0][1]
+    return out
 
 
 def _mean(values) -> float:
