@@ -26,3 +26,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
                                              intermediate_size=64), tokenizer)
     export_verified(model, tokenizer, out)
     return str(out)
+
+
+def write_train_parquet(path: Path, n_train: int, max_chars: int = 80, system_prompt: str = "S") -> str:
+    """A LUFFY training parquet from the toy task (trace length counted in characters)."""
+    from luffy.config import ToyTaskConfig
+    from luffy.data.toy import make_toy_data
+    from luffy.data.traces import filter_traces
+
+    raw = make_toy_data(ToyTaskConfig(n_train=n_train, n_pretrain=1, n_eval_id=1, n_eval_ood=1),
+                        system_prompt).raw_traces
+    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], max_chars, system_prompt, "toy")
+    rows.to_parquet(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def train_parquet(tmp_path_factory):
+    """Factory: train_parquet(n_train, max_chars=80) -> path of a fresh training parquet."""
+    return lambda n_train, max_chars=80: write_train_parquet(
+        tmp_path_factory.mktemp("train") / "train.parquet", n_train, max_chars)

@@ -1,6 +1,14 @@
-"""Local-engine pieces that need no model."""
+"""The local engine: data order, every training option, prefixes, the rl_sft baseline, micro-batching."""
 
-from luffy.engines.local.trainer import prompt_indices
+import json
+
+import pytest
+
+from luffy.algo.losses import AGGREGATIONS, SHAPINGS
+from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES, resolve_train_config
+from luffy.data.schema import DataError
+from luffy.engines.local.trainer import LocalTrainer, length_buckets, load_train_data, prompt_indices
+from luffy.models.tokenizer import load_shipped_tokenizer
 
 
 def test_prompt_order_is_a_seeded_permutation_per_epoch():
@@ -11,23 +19,14 @@ def test_prompt_order_is_a_seeded_permutation_per_epoch():
     assert sorted(prompt_indices(5, 10, 10, seed=3)) == list(range(10))  # the next epoch, reshuffled
 
 
-def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, tmp_path):
-    import json
-
-    from luffy.config import ToyTaskConfig, resolve_train_config
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
-    from luffy.engines.local.trainer import LocalTrainer
-
-    raw = make_toy_data(ToyTaskConfig(n_train=12, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
-    rows.to_parquet(tmp_path / "train.parquet")
+def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, train_parquet, tmp_path):
+    data = train_parquet(12, 80)
     cfg = resolve_train_config("all_options", {}, {
         "algorithm": "luffy", "steps": 2, "prompts_per_step": 2, "n": 3, "max_response_tokens": 96,
         "mini_batches": 1, "checkpoint_every": 1, "lr": 1.0e-3, "clip": True, "clip_ratio_high": 0.28,
         "advantage_baseline": "on_policy", "std_normalize": True, "filter_groups": True, "shaping": "pow",
         "off_clip_max": 0.9, "kl_coef": 0.05, "loss_agg": "seq_mean_token_mean"})
-    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work")
     trainer.run(tmp_path / "final", tmp_path / "metrics.jsonl")
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1]
@@ -39,26 +38,16 @@ def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, tmp
 
 
 def test_config_shaping_names_match_the_algorithm():
-    from luffy.algo.losses import AGGREGATIONS, SHAPINGS
-    from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES
-
     assert set(SHAPING_NAMES) == set(SHAPINGS)
     assert set(AGGREGATION_NAMES) == set(AGGREGATIONS)
 
 
-def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_model_dir, tmp_path):
-    from luffy.config import ToyTaskConfig, resolve_train_config
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
-    from luffy.engines.local.trainer import LocalTrainer
-
-    raw = make_toy_data(ToyTaskConfig(n_train=6, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
-    rows.to_parquet(tmp_path / "train.parquet")
+def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_model_dir, train_parquet, tmp_path):
+    data = train_parquet(6, 80)
     cfg = resolve_train_config("prefix", {}, {
         "algorithm": "luffy", "steps": 1, "prompts_per_step": 2, "n": 4, "n_off": 2, "max_response_tokens": 96,
         "mini_batches": 1, "prefix_strategy": "fixed", "prefix_ratio_min": 0.5, "prefix_ratio_max": 1.0})
-    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work")
     idx = [0, 1]
     members = trainer._off_policy_members(idx, step=0)
     for i, group in zip(idx, members):
@@ -71,48 +60,28 @@ def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_
     assert 0.0 < metrics["off_policy/token_share"] < 1.0
 
 
-def test_rl_with_sft_loss_baseline_runs_and_logs_its_nll(tiny_model_dir, tmp_path):
-    from luffy.config import ToyTaskConfig, resolve_train_config
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
-    from luffy.engines.local.trainer import LocalTrainer
-
-    raw = make_toy_data(ToyTaskConfig(n_train=6, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
-    rows.to_parquet(tmp_path / "train.parquet")
+def test_rl_with_sft_loss_baseline_runs_and_logs_its_nll(tiny_model_dir, train_parquet, tmp_path):
+    data = train_parquet(6, 80)
     cfg = resolve_train_config("rl_sft", {}, {"algorithm": "rl_sft", "steps": 1, "prompts_per_step": 2, "n": 3,
                                               "max_response_tokens": 64, "mini_batches": 1, "sft_coef": 0.5})
     assert (cfg.n_off, cfg.clip, cfg.advantage_baseline) == (0, True, "on_policy")
-    trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / "work")
+    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work")
     metrics = trainer.rl_step(0)
     assert metrics["loss/sft"] > 0 and metrics["off_policy/token_share"] == 0.0
 
 
-def test_complementary_fractions_give_disjoint_problem_sets(tmp_path):
-    import pytest
-
-    from luffy.config import ToyTaskConfig
-    from luffy.data.schema import DataError
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
-    from luffy.engines.local.trainer import load_train_data
-    from luffy.models.tokenizer import load_shipped_tokenizer
-
-    raw = make_toy_data(ToyTaskConfig(n_train=20, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 200, "S", "toy")
-    rows.to_parquet(tmp_path / "train.parquet")
+def test_complementary_fractions_give_disjoint_problem_sets(train_parquet):
+    data = train_parquet(20, 200)
     tok = load_shipped_tokenizer()
-    first = load_train_data(str(tmp_path / "train.parquet"), tok, 0.0, 0.5)
-    second = load_train_data(str(tmp_path / "train.parquet"), tok, 0.5, 1.0)
-    assert len(first.prompt_ids) + len(second.prompt_ids) == len(rows)
+    first = load_train_data(data, tok, 0.0, 0.5)
+    second = load_train_data(data, tok, 0.5, 1.0)
+    assert len(first.prompt_ids) + len(second.prompt_ids) == len(load_train_data(data, tok).prompt_ids)
     assert not {tuple(p) for p in first.prompt_ids} & {tuple(p) for p in second.prompt_ids}
     with pytest.raises(DataError, match="are empty"):
-        load_train_data(str(tmp_path / "train.parquet"), tok, 0.5, 0.51)
+        load_train_data(data, tok, 0.5, 0.51)
 
 
 def test_length_buckets_cover_rows_once_within_budget():
-    from luffy.engines.local.trainer import length_buckets
-
     lengths = [10, 50, 20, 50, 5, 30]
     buckets = length_buckets(list(range(6)), lengths, max_tokens=100)
     assert sorted(r for b in buckets for r in b) == list(range(6))
@@ -122,23 +91,14 @@ def test_length_buckets_cover_rows_once_within_budget():
     assert length_buckets([1], lengths, max_tokens=10) == [[1]]  # a longer row still runs alone
 
 
-def test_micro_batching_does_not_change_the_update(tiny_model_dir, tmp_path):
-    import pytest
-
-    from luffy.config import ToyTaskConfig, resolve_train_config
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
-    from luffy.engines.local.trainer import LocalTrainer
-
-    raw = make_toy_data(ToyTaskConfig(n_train=8, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "S", "toy")
-    rows.to_parquet(tmp_path / "train.parquet")
+def test_micro_batching_does_not_change_the_update(tiny_model_dir, train_parquet, tmp_path):
+    data = train_parquet(8, 80)
     results = []
     for micro in (0, 96):
         cfg = resolve_train_config("m", {}, {"algorithm": "luffy", "steps": 1, "prompts_per_step": 4, "n": 4,
                                              "max_response_tokens": 64, "mini_batches": 2, "loss_agg": "token_mean",
                                              "micro_batch_tokens": micro, "kl_coef": 0.1})
-        trainer = LocalTrainer(cfg, str(tmp_path / "train.parquet"), tiny_model_dir, tmp_path / f"work{micro}")
+        trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / f"work{micro}")
         results.append(trainer.rl_step(0))
     whole, split = results
     for key in ("loss/total", "loss/policy", "entropy", "kl", "grad_norm", "off_policy/token_share"):

@@ -10,21 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from luffy.config import ToyTaskConfig
-from luffy.data.toy import make_toy_data
-from luffy.data.traces import filter_traces
 
 SETTINGS = {"algorithm": "luffy", "steps": 12, "prompts_per_step": 4, "n": 4, "max_response_tokens": 96,
             "checkpoint_every": 2, "mini_batches": 2, "lr": 1.0e-3, "loss_agg": "token_mean"}
 
 
 @pytest.fixture(scope="module")
-def train_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    raw = make_toy_data(ToyTaskConfig(n_train=40, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "Be brief.").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 80, "Be brief.", "toy")
-    rows.to_parquet(out / "train.parquet")
-    return str(out / "train.parquet")
+def train_data(train_parquet):
+    return train_parquet(40)
 
 
 def train_command(tiny_model_dir, data, root: Path):
