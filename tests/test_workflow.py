@@ -77,8 +77,11 @@ def test_micro_pipeline_end_to_end(tmp_path):
     luffy_train = next(r for r in children if r.data.tags["luffy.group"] == "luffy"
                        and r.data.tags["luffy.stage"] == "train")
     assert luffy_train.data.params["lr"] == "0.001"
-    history = client.get_metric_history(luffy_train.info.run_id, "off_policy/token_share")
-    assert sorted(m.step for m in history) == [0, 1]
+    for metric in ("off_policy/token_share", "off_policy/shaped_weight_mean", "reward/on_policy_mean",
+                   "reward/off_policy_mean", "accuracy/on_policy", "entropy", "loss/total", "step_time_s",
+                   "response_length/on_policy"):
+        history = client.get_metric_history(luffy_train.info.run_id, metric)
+        assert sorted(m.step for m in history) == [0, 1], metric
 
     # nothing to do on a second run
     began = time.perf_counter()
