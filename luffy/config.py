@@ -196,6 +196,9 @@ class EvaluationConfig:
 class ReportConfig:
     title: str = _help("heading of the results table", "Results")
     decimals: int = _help("decimals of accuracies (in percent)", 1)
+    publish: Optional[str] = _help("Markdown file the report (re)generates with the tables, the plots and the "
+                                   "discussion, e.g. docs/toy-reproduction.md (null: none)", None)
+    discussion: Optional[str] = _help("hand-written Markdown appended to the published file", None)
 
 
 @dataclass
@@ -389,6 +392,13 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
             _check_file(suite.source, f"{key}.source")
         if suite.n < 1 or suite.max_tokens < 1:
             raise ConfigError(f"config key '{key}': n and max_tokens must be >= 1")
+    rep = root.report
+    if rep.publish is not None and not rep.publish.endswith(".md"):
+        raise ConfigError(f"config key 'report.publish': '{rep.publish}' is not a Markdown (.md) file")
+    if rep.discussion is not None:
+        if rep.publish is None:
+            raise ConfigError("config key 'report.discussion': needs report.publish")
+        _check_file(rep.discussion, "report.discussion")
     return ResolvedConfig(root=root, experiments=experiments)
 
 

@@ -164,6 +164,13 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
         if train_metrics:
             training_curves(train_metrics, out / "training_curves.png")
             paths.append(str(out / "training_curves.png"))
+        if settings.publish:
+            from luffy.report.publish import publish
+
+            discussion = Path(settings.discussion).read_text() if settings.discussion else None
+            publish(settings.publish, settings.title, markdown, per_seed(table), out, source=str(out),
+                    discussion=discussion)
+            paths.append(settings.publish)
         run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
         run.log_artifacts(paths)
     return markdown

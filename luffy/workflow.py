@@ -99,7 +99,21 @@ def report_settings(cfg: ResolvedConfig) -> str:
 
 def report_outputs(cfg: ResolvedConfig) -> list[str]:
     out = f"{_results(cfg)}/report"
-    return [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png", f"{out}/training_curves.png"]
+    files = [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png", f"{out}/training_curves.png"]
+    return files + published_files(cfg)
+
+
+def published_files(cfg: ResolvedConfig) -> list[str]:
+    """The published document and its images (``report.publish``), if any."""
+    from luffy.report.publish import published_paths
+
+    doc = cfg.root.report.publish
+    return [str(p) for p in published_paths(doc)] if doc else []
+
+
+def report_inputs(cfg: ResolvedConfig) -> list[str]:
+    discussion = cfg.root.report.discussion
+    return [discussion] if discussion else []
 
 
 def init_tracking(cfg: ResolvedConfig) -> None:

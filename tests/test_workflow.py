@@ -21,6 +21,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def write_config(workdir: Path, name: str, **experiment_overrides) -> str:
     cfg = yaml.safe_load(MICRO.read_text())
+    cfg["report"].update(publish="docs/micro.md", discussion="discussion.md")
     for exp, overrides in experiment_overrides.items():
         cfg["experiments"][exp].update(overrides)
     (workdir / name).write_text(yaml.safe_dump(cfg))
@@ -41,6 +42,7 @@ def planned_jobs(dry_run_output: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_micro_pipeline_end_to_end(tmp_path):
+    (tmp_path / "discussion.md").write_text("## Discussion\n\nHand-written words.\n")
     config = write_config(tmp_path, "micro.yaml")
     first = snakemake(tmp_path, "--configfile", config)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -52,6 +54,10 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert "| Model | toy_id | toy_ood | Avg |" in table
     for name in ("results.csv", "results.png", "training_curves.png"):
         assert (results / "report" / name).stat().st_size > 0
+    published = (tmp_path / "docs" / "micro.md").read_text()
+    assert "| luffy |" in published and published.rstrip().endswith("Hand-written words.")
+    assert "![training curves](micro/training_curves.png)" in published
+    assert (tmp_path / "docs" / "micro" / "training_curves.png").stat().st_size > 0
     report = yaml.safe_load((results / "data" / "prepare_report.json").read_text())
     assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values())
     assert (results / "models" / "luffy" / "model.safetensors").exists()
@@ -107,12 +113,13 @@ def test_micro_pipeline_end_to_end(tmp_path):
 ])
 def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
     cfg = yaml.safe_load(MICRO.read_text())
+    cfg["report"]["publish"] = "docs/micro.md"  # nothing may be written there either
     mutate(cfg)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "docs").exists()
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 
 

@@ -2,6 +2,7 @@ rule report:
     input:
         metrics=expand(f"{RESULTS}/eval/{{model}}/{{suite}}.json", model=MODELS, suite=SUITES),
         curves=expand(f"{RESULTS}/train/{{experiment}}/metrics.jsonl", experiment=EXPERIMENTS),
+        discussion=wf.report_inputs(CFG),
     output:
         wf.report_outputs(CFG),
     params:
