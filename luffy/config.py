@@ -38,6 +38,7 @@ ALGORITHMS = ("luffy", "grpo", "sft", "rl_sft")
 # Names of luffy.algo.losses.SHAPINGS / AGGREGATIONS (kept here so that reading the config
 # does not import torch; a test checks they agree).
 SHAPING_NAMES = ("luffy", "none", "logp", "p_logp", "sqrt", "pow")
+ON_POLICY_SHAPING_NAMES = SHAPING_NAMES
 AGGREGATION_NAMES = ("token_mean", "seq_mean_token_mean", "constant")
 BACKENDS = ("auto", "vllm", "hf")
 TOY_SOURCE_PREFIX = "toy:"
@@ -150,6 +151,12 @@ class TrainConfig:
     shaping_power: float = _help("alpha of the pow shaping", 0.5)
     off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None)
     off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None)
+    on_policy_shaping: str = _help("on-policy ratio: none e^d | logp d | p_logp e^d+w*d | sqrt | pow e^(alpha d) | "
+                                   "luffy f(p)/f(p_old), with d = log pi - log pi_old", "none")
+    on_policy_weight: float = _help("w of the p_logp on-policy ratio", 1.0)
+    on_policy_power: float = _help("alpha of the pow on-policy ratio", 0.5)
+    on_policy_gamma: float = _help("gamma of the luffy on-policy ratio", 0.1)
+    token_prob_max: Optional[float] = _help("tokens with pi above this add nothing to the loss (null: off)", None)
     kl_coef: float = _help("KL penalty to the base model (k3 estimator); 0 = off, as in the paper", 0.0)
     sft_coef: float = _help("rl_sft: weight of the trace NLL added to the on-policy loss", 1.0)
     loss_agg: str = _help("token_mean | seq_mean_token_mean | constant (sum / loss_constant, Dr.GRPO)",
@@ -261,6 +268,9 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
          f"must be in [0, n={cfg.n}) so the group has on-policy members"),
         (cfg.engine != "local", "engine", f"'{cfg.engine}' is not available (only 'local')"),
         (cfg.shaping not in SHAPING_NAMES, "shaping", f"'{cfg.shaping}' is not one of {SHAPING_NAMES}"),
+        (cfg.on_policy_shaping not in ON_POLICY_SHAPING_NAMES, "on_policy_shaping",
+         f"'{cfg.on_policy_shaping}' is not one of {ON_POLICY_SHAPING_NAMES}"),
+        (cfg.token_prob_max is not None and not 0 < cfg.token_prob_max <= 1, "token_prob_max", "must be in (0, 1]"),
         (cfg.loss_agg not in AGGREGATION_NAMES, "loss_agg", f"'{cfg.loss_agg}' is not one of {AGGREGATION_NAMES}"),
         (cfg.advantage_baseline not in ("mixed", "on_policy"), "advantage_baseline",
          f"'{cfg.advantage_baseline}' is not one of ('mixed', 'on_policy')"),

@@ -297,3 +297,44 @@ def test_micro_batch_losses_add_up_to_the_mini_batch_loss(agg):
     assert (parts[0] + parts[1]).item() == pytest.approx(whole.item())
     assert torch.allclose(split_grad, full_grad)
     assert entropy_sum == pytest.approx(whole_metrics["entropy"])
+
+
+D = math.log(1.5)  # log pi - log pi_old
+
+
+@pytest.mark.parametrize("shaping, ratio, dratio_dlogp", [
+    ("none", 1.5, 1.5),
+    ("logp", D, 1.0),
+    ("p_logp", 1.5 + 0.3 * D, 1.5 + 0.3),
+    ("sqrt", math.sqrt(1.5), 0.5 * math.sqrt(1.5)),
+    ("pow", 1.5 ** 0.7, 0.7 * 1.5 ** 0.7),
+])
+def test_on_policy_ratio_variants_value_and_gradient(shaping, ratio, dratio_dlogp):
+    settings = LossSettings(on_policy_shaping=shaping, on_policy_weight=0.3, on_policy_power=0.7)
+    logp = leaf([math.log(0.3)])
+    old = torch.tensor([math.log(0.2)], dtype=torch.float64)
+    loss, _ = on_policy_token_loss(logp, old, torch.tensor([2.0], dtype=torch.float64), False, 0.2, None, settings)
+    assert loss.item() == pytest.approx(-2.0 * ratio)
+    loss.sum().backward()
+    assert logp.grad.item() == pytest.approx(-2.0 * dratio_dlogp)
+
+
+def test_on_policy_luffy_ratio_is_a_ratio_of_shaped_probabilities():
+    settings = LossSettings(on_policy_shaping="luffy", on_policy_gamma=0.1)
+    p, q = 0.3, 0.2
+    logp = leaf([math.log(p)])
+    loss, _ = on_policy_token_loss(logp, torch.tensor([math.log(q)], dtype=torch.float64),
+                                   torch.tensor([1.0], dtype=torch.float64), False, 0.2, None, settings)
+    assert loss.item() == pytest.approx(-(p / (p + 0.1)) / (q / (q + 0.1)))
+    loss.sum().backward()  # d/dlog p of f(p)/f(q) = (0.1 p / (p + 0.1)^2) / f(q)
+    assert logp.grad.item() == pytest.approx(-(0.1 * p / (p + 0.1) ** 2) / (q / (q + 0.1)))
+
+
+def test_token_prob_max_drops_confident_tokens_from_the_loss():
+    logp = torch.log(torch.tensor([[0.5, 0.99]], dtype=torch.float64)).requires_grad_(True)
+    mask, off = torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    settings = LossSettings(loss_agg="constant", loss_constant=1.0, entropy_coef=0.0, token_prob_max=0.9)
+    loss, _ = mixed_policy_loss(logp, logp.detach(), torch.tensor([1.0], dtype=torch.float64), mask, off, settings)
+    assert loss.item() == pytest.approx(-1.0)  # only the 0.5 token: -A * ratio 1
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.0, 0.0])

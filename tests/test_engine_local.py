@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from luffy.algo.losses import AGGREGATIONS, SHAPINGS
+from luffy.algo.losses import AGGREGATIONS, ON_POLICY_RATIOS, SHAPINGS
 from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES, resolve_train_config
 from luffy.data.schema import DataError
 from luffy.engines.local.trainer import LocalTrainer, length_buckets, load_train_data, prompt_indices
@@ -25,7 +25,8 @@ def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, tra
         "algorithm": "luffy", "steps": 2, "prompts_per_step": 2, "n": 3, "max_response_tokens": 96,
         "mini_batches": 1, "checkpoint_every": 1, "lr": 1.0e-3, "clip": True, "clip_ratio_high": 0.28,
         "advantage_baseline": "on_policy", "std_normalize": True, "filter_groups": True, "shaping": "pow",
-        "off_clip_max": 0.9, "kl_coef": 0.05, "loss_agg": "seq_mean_token_mean"})
+        "off_clip_max": 0.9, "kl_coef": 0.05, "loss_agg": "seq_mean_token_mean", "on_policy_shaping": "p_logp",
+        "token_prob_max": 0.99})
     trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work")
     trainer.run(tmp_path / "final", tmp_path / "metrics.jsonl")
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +39,7 @@ def test_every_training_option_runs_through_the_local_engine(tiny_model_dir, tra
 
 
 def test_config_shaping_names_match_the_algorithm():
-    assert set(SHAPING_NAMES) == set(SHAPINGS)
+    assert set(SHAPING_NAMES) == set(SHAPINGS) == set(ON_POLICY_RATIOS)
     assert set(AGGREGATION_NAMES) == set(AGGREGATIONS)
 
 

@@ -58,6 +58,11 @@ class LossSettings:
     shaping_power: float = 0.5
     off_clip_min: float | None = None
     off_clip_max: float | None = None
+    on_policy_shaping: str = "none"
+    on_policy_weight: float = 1.0
+    on_policy_power: float = 0.5
+    on_policy_gamma: float = 0.1
+    token_prob_max: float | None = None  # drop tokens with pi_theta above this from the loss
     loss_agg: str = "constant"
     loss_constant: float = 8192.0
     entropy_coef: float = 0.001
@@ -110,17 +115,34 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, totals: BatchTotals | 
     return (values * mask).sum() / denominator
 
 
+# The on-policy "ratio" r, with d = log pi - log pi_old (the reference's on_policy_reshape):
+ON_POLICY_RATIOS: dict[str, Callable[[torch.Tensor, torch.Tensor, "LossSettings"], torch.Tensor]] = {
+    "none": lambda logp, old, s: torch.exp(logp - old),                                  # r = e^d
+    "logp": lambda logp, old, s: logp - old,                                             # r = d
+    "p_logp": lambda logp, old, s: torch.exp(logp - old) + s.on_policy_weight * (logp - old),  # e^d + w d
+    "sqrt": lambda logp, old, s: torch.exp(0.5 * (logp - old)),                          # sqrt(e^d)
+    "pow": lambda logp, old, s: torch.exp(s.on_policy_power * (logp - old)),             # (e^d)^alpha
+    # f(pi) / f(pi_old) with f(p) = p / (p + gamma)
+    "luffy": lambda logp, old, s: (torch.exp(logp) / (torch.exp(logp) + s.on_policy_gamma))
+    / (torch.exp(old) / (torch.exp(old) + s.on_policy_gamma)),
+}
+
+
 def on_policy_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                         clip: bool, clip_ratio: float, clip_ratio_high: float | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token -A r with r = exp(log pi - log pi_old); with clip, PPO's pessimistic bound
+                         clip: bool, clip_ratio: float, clip_ratio_high: float | None = None,
+                         settings: "LossSettings | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -A r with r = exp(log pi - log pi_old) (or ``settings.on_policy_shaping``'s
+    variant, ``ON_POLICY_RATIOS``); with clip, PPO's pessimistic bound
 
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
 
     (eps_high = eps_low unless clip-higher sets it). Returns (loss, clipped) where
     ``clipped`` marks tokens whose clipped term was chosen (they carry no gradient).
     """
-    ratio = torch.exp(log_prob - old_log_prob)
+    shaping = settings.on_policy_shaping if settings is not None else "none"
+    if shaping not in ON_POLICY_RATIOS:
+        raise ValueError(f"unknown on-policy shaping '{shaping}', expected one of {sorted(ON_POLICY_RATIOS)}")
+    ratio = ON_POLICY_RATIOS[shaping](log_prob, old_log_prob, settings)
     unclipped = -advantages * ratio
     if not clip:
         return unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
@@ -193,9 +215,15 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     off_mask = off_policy_mask.float() * response_mask
     on_mask = (1.0 - off_policy_mask.float()) * response_mask
     on_loss, clipped = on_policy_token_loss(log_prob, old_log_prob, advantages, settings.clip, settings.clip_ratio,
-                                            settings.clip_ratio_high)
+                                            settings.clip_ratio_high, settings)
     off_loss = off_policy_token_loss(log_prob, advantages, settings, teacher_log_prob)
     per_token = on_mask * on_loss + off_mask * off_loss
+    if settings.token_prob_max is not None:
+        # the reference's all_max_clip: tokens the policy already predicts with probability above
+        # the threshold add nothing to the loss (the mask carries no gradient). Unlike the
+        # reference, the normaliser still counts them, so micro-batching stays exact; with
+        # loss_agg=constant (the paper's) the two agree.
+        per_token = per_token * (torch.exp(log_prob.detach()) <= settings.token_prob_max).to(per_token)
     policy_loss = aggregate(per_token, response_mask, settings.loss_agg, settings.loss_constant, totals)
     loss = policy_loss
     metrics = {

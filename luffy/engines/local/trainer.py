@@ -90,7 +90,9 @@ def loss_settings(cfg: TrainConfig) -> LossSettings:
     return LossSettings(clip=bool(cfg.clip), clip_ratio=cfg.clip_ratio, clip_ratio_high=cfg.clip_ratio_high,
                         shaping=cfg.shaping, shaping_gamma=cfg.shaping_gamma, shaping_weight=cfg.shaping_weight,
                         shaping_power=cfg.shaping_power, off_clip_min=cfg.off_clip_min,
-                        off_clip_max=cfg.off_clip_max, loss_agg=cfg.loss_agg,
+                        off_clip_max=cfg.off_clip_max, on_policy_shaping=cfg.on_policy_shaping,
+                        on_policy_weight=cfg.on_policy_weight, on_policy_power=cfg.on_policy_power,
+                        on_policy_gamma=cfg.on_policy_gamma, token_prob_max=cfg.token_prob_max, loss_agg=cfg.loss_agg,
                         loss_constant=float(cfg.loss_constant), entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef)
 
 
