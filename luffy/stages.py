@@ -94,12 +94,13 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
           group: str, rule: str, threads: int) -> None:
     import torch
 
-    from luffy.engines.local.trainer import LocalTrainer, resume_state
+    from luffy.engines.local.checkpoint import latest_state
+    from luffy.engines.local.trainer import LocalTrainer
 
     torch.set_num_threads(threads)
     work_dir = Path(work_root) / config_hash({"settings": to_dict(settings), "data": data, "base": base_model})
     work_dir.mkdir(parents=True, exist_ok=True)
-    previous = resume_state(work_dir)
+    previous = latest_state(work_dir)
     with StageRun("train", group, rule, params=to_dict(settings),
                   resume_run_id=(previous or {}).get("run_id")) as run:
         trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics)
@@ -149,7 +150,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
 def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: list[str],
            train_metrics: dict[str, str], out_dir: str, group: str, rule: str) -> str:
     from luffy.report.plots import results_bars, training_curves
-    from luffy.report.tables import collect, per_seed, summarize, to_markdown
+    from luffy.report.tables import collect, per_seed, per_seed_table, summarize, summary_table, to_markdown
 
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
         table = collect(eval_dir, models, suites)
@@ -168,8 +169,8 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
             from luffy.report.publish import publish
 
             discussion = Path(settings.discussion).read_text() if settings.discussion else None
-            publish(settings.publish, settings.title, markdown, per_seed(table), out, source=str(out),
-                    discussion=discussion)
+            publish(settings.publish, settings.title, summary_table(table, settings.decimals),
+                    per_seed_table(table, settings.decimals), out, source=str(out), discussion=discussion)
             paths.append(settings.publish)
         run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
         run.log_artifacts(paths)

@@ -105,10 +105,12 @@ def report_outputs(cfg: ResolvedConfig) -> list[str]:
 
 def published_files(cfg: ResolvedConfig) -> list[str]:
     """The published document and its images (``report.publish``), if any."""
-    from luffy.report.publish import published_paths
-
     doc = cfg.root.report.publish
-    return [str(p) for p in published_paths(doc)] if doc else []
+    if not doc:
+        return []
+    from luffy.report.publish import published_paths  # pandas: imported only when publishing
+
+    return [str(p) for p in published_paths(doc)]
 
 
 def report_inputs(cfg: ResolvedConfig) -> list[str]:

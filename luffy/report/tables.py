@@ -6,7 +6,6 @@ over each experiment's seeds; the CSV keeps every seed's values.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -50,22 +49,41 @@ def summarize(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Serie
     return mean, std, count
 
 
-def to_markdown(frame: pd.DataFrame, title: str, decimals: int) -> str:
-    mean, std, count = summarize(frame)
-    columns = list(mean.columns)
-    seeded = bool((count > 1).any())
-    lines = [f"## {title}", ""]
-    if seeded:
-        lines += [f"Mean +- standard deviation over seeds (n per row: "
-                  + ", ".join(f"{name} {n}" for name, n in count.items()) + ").", ""]
-    lines += ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for model in mean.index:
-        cells = []
-        for column in columns:
-            value = mean.loc[model, column]
-            cell = "-" if math.isnan(value) else f"{value:.{decimals}f}"
-            if seeded and count[model] > 1:
-                cell += f" +- {std.loc[model, column]:.{decimals}f}"
-            cells.append(cell)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the first column left-aligned (names), the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float, decimals: int) -> str:
+    return "-" if pd.isna(value) else f"{value:.{decimals}f}"
+
+
+def summary_table(frame: pd.DataFrame, decimals: int) -> str:
+    """One row per experiment: the value, or mean +- std over seeds (with a line saying so)."""
+    mean, std, count = summarize(frame)
+    seeded = bool((count > 1).any())
+    rows = []
+    for model in mean.index:
+        cells = [_number(mean.loc[model, column], decimals) for column in mean.columns]
+        if seeded and count[model] > 1:
+            cells = [f"{cell} +- {std.loc[model, column]:.{decimals}f}" for cell, column in zip(cells, mean.columns)]
+        rows.append([str(model), *cells])
+    note = ""
+    if seeded:
+        note = ("Mean +- standard deviation over seeds (n per row: "
+                + ", ".join(f"{name} {n}" for name, n in count.items()) + ").\n\n")
+    return note + markdown_table(["Model", *map(str, mean.columns)], rows)
+
+
+def per_seed_table(frame: pd.DataFrame, decimals: int) -> str:
+    """Every evaluated model (each seed) with its experiment and seed."""
+    table = per_seed(frame)
+    rows = [[str(model), str(row["experiment"]), "" if pd.isna(row["seed"]) else str(row["seed"]),
+             *(_number(row[c], decimals) for c in frame.columns)] for model, row in table.iterrows()]
+    return markdown_table(["Model", "experiment", "seed", *map(str, frame.columns)], rows)
+
+
+def to_markdown(frame: pd.DataFrame, title: str, decimals: int) -> str:
+    return f"## {title}\n\n" + summary_table(frame, decimals)

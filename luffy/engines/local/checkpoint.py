@@ -45,16 +45,26 @@ def save(work_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     return work_dir / name
 
 
+def _latest_dir(work_dir: Path) -> Path | None:
+    pointer = work_dir / "latest"
+    return work_dir / pointer.read_text().strip() if pointer.exists() else None
+
+
+def latest_state(work_dir: Path) -> dict[str, Any] | None:
+    """state.json of the newest checkpoint (step, MLflow run id), without loading weights."""
+    ckpt = _latest_dir(work_dir)
+    return json.loads((ckpt / "state.json").read_text()) if ckpt else None
+
+
 def load_latest(work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any) -> Resumed | None:
-    pointer = work_dir / "latest"
-    if not pointer.exists():
+    ckpt = _latest_dir(work_dir)
+    if ckpt is None:
         return None
-    ckpt = work_dir / pointer.read_text().strip()
     model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = latest_state(work_dir)
     return Resumed(step=int(state["step"]), state=state)
 
 

@@ -10,6 +10,7 @@ compute group advantages over the mixed group; record pi_old by a no-grad forwar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -17,9 +18,8 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
-from luffy.algo.losses import BatchTotals, LossSettings, mixed_policy_loss, sft_loss, sft_loss_term
+from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import DataError, load_luffy
 from luffy.data.templates import encode_prompts, encode_traces
@@ -66,9 +66,8 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
     return out
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainData:
-    rendered: list[str]
     prompt_ids: list[list[int]]
     trace_ids: list[list[int]]
     answers: list[str]
@@ -83,17 +82,13 @@ def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0) 
         raise DataError(f"training data {path}: rows [{start}, {end}) of {len(prompts)} are empty")
     prompts, traces, answers = prompts[first:last], traces[first:last], answers[first:last]
     rendered, prompt_ids = encode_prompts(tokenizer, prompts)
-    return TrainData(rendered, prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
+    return TrainData(prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
 
 
 def loss_settings(cfg: TrainConfig) -> LossSettings:
-    return LossSettings(clip=bool(cfg.clip), clip_ratio=cfg.clip_ratio, clip_ratio_high=cfg.clip_ratio_high,
-                        shaping=cfg.shaping, shaping_gamma=cfg.shaping_gamma, shaping_weight=cfg.shaping_weight,
-                        shaping_power=cfg.shaping_power, off_clip_min=cfg.off_clip_min,
-                        off_clip_max=cfg.off_clip_max, on_policy_shaping=cfg.on_policy_shaping,
-                        on_policy_weight=cfg.on_policy_weight, on_policy_power=cfg.on_policy_power,
-                        on_policy_gamma=cfg.on_policy_gamma, token_prob_max=cfg.token_prob_max, loss_agg=cfg.loss_agg,
-                        loss_constant=float(cfg.loss_constant), entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef)
+    """The loss's settings: every ``LossSettings`` field is the experiment setting of that name."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossSettings)}
+    return LossSettings(**{**values, "clip": bool(cfg.clip), "loss_constant": float(cfg.loss_constant)})
 
 
 class LocalTrainer:
@@ -159,10 +154,15 @@ class LocalTrainer:
             term.backward()
             metrics["loss/sft"] = nll.item()
             metrics["loss/total"] += term.item()
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        metrics["grad_norm"] = self._optimizer_step()
+        return metrics
+
+    def _optimizer_step(self) -> float:
+        """Clip the gradient norm, step the optimizer and the schedule; returns the norm before clipping."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
-        return metrics
+        return grad_norm
 
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, tok = self.cfg, self.tokenizer
@@ -300,11 +300,8 @@ class LocalTrainer:
             loss = sft_loss(logp, batch.response_mask, "token_mean")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.scheduler.step()
-            per_update.append({"loss/sft": loss.item(), "grad_norm": grad_norm,
-                               "entropy": float((entropy * batch.response_mask).sum() / batch.response_mask.sum())})
+            per_update.append({"loss/sft": loss.item(), "grad_norm": self._optimizer_step(),
+                               "entropy": masked_mean(entropy, batch.response_mask).item()})
         metrics = _mean_dicts(per_update)
         metrics["response_length/off_policy"] = _mean([len(self.data.trace_ids[i]) for i in idx])
         return metrics
@@ -393,11 +390,3 @@ def _mean(values) -> float:
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for d in dicts for k in d}
     return {k: _mean(d[k] for d in dicts if k in d and not math.isnan(d[k])) for k in sorted(keys)}
-
-
-def resume_state(work_dir: Path) -> dict[str, Any] | None:
-    pointer = work_dir / "latest"
-    if not pointer.exists():
-        return None
-    return json.loads((work_dir / pointer.read_text().strip() / "state.json").read_text())
-
