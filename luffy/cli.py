@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-metrics", nargs="*", default=[], help="EXPERIMENT=metrics.jsonl")
     p.add_argument("--out-dir", required=True)
 
+    p = sub.add_parser("score-traces", help="add per-token teacher log-probs (teacher_logprobs) to a training "
+                                            "parquet, for the true off-policy ratio pi_theta/pi_phi")
+    p.add_argument("--teacher", required=True, help="the teacher model (HF id or directory)")
+    p.add_argument("--tokenizer", required=True, help="the policy's tokenizer (must share the teacher's vocabulary)")
+    p.add_argument("--data", required=True, help="training parquet in the LUFFY schema")
+    p.add_argument("--out", required=True)
+    p.add_argument("--micro-batch-tokens", type=int, default=8192)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
     p = sub.add_parser("init-tracking", help="create the MLflow store and parent runs (once, before jobs)")
     p.add_argument("--resolved-config", required=True, help="the resolved config as JSON")
 
@@ -135,6 +144,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "report":
         print(stages.report(from_json(ReportConfig, args.settings), args.eval_dir, args.models, args.suites,
                             _pairs(args.train_metrics, "--train-metrics"), args.out_dir, **common))
+    elif args.stage == "score-traces":
+        from luffy.models.scoring import score_traces
+
+        score_traces(args.teacher, _tokenizer_path(args.tokenizer), args.data, args.out, args.micro_batch_tokens,
+                     args.device)
     elif args.stage == "init-tracking":
         stages.init_tracking(json.loads(args.resolved_config))
     elif args.stage == "check-config":

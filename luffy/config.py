@@ -149,6 +149,8 @@ class TrainConfig:
     shaping_gamma: float = _help("gamma of f(p) = p/(p+gamma)", 0.1)
     shaping_weight: float = _help("w of the logp and p_logp shapings", 0.1)
     shaping_power: float = _help("alpha of the pow shaping", 0.5)
+    teacher_logprobs: bool = _help("off-policy weight pi_theta/pi_phi with pi_phi from the data's teacher_logprobs "
+                                   "column (`luffy score-traces`) instead of f(pi_theta) with pi_phi = 1", False)
     off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None)
     off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None)
     on_policy_shaping: str = _help("on-policy ratio: none e^d | logp d | p_logp e^d+w*d | sqrt | pow e^(alpha d) | "
@@ -281,6 +283,8 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
         (cfg.off_clip_min is not None and cfg.off_clip_max is not None and cfg.off_clip_min > cfg.off_clip_max,
          "off_clip_min", "must be <= off_clip_max"),
         (cfg.kl_coef < 0, "kl_coef", "must be >= 0"),
+        (cfg.teacher_logprobs and (cfg.algorithm != "luffy" or cfg.n_off == 0), "teacher_logprobs",
+         "needs off-policy members (algorithm luffy, n_off >= 1)"),
         (not 0.0 <= cfg.data_start < cfg.data_end <= 1.0, "data_start", "need 0 <= data_start < data_end <= 1"),
         (cfg.prefix_strategy not in ("random", "fixed", "linear"), "prefix_strategy",
          f"'{cfg.prefix_strategy}' is not one of ('random', 'fixed', 'linear')"),

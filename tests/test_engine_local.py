@@ -7,7 +7,8 @@ import pytest
 from luffy.algo.losses import AGGREGATIONS, ON_POLICY_RATIOS, SHAPINGS
 from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES, resolve_train_config
 from luffy.data.schema import DataError
-from luffy.engines.local.trainer import LocalTrainer, length_buckets, load_train_data, prompt_indices
+from luffy.engines.local.trainer import LocalTrainer, load_train_data, prompt_indices
+from luffy.models.sequences import length_buckets
 from luffy.models.tokenizer import load_shipped_tokenizer
 
 
@@ -104,3 +105,45 @@ def test_micro_batching_does_not_change_the_update(tiny_model_dir, train_parquet
     whole, split = results
     for key in ("loss/total", "loss/policy", "entropy", "kl", "grad_norm", "off_policy/token_share"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+
+
+def test_teacher_logprobs_give_the_true_ratio_on_full_and_prefix_members(tiny_model_dir, train_parquet, tmp_path):
+    """Scored by the policy itself, pi_theta / pi_phi is 1 on every teacher token before the
+    first update, so the off-policy weight's mean is 1 whatever the tokens' probabilities:
+    the teacher log-probs land on exactly the teacher tokens of full and prefix members."""
+    from luffy.models.scoring import score_traces
+
+    import pandas as pd
+
+    data, scored = train_parquet(6, 80), str(tmp_path / "scored.parquet")
+    assert score_traces(tiny_model_dir, tiny_model_dir, data, scored, micro_batch_tokens=600) == len(pd.read_parquet(data))
+    cfg = resolve_train_config("teacher", {}, {
+        "algorithm": "luffy", "steps": 1, "prompts_per_step": 2, "n": 4, "n_off": 2, "max_response_tokens": 96,
+        "mini_batches": 1, "prefix_strategy": "fixed", "prefix_ratio_min": 0.5, "prefix_ratio_max": 1.0,
+        "teacher_logprobs": True})
+    trainer = LocalTrainer(cfg, scored, tiny_model_dir, tmp_path / "work")
+    assert [len(lp) for lp in trainer.data.teacher_logp] == [len(ids) for ids in trainer.data.trace_ids]
+    metrics = trainer.rl_step(0)
+    assert metrics["off_policy/shaped_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["off_policy/prob_mean"] < 0.99  # the plain shaping would not have given 1
+
+
+def test_teacher_logprobs_bad_data_is_named(tiny_model_dir, train_parquet, tmp_path):
+    import pandas as pd
+
+    tok = load_shipped_tokenizer()
+    data = train_parquet(4, 80)
+    with pytest.raises(DataError, match="no 'teacher_logprobs' column.*score-traces"):
+        load_train_data(data, tok, teacher_logprobs=True)
+    frame = pd.read_parquet(data)
+    frame["teacher_logprobs"] = [[-0.5] * 3, [0.7], [float("nan")], [-1.0] * 2]
+    bad = tmp_path / "bad.parquet"
+    frame.to_parquet(bad)
+    with pytest.raises(DataError, match=r"not a finite log-probability \(<= 0\): 2 row\(s\) \[1, 2\]"):
+        load_train_data(str(bad), tok, teacher_logprobs=True)
+    frame["teacher_logprobs"] = [[-0.5] * 3] * 4
+    frame.to_parquet(bad)
+    with pytest.raises(DataError, match=r"length differs from the trace's token count .* 4 row\(s\) \[0, 1, 2, 3\]"):
+        load_train_data(str(bad), tok, teacher_logprobs=True)
+    with pytest.raises(Exception, match="teacher_logprobs.*needs off-policy members"):
+        resolve_train_config("g", {}, {"algorithm": "grpo", "teacher_logprobs": True})

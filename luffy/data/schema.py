@@ -14,6 +14,7 @@ import pandas as pd
 OPENR1_REQUIRED = ("problem", "answer", "generations", "correctness_math_verify", "is_reasoning_complete")
 LUFFY_REQUIRED = ("data_source", "prompt", "target", "ability", "reward_model", "extra_info")
 BENCHMARK_REQUIRED = ("data_source", "prompt", "reward_model")
+TEACHER_LOGPROBS = "teacher_logprobs"  # optional LUFFY column: log pi_phi per trace token
 MAX_LISTED_ROWS = 10
 
 
@@ -164,6 +165,31 @@ def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[s
     traces = [_chat(v)[0]["content"] for v in frame["target"]]
     answers = [_ground_truth(v) for v in frame["reward_model"]]
     return prompts, traces, answers
+
+
+def check_teacher_logprobs(value: Any) -> str | None:
+    if not _is_list(value) or not len(value):
+        return f"{TEACHER_LOGPROBS} is not a non-empty list"
+    values = np.asarray(value, dtype=float) if all(isinstance(v, (int, float, np.floating)) for v in value) else None
+    if values is None:
+        return f"{TEACHER_LOGPROBS} holds a non-number"
+    if not np.isfinite(values).all() or (values > 1e-6).any():
+        return f"{TEACHER_LOGPROBS} holds a value that is not a finite log-probability (<= 0)"
+    return None
+
+
+def load_teacher_logprobs(path: str) -> list[list[float]]:
+    """The optional per-token teacher log-probs of each row's trace, log pi_phi(tau_t): one value
+    per token of the trace as the policy tokenizer encodes it (``encode_traces``), optionally
+    followed by one for the EOS token (taken as 0, i.e. pi_phi = 1, when absent)."""
+    what = f"training data {path}"
+    frame = read_parquet(path, what)
+    if TEACHER_LOGPROBS not in frame.columns:
+        raise DataError(f"{what}: no '{TEACHER_LOGPROBS}' column, which teacher_logprobs: true needs "
+                        f"(write it with `luffy score-traces`); found {list(frame.columns)}")
+    raise_bad_rows(bad_rows(frame[[TEACHER_LOGPROBS]], lambda row: check_teacher_logprobs(row[TEACHER_LOGPROBS])),
+                   what)
+    return [[float(v) for v in value] for value in frame[TEACHER_LOGPROBS]]
 
 
 def load_benchmark(path: str) -> pd.DataFrame:

@@ -25,6 +25,13 @@ class SequenceBatch:
                                                       self.target_ids, self.response_mask)))
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -49,3 +56,26 @@ def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch,
     token_logp = log_probs.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return token_logp, entropy
+
+
+def length_buckets(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split ``rows`` into micro-batches of similar length with at most ``max_tokens`` padded
+    tokens each (rows x longest row; a single longer row still gets its own micro-batch).
+    ``max_tokens`` 0 keeps all rows together."""
+    if max_tokens <= 0:
+        return [list(rows)]
+    ordered = sorted(rows, key=lambda r: lengths[r], reverse=True)
+    buckets: list[list[int]] = []
+    for row in ordered:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= max_tokens:
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
+def select_rows(batch: SequenceBatch, rows: list[int]) -> SequenceBatch:
+    """Rows of a batch, cut to their own longest sequence (less padding)."""
+    length = int(batch.attention_mask[rows].sum(dim=1).max())
+    return SequenceBatch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length],
+                         batch.target_ids[rows, : length - 1], batch.response_mask[rows, : length - 1])

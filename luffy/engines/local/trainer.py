@@ -29,22 +29,17 @@ from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
 from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.config import TrainConfig, to_dict
-from luffy.data.schema import DataError, load_luffy
+from luffy.data.schema import DataError, load_luffy, load_teacher_logprobs
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.engines.local import checkpoint
 from luffy.io import atomic_dir
 from luffy.models.generation import sample
-from luffy.models.sequences import SequenceBatch, build_batch, token_logprobs_and_entropy
+from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, pick_device, select_rows,
+                                    token_logprobs_and_entropy)
 from luffy.reward.math import grade
 
 log = logging.getLogger(__name__)
 MetricsSink = Callable[[dict[str, float], int], None]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,18 +66,32 @@ class TrainData:
     prompt_ids: list[list[int]]
     trace_ids: list[list[int]]
     answers: list[str]
+    teacher_logp: list[list[float]] | None = None  # log pi_phi per trace token, EOS included
 
 
-def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0) -> TrainData:
+def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0,
+                    teacher_logprobs: bool = False) -> TrainData:
     """Rows [floor(start N), floor(end N)) of the training file: complementary fractions give
-    disjoint problem sets (e.g. SFT on the first half, RL on the second)."""
+    disjoint problem sets (e.g. SFT on the first half, RL on the second). With
+    ``teacher_logprobs`` also each trace's per-token teacher log-probs, which must match the
+    trace's token count (EOS: 0 when not given)."""
     prompts, traces, answers = load_luffy(path)
     first, last = math.floor(start * len(prompts)), math.floor(end * len(prompts))
     if last <= first:
         raise DataError(f"training data {path}: rows [{start}, {end}) of {len(prompts)} are empty")
     prompts, traces, answers = prompts[first:last], traces[first:last], answers[first:last]
     rendered, prompt_ids = encode_prompts(tokenizer, prompts)
-    return TrainData(prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
+    data = TrainData(prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
+    if teacher_logprobs:
+        data.teacher_logp = load_teacher_logprobs(path)[first:last]
+        misaligned = [first + r for r, (lp, ids) in enumerate(zip(data.teacher_logp, data.trace_ids))
+                      if len(lp) not in (len(ids) - 1, len(ids))]
+        if misaligned:
+            raise DataError(f"training data {path}: teacher_logprobs length differs from the trace's token count "
+                            f"under the policy tokenizer in {len(misaligned)} row(s) {misaligned[:10]}; score the "
+                            f"traces with the policy's tokenizer and chat template (`luffy score-traces`)")
+        data.teacher_logp = [lp + [0.0] * (len(ids) - len(lp)) for lp, ids in zip(data.teacher_logp, data.trace_ids)]
+    return data
 
 
 def loss_settings(cfg: TrainConfig) -> LossSettings:
@@ -102,7 +111,7 @@ class LocalTrainer:
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
-        self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end)
+        self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end, cfg.teacher_logprobs)
         if cfg.algorithm == "luffy" and cfg.n_off > 0:
             too_long = sum(len(t) > cfg.max_response_tokens for t in self.data.trace_ids)
             if too_long:
@@ -126,7 +135,7 @@ class LocalTrainer:
 
     # ---- one step ----
     def _update(self, batch: SequenceBatch, rows: list[int], old_logp, advantages, off_mask, ref_logp,
-                trace_batch: SequenceBatch | None) -> dict[str, float]:
+                teacher_logp, trace_batch: SequenceBatch | None) -> dict[str, float]:
         """One optimizer update on the mini-batch ``rows`` of ``batch``.
 
         The rows are processed in length-sorted micro-batches (``micro_batch_tokens``) whose
@@ -144,7 +153,7 @@ class LocalTrainer:
             loss, metrics = mixed_policy_loss(
                 logp, old_logp[micro, :width], advantages[micro], sub.response_mask, off_mask[micro, :width],
                 self.loss_settings, entropy, ref_log_prob=None if ref_logp is None else ref_logp[micro, :width],
-                totals=totals)
+                teacher_log_prob=None if teacher_logp is None else teacher_logp[micro, :width], totals=totals)
             loss.backward()
             parts.append((float(sub.response_mask.sum()), metrics))
         metrics = _combine(parts)
@@ -256,6 +265,7 @@ class LocalTrainer:
         position = batch.response_mask.cumsum(dim=-1)  # 1, 2, ... along each response
         limit = torch.tensor(off_tokens, dtype=torch.float32, device=self.device).unsqueeze(-1)
         off_mask = ((position <= limit) * batch.response_mask).float()
+        teacher_logp = self._teacher_logprobs(batch, off_tokens, sources) if cfg.teacher_logprobs else None
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
         minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
@@ -267,8 +277,20 @@ class LocalTrainer:
         for _ in range(cfg.ppo_epochs):
             for rows in minis:
                 trace_batch = self._trace_batch([sources[r] for r in rows]) if cfg.algorithm == "rl_sft" else None
-                per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, trace_batch))
+                per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, teacher_logp,
+                                               trace_batch))
         return per_update
+
+    def _teacher_logprobs(self, batch: SequenceBatch, off_tokens: list[int], sources: list[int]) -> torch.Tensor:
+        """log pi_phi laid out like the batch's per-token tensors: the k off-policy (teacher)
+        tokens of response j get their trace's first k teacher log-probs; other positions 0."""
+        out = torch.zeros_like(batch.response_mask)
+        for j, (k, source) in enumerate(zip(off_tokens, sources)):
+            if k:
+                positions = batch.response_mask[j].nonzero().squeeze(-1)[:k]
+                out[j, positions] = torch.tensor(self.data.teacher_logp[source][:k], dtype=out.dtype,
+                                                 device=out.device)
+        return out
 
     def _logprobs(self, model, batch: SequenceBatch) -> torch.Tensor:
         """Teacher-forced log-probs of every row, [B, L-1], computed in length-sorted micro-batches."""
@@ -340,29 +362,6 @@ class LocalTrainer:
                 {"base_model": self.base_model, "steps": self.cfg.steps, "settings": to_dict(self.cfg)}, indent=2))
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.metrics_path, metrics_out)
-
-
-def length_buckets(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Split ``rows`` into micro-batches of similar length with at most ``max_tokens`` padded
-    tokens each (rows x longest row; a single longer row still gets its own micro-batch).
-    ``max_tokens`` 0 keeps all rows together."""
-    if max_tokens <= 0:
-        return [list(rows)]
-    ordered = sorted(rows, key=lambda r: lengths[r], reverse=True)
-    buckets: list[list[int]] = []
-    for row in ordered:
-        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= max_tokens:
-            buckets[-1].append(row)
-        else:
-            buckets.append([row])
-    return buckets
-
-
-def select_rows(batch: SequenceBatch, rows: list[int]) -> SequenceBatch:
-    """Rows of a batch, cut to their own longest sequence (less padding)."""
-    length = int(batch.attention_mask[rows].sum(dim=1).max())
-    return SequenceBatch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length],
-                         batch.target_ids[rows, : length - 1], batch.response_mask[rows, : length - 1])
 
 
 ADDITIVE_METRICS = ("loss/policy", "loss/total", "entropy", "kl")

@@ -1,0 +1,62 @@
+"""Teacher log-probs of the training traces: ``log pi_phi(tau_t)`` per trace token.
+
+LUFFY's off-policy weight is ``f(pi_theta / pi_phi)``; the paper takes ``pi_phi = 1`` because
+the released traces carry no probabilities. When the teacher is available (and shares the
+policy's tokenizer), scoring each trace once under it gives the true ratio
+(``teacher_logprobs: true``). The log-probs are teacher-forced on exactly the token sequence
+the trainer builds: the policy's chat template for the prompt, then the trace and EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from luffy.data.schema import TEACHER_LOGPROBS, DataError, load_luffy, read_parquet
+from luffy.data.templates import encode_prompts, encode_traces
+from luffy.io import write_parquet
+from luffy.models.sequences import (build_batch, length_buckets, pick_device, select_rows,
+                                    token_logprobs_and_entropy)
+
+log = logging.getLogger(__name__)
+
+
+def trace_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], trace_ids: list[list[int]], pad_id: int,
+                   micro_batch_tokens: int = 8192) -> list[list[float]]:
+    """Teacher-forced log-probs of each trace's tokens (EOS included) after its prompt."""
+    device = next(model.parameters()).device
+    batch = build_batch(prompt_ids, trace_ids, pad_id)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    out: list[list[float]] = [[] for _ in trace_ids]
+    model.eval()
+    with torch.no_grad():
+        for micro in tqdm(length_buckets(list(range(len(lengths))), lengths, micro_batch_tokens),
+                          desc="score traces", mininterval=5.0):
+            sub = select_rows(batch, micro).to(device)
+            logp, _ = token_logprobs_and_entropy(model, sub, with_entropy=False)
+            for row, r in enumerate(micro):
+                out[r] = logp[row][sub.response_mask[row].bool()].tolist()
+    return out
+
+
+def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro_batch_tokens: int = 8192,
+                 device: str = "auto") -> int:
+    """Write ``data`` with a ``teacher_logprobs`` column computed by ``teacher``; returns rows."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer)
+    teacher_vocab = AutoTokenizer.from_pretrained(teacher).get_vocab()
+    if teacher_vocab != tokenizer.get_vocab():
+        raise DataError(f"teacher {teacher} and policy tokenizer {policy_tokenizer} differ in vocabulary; "
+                        "per-token teacher log-probs need the policy's tokenization")
+    prompts, traces, _ = load_luffy(data)
+    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
+    trace_ids = encode_traces(tokenizer, rendered, traces)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto").to(pick_device(device))
+    scores = trace_logprobs(model, prompt_ids, trace_ids, tokenizer.pad_token_id, micro_batch_tokens)
+    frame = read_parquet(data, f"training data {data}")
+    frame[TEACHER_LOGPROBS] = scores
+    write_parquet(out, frame)
+    log.info("scored %d traces (%d tokens) with %s -> %s", len(scores), sum(map(len, scores)), teacher, out)
+    return len(scores)
