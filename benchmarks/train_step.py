@@ -19,9 +19,8 @@ from luffy.config import TinyModelConfig, ToyTaskConfig
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.data.toy import make_toy_data
 from luffy.data.traces import filter_traces
-from luffy.models.sequences import length_buckets, select_rows
 from luffy.models.generation import sample
-from luffy.models.sequences import build_batch, token_logprobs_and_entropy
+from luffy.models.sequences import build_batch, length_buckets, select_rows, token_logprobs_and_entropy
 from luffy.models.tiny import build_tiny_model
 from luffy.models.tokenizer import load_shipped_tokenizer
 

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from luffy.config import (ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
+from luffy.config import (BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
                           resolve_train_config)
 
 log = logging.getLogger("luffy")
@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="policy tokenizer: model dir, hub id, or 'shipped'")
     p.add_argument("--out", required=True)
     p.add_argument("--report", required=True)
+
+    p = stage("prepare-benchmark", "one registry benchmark -> a suite parquet (de-duplicated, counts checked)")
+    p.add_argument("--name", required=True, help="the suite's name")
+    p.add_argument("--out", required=True)
 
     p = stage("make-base-model", "build and briefly pre-train the tiny demo base model")
     p.add_argument("--system-prompt", required=True)
@@ -129,6 +133,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "prepare-traces":
         stages.prepare_traces(from_json(DataConfig, args.settings), args.traces, _tokenizer_path(args.tokenizer),
                               args.out, args.report, **common)
+    elif args.stage == "prepare-benchmark":
+        stages.prepare_benchmark(from_json(BenchmarkSpec, args.settings), args.name, args.out, **common)
     elif args.stage == "make-base-model":
         stages.make_base_model(from_json(TinyModelConfig, args.settings), args.system_prompt, args.corpus,
                                args.out_dir, args.metrics, threads=args.threads, **common)

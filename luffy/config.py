@@ -43,6 +43,11 @@ AGGREGATION_NAMES = ("token_mean", "seq_mean_token_mean", "constant")
 BACKENDS = ("auto", "vllm", "hf")
 TOY_SOURCE_PREFIX = "toy:"
 TOY_SPLITS = ("id", "ood")
+BENCHMARK_SOURCE_PREFIX = "benchmark:"
+ANSWER_TYPES = ("math", "choice")
+GRADERS_FOR = {"math": ("math_verify", "boxed"), "choice": ("choice",)}  # the first is the default
+BENCHMARK_FORMATS = ("math", "choices", "arc", "gpqa")
+SUITE_GROUPS = ("math", "ood")
 
 
 class ConfigError(ValueError):
@@ -184,12 +189,53 @@ class VllmConfig:
 
 
 @dataclass
+class BenchmarkSpec:
+    """One entry of the benchmark registry (``config/benchmarks.yaml``)."""
+
+    title: str = _help("the suite's name in tables", "")
+    group: str = _help("the table it belongs to: math | ood", "math")
+    hub_id: str = _help("public dataset id on the HuggingFace hub", "")
+    hub_config: Optional[str] = _help("the dataset's config (subset); null: default", None)
+    split: str = _help("the dataset's split", "test")
+    format: str = _help("row layout: math (problem, answer) | choices (question, options list, answer letter) | "
+                        "arc (question, choices{text,label}, answerKey) | gpqa (question, correct + 3 incorrect "
+                        "answers, shuffled with a fixed seed)", "math")
+    columns: dict[str, str] = _help("role -> column of the public dataset (problem, answer, options, correct, "
+                                    "incorrect_1..3)", dict)
+    instruction: Optional[str] = _help("appended to the user turn of public-schema rows; {letters} = the option "
+                                       "letters (e.g. ABCD)", None)
+    answer_type: str = _help("math | choice", "math")
+    n: int = _help("samples per problem (the paper: 32 for AIME24, AIME25, AMC; 1 otherwise)", 1)
+    local: Optional[str] = _help("local parquet used instead of the hub: the reference's eval schema (rows of "
+                                 "data_source, 32x copies de-duplicated) or the public dataset's columns", None)
+    data_source: Optional[str] = _help("data_source of this suite's rows in a reference-schema file", None)
+    problems: Optional[int] = _help("expected number of distinct problems (checked; null: not checked)", None)
+
+
+@dataclass
 class SuiteConfig:
-    source: str = _help("'toy:id' / 'toy:ood' (synthetic suites) or a parquet in the benchmark schema")
-    n: int = _help("samples per problem (the engine's n)", 1)
+    source: str = _help("'toy:id' / 'toy:ood' (synthetic suites), 'benchmark:<name>' (the registry) or a parquet "
+                        "in the benchmark schema")
+    local: Optional[str] = _help("benchmark sources: a local file replacing the registry's hub / local source", None)
+    n: Optional[int] = _help("samples per problem, the engine's n (null: the registry's, else 1)", None)
     temperature: float = _help("sampling temperature", 0.6)
     top_p: float = _help("nucleus sampling", 1.0)
     max_tokens: int = _help("most new tokens per sample", 8192)
+    system_prompt: Optional[str] = _help("drop (the paper's protocol: the model's own chat template on the user "
+                                         "turn) | keep (the file's system message); null: keep for toy suites (the "
+                                         "tiny model learns with it), drop otherwise", None)
+    answer_type: Optional[str] = _help("math | choice (null: the registry's, else math)", None)
+    grader: Optional[str] = _help("the verdict that counts; math: math_verify | boxed, choice: choice; every "
+                                  "grader of the answer type is stored per sample (null: the first)", None)
+    group: Optional[str] = _help("results table: math | ood (null: the registry's, else math)", None)
+    title: Optional[str] = _help("name in tables (null: the registry's title, else the suite's name)", None)
+
+
+@dataclass
+class GradingConfig:
+    workers: Optional[int] = _help("grader processes (null: the job's threads)", None)
+    timeout_s: float = _help("time limit per answer, all its graders together (a stuck worker is killed)", 5.0)
+    memory_mb: int = _help("address-space cap of a grader process (0: none)", 4096)
 
 
 @dataclass
@@ -198,6 +244,7 @@ class EvaluationConfig:
     seed: int = _help("sampling seed", 0)
     hf_batch_size: int = _help("prompts per HF generate call", 64)
     vllm: VllmConfig = _help("vLLM engine settings", VllmConfig)
+    grading: GradingConfig = _help("the grader pool", GradingConfig)
     suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict)
 
 
@@ -220,6 +267,7 @@ class Config:
     experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict)
     seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
                              list)
+    benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml")
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
 
@@ -313,6 +361,7 @@ class ResolvedConfig:
 
     root: Config
     experiments: dict[str, TrainConfig]  # expanded: one entry per (experiment, seed)
+    benchmarks: dict[str, BenchmarkSpec] = field(default_factory=dict)  # suite name -> its registry entry
 
     @property
     def models(self) -> list[str]:
@@ -396,16 +445,22 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         raise ConfigError(f"config key 'evaluation.backend': '{ev.backend}' is not one of {BACKENDS}")
     if not ev.suites:
         raise ConfigError("config key 'evaluation.suites': at least one suite is required")
+    if ev.grading.workers is not None and ev.grading.workers < 1:
+        raise ConfigError("config key 'evaluation.grading.workers': must be >= 1 (or null)")
+    if ev.grading.timeout_s <= 0:
+        raise ConfigError("config key 'evaluation.grading.timeout_s': must be > 0")
+    benchmarks = {}
     for name, suite in ev.suites.items():
         key = f"evaluation.suites.{name}"
         if suite.source.startswith(TOY_SOURCE_PREFIX):
             split = suite.source[len(TOY_SOURCE_PREFIX):]
             if split not in TOY_SPLITS:
                 raise ConfigError(f"config key '{key}.source': toy split '{split}' is not one of {TOY_SPLITS}")
+        elif suite.source.startswith(BENCHMARK_SOURCE_PREFIX):
+            benchmarks[name] = _resolve_benchmark(root.benchmarks, suite, key)
         else:
             _check_file(suite.source, f"{key}.source")
-        if suite.n < 1 or suite.max_tokens < 1:
-            raise ConfigError(f"config key '{key}': n and max_tokens must be >= 1")
+        resolve_suite(suite, benchmarks.get(name), key)
     rep = root.report
     if rep.publish is not None and not rep.publish.endswith(".md"):
         raise ConfigError(f"config key 'report.publish': '{rep.publish}' is not a Markdown (.md) file")
@@ -413,7 +468,77 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         if rep.publish is None:
             raise ConfigError("config key 'report.discussion': needs report.publish")
         _check_file(rep.discussion, "report.discussion")
-    return ResolvedConfig(root=root, experiments=experiments)
+    return ResolvedConfig(root=root, experiments=experiments, benchmarks=benchmarks)
+
+
+def load_registry(path: str) -> dict[str, BenchmarkSpec]:
+    """The benchmark registry: name -> validated ``BenchmarkSpec``."""
+    _check_file(path, "benchmarks")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # YAML syntax
+        raise ConfigError(f"benchmark registry {path}: cannot read ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"benchmark registry {path}: expected a mapping name -> settings")
+    out = {}
+    for name, entry in raw.items():
+        if str(name).startswith("_"):  # shared YAML anchors
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"benchmark registry {path}: '{name}': expected a mapping of settings")
+        spec: BenchmarkSpec = _merge(BenchmarkSpec, entry, prefix=f"{path}: {name}")
+        checks = [(spec.format not in BENCHMARK_FORMATS, "format", f"'{spec.format}' is not one of {BENCHMARK_FORMATS}"),
+                  (spec.answer_type not in ANSWER_TYPES, "answer_type", f"'{spec.answer_type}' is not one of {ANSWER_TYPES}"),
+                  (spec.group not in SUITE_GROUPS, "group", f"'{spec.group}' is not one of {SUITE_GROUPS}"),
+                  (not spec.hub_id and not spec.local, "hub_id", "a benchmark needs a hub_id or a local file"),
+                  (spec.n < 1, "n", "must be >= 1")]
+        for bad, key, why in checks:
+            if bad:
+                raise ConfigError(f"benchmark registry {path}: '{name}.{key}': {why}")
+        out[name] = spec
+    return out
+
+
+def _resolve_benchmark(registry_path: str, suite: SuiteConfig, key: str) -> BenchmarkSpec:
+    """The registry entry a 'benchmark:<name>' suite names, with the suite's local file applied."""
+    name = suite.source[len(BENCHMARK_SOURCE_PREFIX):]
+    registry = load_registry(registry_path)
+    if name not in registry:
+        raise ConfigError(f"config key '{key}.source': benchmark '{name}' is not in {registry_path} "
+                          f"(known: {sorted(registry)})")
+    spec = dataclasses.replace(registry[name], columns=dict(registry[name].columns))
+    if suite.local is not None:
+        spec.local = suite.local
+    if spec.local is not None and _looks_local(spec.local):
+        _check_file(spec.local, f"{key}.local")
+    return spec
+
+
+def resolve_suite(suite: SuiteConfig, spec: BenchmarkSpec | None, key: str) -> None:
+    """Fill a suite's null settings from its registry entry (or the defaults) and check them."""
+    for field_name, fallback in (("n", 1), ("answer_type", "math"), ("group", "math")):
+        if getattr(suite, field_name) is None:
+            setattr(suite, field_name, getattr(spec, field_name) if spec else fallback)
+    if suite.system_prompt is None:
+        suite.system_prompt = "keep" if suite.source.startswith(TOY_SOURCE_PREFIX) else "drop"
+    if suite.title is None and spec is not None and spec.title:
+        suite.title = spec.title
+    if suite.local is not None and spec is None:
+        raise ConfigError(f"config key '{key}.local': only 'benchmark:<name>' sources take a local file")
+    if suite.answer_type not in ANSWER_TYPES:
+        raise ConfigError(f"config key '{key}.answer_type': '{suite.answer_type}' is not one of {ANSWER_TYPES}")
+    graders = GRADERS_FOR[suite.answer_type]
+    if suite.grader is None:
+        suite.grader = graders[0]
+    if suite.grader not in graders:
+        raise ConfigError(f"config key '{key}.grader': '{suite.grader}' does not grade {suite.answer_type} answers "
+                          f"(one of {graders})")
+    if suite.group not in SUITE_GROUPS:
+        raise ConfigError(f"config key '{key}.group': '{suite.group}' is not one of {SUITE_GROUPS}")
+    if suite.system_prompt not in ("drop", "keep"):
+        raise ConfigError(f"config key '{key}.system_prompt': '{suite.system_prompt}' is not one of ('drop', 'keep')")
+    if suite.n < 1 or suite.max_tokens < 1:
+        raise ConfigError(f"config key '{key}': n and max_tokens must be >= 1")
 
 
 def to_dict(obj: Any) -> Any:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from luffy import io
-from luffy.config import DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig, to_dict
+from luffy.config import (BenchmarkSpec, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig,
+                          to_dict)
 from luffy.tracking import StageRun, config_hash
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,15 @@ def make_toy_traces(settings: DataConfig, out_dir: str, group: str, rule: str) -
                   **{f"suite_{k}_problems": len(v) for k, v in data.suites.items()}}
         run.log_metrics(counts)
         log.info("toy task: %s", counts)
+
+
+def prepare_benchmark(settings: BenchmarkSpec, name: str, out: str, group: str, rule: str) -> None:
+    from luffy.data.benchmarks import build_suite
+
+    with StageRun("prepare_benchmark", group, rule, params={"suite": name, **to_dict(settings)}) as run:
+        frame = build_suite(name, settings)
+        io.write_parquet(out, frame)
+        run.log_metrics({f"{name}/problems": len(frame)})
 
 
 def prepare_traces(settings: DataConfig, traces: str, tokenizer_path: str, out: str, report_path: str,
@@ -136,13 +146,14 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
         load_s = time.perf_counter() - began
         log.info("%s backend loaded %s in %.1fs", backend.name, model, load_s)
         results = evaluate_model(backend, model, {name: (path, settings.suites[name]) for name, path in suites.items()},
-                                 settings.seed)
+                                 settings.seed, settings.grading, workers=threads)
         out = Path(out_dir)
         for name, result in results.items():
             io.write_parquet(out / f"{name}.parquet", result.samples)
             io.write_json(out / f"{name}.json", {"suite": name, "model": model, "backend": backend.name,
                                                  "settings": to_dict(settings.suites[name]), **result.metrics})
-            run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+            run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_metrics({"engine_load_s": load_s})
         run.log_artifacts([str(out / f"{name}.json") for name in results])
 

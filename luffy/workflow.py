@@ -7,7 +7,7 @@ This module imports only the config (no torch, no MLflow) so that building the D
 
 from __future__ import annotations
 
-from luffy.config import TOY_SOURCE_PREFIX, ResolvedConfig, to_dict, to_json
+from luffy.config import BENCHMARK_SOURCE_PREFIX, TOY_SOURCE_PREFIX, ResolvedConfig, to_dict, to_json
 
 SHIPPED_TOKENIZER = "shipped"
 
@@ -61,6 +61,8 @@ def suite_files(cfg: ResolvedConfig) -> dict[str, str]:
     for name, suite in cfg.root.evaluation.suites.items():
         if suite.source.startswith(TOY_SOURCE_PREFIX):
             out[name] = f"{_results(cfg)}/data/toy/suite_{suite.source[len(TOY_SOURCE_PREFIX):]}.parquet"
+        elif suite.source.startswith(BENCHMARK_SOURCE_PREFIX):
+            out[name] = f"{_results(cfg)}/data/benchmarks/{name}.parquet"
         else:
             out[name] = suite.source
     return out
@@ -68,6 +70,16 @@ def suite_files(cfg: ResolvedConfig) -> dict[str, str]:
 
 def suite_args(cfg: ResolvedConfig) -> str:
     return " ".join(f"--suite '{name}={path}'" for name, path in suite_files(cfg).items())
+
+
+def benchmark_settings(cfg: ResolvedConfig, suite: str) -> str:
+    return to_json(cfg.benchmarks[suite])
+
+
+def benchmark_inputs(cfg: ResolvedConfig, suite: str) -> list[str]:
+    """The registry entry's local file, when it is one (a hub source has no file input)."""
+    local = cfg.benchmarks[suite].local
+    return [local] if local else []
 
 
 def toy_settings(cfg: ResolvedConfig) -> str:

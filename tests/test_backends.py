@@ -2,7 +2,7 @@
 
 import pytest
 
-from luffy.config import EvaluationConfig, SuiteConfig, ToyTaskConfig, VllmConfig
+from luffy.config import EvaluationConfig, GradingConfig, SuiteConfig, ToyTaskConfig, VllmConfig, resolve_suite
 from luffy.data.toy import make_toy_data
 from luffy.evaluate.backends import HFBackend, VllmBackend, vllm_available
 from luffy.evaluate.runner import evaluate_model
@@ -16,8 +16,13 @@ def suites(tmp_path_factory):
     for split, frame in data.suites.items():
         paths[f"toy_{split}"] = str(out / f"{split}.parquet")
         frame.to_parquet(paths[f"toy_{split}"])
-    return {name: (path, SuiteConfig(source=path, n=3 if name == "toy_id" else 2, temperature=1.0, max_tokens=12))
-            for name, path in paths.items()}
+    out = {}
+    for name, path in paths.items():
+        suite = SuiteConfig(source=path, n=3 if name == "toy_id" else 2, temperature=1.0, max_tokens=12,
+                            system_prompt="keep", grader="boxed" if name == "toy_ood" else None)
+        resolve_suite(suite, None, name)
+        out[name] = (path, suite)
+    return out
 
 
 def check_results(results):
@@ -30,11 +35,17 @@ def check_results(results):
         assert set(samples["reason"]) <= {"correct", "wrong", "no_think_end", "no_answer", "timeout", "error"}
         assert samples["completion"].map(lambda s: isinstance(s, str)).all()
         assert 0.0 <= metrics["accuracy"] <= 1.0
+        # both math graders' verdicts are kept; the suite's grader is the one that counts
+        counted = "boxed" if name == "toy_ood" else "math_verify"
+        assert (samples["correct"] == samples[f"correct_{counted}"]).all()
+        assert {"correct_math_verify", "correct_boxed", "reason_boxed", "extracted_math_verify"} <= set(samples)
+        assert metrics["grader"] == counted and metrics["accuracy_ci_low"] <= metrics["accuracy"]
 
 
 def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
     cfg = EvaluationConfig(backend="hf", suites={k: v[1] for k, v in suites.items()})
-    check_results(evaluate_model(HFBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0))
+    check_results(evaluate_model(HFBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
+                                 grading=GradingConfig(timeout_s=2.0), workers=2))
 
 
 @pytest.mark.slow
@@ -42,4 +53,5 @@ def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
 def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
     cfg = EvaluationConfig(backend="vllm", suites={k: v[1] for k, v in suites.items()},
                            vllm=VllmConfig(gpu_memory_utilization=0.1, enforce_eager=True, dtype="float32"))
-    check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0))
+    check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
+                                 grading=GradingConfig(timeout_s=2.0), workers=2))

@@ -33,3 +33,21 @@ def test_suite_metrics_avg_and_pass():
 def test_unequal_sample_counts_are_an_error():
     with pytest.raises(ValueError, match="different sample counts"):
         suite_metrics(samples([[True], [True, False]]))
+
+
+def test_bootstrap_interval_matches_the_binomial_spread():
+    import numpy as np
+
+    from luffy.evaluate.metrics import bootstrap_interval, per_problem_accuracy
+
+    accuracies = np.array([1.0] * 300 + [0.0] * 700)  # p = 0.3 over 1000 problems
+    low, high = bootstrap_interval([accuracies], resamples=4000)
+    half = 1.96 * (0.3 * 0.7 / 1000) ** 0.5  # the normal approximation: +-0.0284
+    assert low == pytest.approx(0.3 - half, abs=0.006) and high == pytest.approx(0.3 + half, abs=0.006)
+    # constant suites have no spread; the average of two suites is the mean of their accuracies
+    assert bootstrap_interval([np.ones(5), np.zeros(7)]) == (0.5, 0.5)
+    assert list(per_problem_accuracy(samples([[True, False], [True, True]]))) == [0.5, 1.0]
+    m = suite_metrics(samples([[True, False, False, False], [True, True, False, False]]))
+    assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
+    with pytest.raises(ValueError):
+        bootstrap_interval([np.array([])])

@@ -2,7 +2,10 @@ import time
 
 import pytest
 
+from luffy.reward.boxed import grade_boxed, last_boxed, normalise
+from luffy.reward.choice import grade_choice
 from luffy.reward.math import grade
+from luffy.reward.pool import ANSWER_TYPES, GraderPool
 
 
 @pytest.mark.parametrize("completion, gold, correct, reason", [
@@ -44,3 +47,124 @@ def test_model_text_is_never_executed(tmp_path):
         g = grade("x</think> " + answer, "1")
         assert not g.correct
     assert not marker.exists()
+
+
+# ---- the graders side by side: (answer in the box, gold, math-verify verdict, boxed verdict) ----
+EQUIVALENCES = [
+    ("\\frac{1}{2}", "0.5", True, True),                 # fraction vs decimal
+    ("0.75", "\\frac{3}{4}", True, True),
+    ("3/4", "\\frac{3}{4}", True, True),
+    ("\\dfrac{3}{4}", "\\frac34", True, True),             # \dfrac, unbraced \frac
+    ("\\frac{2}{4}", "\\frac{1}{2}", True, True),
+    ("[1, 3)", "[1,3)", True, True),                      # intervals, LaTeX spacing
+    ("(1,3)", "[1,3]", False, False),
+    ("\\{3, 2, 1\\}", "\\{1,2,3\\}", True, True),          # sets
+    ("4", "\\{1,2,3\\}", False, False),
+    ("10\\text{ cm}", "10", True, True),                   # units
+    ("10 \\mathrm{cm}", "10", True, True),
+    ("90^\\circ", "90", True, True),                       # degrees
+    ("90^{\\circ}", "90^\\circ", True, True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True, True),
+    ("x = 5", "5", True, True),
+    ("2\\sqrt3", "2\\sqrt{3}", True, True),
+    ("\\sqrt{12}", "2\\sqrt{3}", True, True),
+    ("50\\%", "50", False, True),                          # the graders differ: both kept per sample
+    ("\\$18.90", "18.90", True, True),
+    ("1,000", "1000", True, True),
+    ("\\frac{\\pi}{2}", "\\pi/2", True, True),
+    ("(x+1)^2", "x^2+2x+1", True, True),
+    ("0.3333", "\\frac{1}{3}", False, False),
+    ("-\\infty", "\\infty", False, False),
+    ("15", "14", False, False),
+]
+
+
+@pytest.mark.parametrize("boxed, gold, math_verify_ok, boxed_ok", EQUIVALENCES)
+def test_tricky_equivalences_under_both_graders(boxed, gold, math_verify_ok, boxed_ok):
+    completion = f"reasoning</think> so the answer is $\\boxed{{{boxed}}}$."
+    assert grade(completion, gold).correct is math_verify_ok
+    verdict = grade_boxed(completion, gold)
+    assert verdict.correct is boxed_ok and verdict.extracted == boxed
+    assert verdict.reason == ("correct" if boxed_ok else "wrong")
+
+
+def test_boxed_grader_extraction_and_reasons():
+    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert last_boxed("\\fbox{7}") == "7" and last_boxed("so \\boxed 5.") == "5."
+    assert last_boxed("\\boxed{1") is None and last_boxed("no box") is None
+    assert grade_boxed("r</think> 14", "14").reason == "no_answer"  # the boxed grader needs a box
+    assert grade_boxed("\\boxed{14} still thinking", "14").reason == "no_think_end"
+    assert normalise("\\dfrac12") == "\\frac{1}{2}" and normalise(" k = 3. ") == "3"
+
+
+@pytest.mark.parametrize("completion, gold, label", [
+    ("r</think> \\boxed{C}", "C", "C"),
+    ("r</think> \\boxed{(B)}", "B", "B"),
+    ("r</think> \\boxed{\\text{D}}", "D", "D"),
+    ("r</think> \\boxed{C) 10^{-4} eV}", "C", "C"),
+    ("r</think> The reasoning.\nANSWER: B", "B", "B"),
+    ("r</think> **Answer:** (d)", "D", "D"),
+    ("r</think> The answer is (A).", "A", "A"),
+    ("r</think> So \\boxed{2}", "2", "2"),                  # ARC-c rows numbered 1-4
+    ("r</think> \\boxed{A} ... no, ANSWER: B", "A", "B"),  # the last stated label counts
+    ("r</think> \\boxed{J}", "J", "J"),                     # MMLU-Pro has up to 10 options
+])
+def test_multiple_choice_labels(completion, gold, label):
+    verdict = grade_choice(completion, gold)
+    assert verdict.extracted == label and verdict.correct is (label == gold)
+
+
+@pytest.mark.parametrize("completion, reason", [
+    ("r</think> \\boxed{Carbon}", "no_answer"), ("r</think> I think C is right", "no_answer"),
+    ("\\boxed{C}", "no_think_end"),
+])
+def test_multiple_choice_without_a_label(completion, reason):
+    assert grade_choice(completion, "C").reason == reason
+
+
+# ---- the pool: all cores, a hard per-answer limit, nothing executed ----
+@pytest.fixture(scope="module")
+def pool():
+    with GraderPool(workers=2, timeout_s=1.0, grace_s=0.3) as p:
+        yield p
+
+
+def test_pool_grades_in_order_with_every_grader(pool):
+    completions = [f"r</think> \\boxed{{{v}}}" for v in ("1", "2", "\\frac{1}{2}", "0.5")]
+    golds = ["1", "1", "0.5", "\\frac{1}{2}"]
+    verdicts = pool.grade(completions, golds, ANSWER_TYPES["math"])
+    assert [v["math_verify"].correct for v in verdicts] == [True, False, True, True]
+    assert [v["boxed"].correct for v in verdicts] == [True, False, True, True]
+    assert pool.grade(["r</think> ANSWER: C"], ["C"], ANSWER_TYPES["choice"])[0]["choice"].correct
+
+
+@pytest.mark.parametrize("answer", [
+    "9^{9^{9^{9}}}",                         # sympy computes a huge integer in C: only a kill stops it
+    "(" * 500 + "1" + ")" * 500,
+    "\\int_0^\\infty e^{-x^{x^{x}}} dx",
+])
+def test_pool_bounds_pathological_answers_and_completes_the_batch(pool, answer):
+    completions = ["r</think> \\boxed{3}", f"r</think> \\boxed{{{answer}}}", "r</think> \\boxed{4}"]
+    began = time.perf_counter()
+    verdicts = pool.grade(completions, ["3", "3", "3"], ANSWER_TYPES["math"])
+    elapsed = time.perf_counter() - began
+    assert [v["math_verify"].correct for v in verdicts] == [True, False, False]
+    assert verdicts[1]["boxed"].reason in ("timeout", "wrong", "error") and not verdicts[1]["boxed"].correct
+    assert elapsed < 1.0 + 0.3 + 1.5  # the limit, the grace, and slack for a busy machine
+
+
+def test_pool_never_executes_model_text(pool, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    completions = [f"r</think> \\boxed{{{payload}}}", f"r</think> {payload}", f"r</think> ANSWER: {payload}"]
+    for graders in (ANSWER_TYPES["math"], ANSWER_TYPES["choice"]):
+        verdicts = pool.grade(completions, ["1"] * 3, graders)
+        assert not any(v.correct for verdict in verdicts for v in verdict.values())
+    assert not marker.exists()
+
+
+def test_pool_names_a_bad_request(pool):
+    with pytest.raises(ValueError, match="unknown grader"):
+        pool.grade(["x"], ["1"], ("sympy_eval",))
+    with pytest.raises(ValueError, match="1 completions but 2 gold"):
+        pool.grade(["x"], ["1", "2"], ("boxed",))

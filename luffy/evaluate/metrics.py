@@ -6,13 +6,22 @@ pass@k: the unbiased estimator of Chen et al. (2021) per problem with n samples,
     pass@k = 1 - C(n - c, k) / C(n, k)
 
 averaged over problems.
+
+Bootstrap 95% interval (percentile): resample the problems with replacement B times, take
+each resample's mean of per-problem accuracies, report the 2.5th and 97.5th percentiles.
+For the average over suites, each suite is resampled independently and the resampled
+suite accuracies are averaged (the suites are fixed; their problems are the sample).
 """
 
 from __future__ import annotations
 
 from math import comb
+from typing import Sequence
 
+import numpy as np
 import pandas as pd
+
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,4 +52,27 @@ def suite_metrics(samples: pd.DataFrame) -> dict[str, float]:
     for k in ks_for(n):
         out[f"pass@{k}"] = float(sum(pass_at_k(n, int(c), k) for c in per_problem["sum"]) / len(per_problem))
     out["accuracy"] = out[f"avg@{n}"]
+    low, high = bootstrap_interval([per_problem["sum"].to_numpy() / n])
+    out["accuracy_ci_low"], out["accuracy_ci_high"] = low, high
     return out
+
+
+def per_problem_accuracy(samples: pd.DataFrame) -> np.ndarray:
+    """Mean correctness of each problem, in problem order."""
+    return samples.groupby("problem_id")["correct"].mean().to_numpy(dtype=float)
+
+
+def bootstrap_interval(suites: Sequence[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean over ``suites`` of each suite's mean per-problem accuracy
+    (one suite: that suite's accuracy), resampling each suite's problems with replacement."""
+    if not suites or any(len(s) == 0 for s in suites):
+        raise ValueError("bootstrap needs at least one suite with at least one problem")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for accuracies in suites:
+        picks = rng.integers(0, len(accuracies), size=(resamples, len(accuracies)))
+        means += np.asarray(accuracies, dtype=float)[picks].mean(axis=1)
+    means /= len(suites)
+    tail = (1.0 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))

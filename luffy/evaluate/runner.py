@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pandas as pd
 from transformers import AutoTokenizer
 
-from luffy.config import SuiteConfig
+from luffy.config import GRADERS_FOR, GradingConfig, SuiteConfig
 from luffy.data.schema import load_benchmark
 from luffy.data.templates import encode_prompts
 from luffy.evaluate.backends import Backend, Sampling
 from luffy.evaluate.metrics import suite_metrics
-from luffy.reward.math import grade
+from luffy.reward.pool import GraderPool
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,20 @@ class SuiteResult:
     metrics: dict[str, float]
 
 
-def run_suite(backend: Backend, tokenizer, name: str, path: str, cfg: SuiteConfig, seed: int) -> SuiteResult:
+def eval_prompts(prompts: list[list[dict[str, str]]], system_prompt: str) -> list[list[dict[str, str]]]:
+    """The chat turns the model sees: without the file's system message under ``drop``."""
+    if system_prompt == "keep":
+        return prompts
+    return [[m for m in messages if m["role"] != "system"] for messages in prompts]
+
+
+def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: str, cfg: SuiteConfig,
+              seed: int) -> SuiteResult:
+    """Generate ``cfg.n`` samples per problem in one engine call, grade them with every grader
+    of the suite's answer type; ``correct`` / ``extracted`` / ``reason`` are those of
+    ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``."""
     problems = load_benchmark(path)
-    _, prompt_ids = encode_prompts(tokenizer, problems["prompt"].tolist())
+    _, prompt_ids = encode_prompts(tokenizer, eval_prompts(problems["prompt"].tolist(), cfg.system_prompt))
     began = time.perf_counter()
     completions = backend.generate(prompt_ids, Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                                         max_tokens=cfg.max_tokens, seed=seed))
@@ -38,20 +49,34 @@ def run_suite(backend: Backend, tokenizer, name: str, path: str, cfg: SuiteConfi
         if len(group) != cfg.n:
             raise RuntimeError(f"backend {backend.name} returned {len(group)} samples for a problem, expected {cfg.n}")
         for index, text in enumerate(group):
-            g = grade(text, problem.ground_truth)
             rows.append({"problem_id": problem.problem_id, "sample_index": index, "data_source": problem.data_source,
-                         "ground_truth": problem.ground_truth, "completion": text, "extracted": g.extracted,
-                         "correct": g.correct, "reason": g.reason})
+                         "ground_truth": problem.ground_truth, "completion": text})
+    graders = GRADERS_FOR[cfg.answer_type]
+    began = time.perf_counter()
+    verdicts = pool.grade([r["completion"] for r in rows], [r["ground_truth"] for r in rows], graders)
+    grading_s = time.perf_counter() - began
+    for row, verdict in zip(rows, verdicts):
+        counted = verdict[cfg.grader]
+        row.update({"extracted": counted.extracted, "correct": counted.correct, "reason": counted.reason})
+        for grader, g in verdict.items():
+            row.update({f"correct_{grader}": g.correct, f"extracted_{grader}": g.extracted,
+                        f"reason_{grader}": g.reason})
     samples = pd.DataFrame(rows)
     metrics = suite_metrics(samples)
-    metrics.update({"generation_s": generation_s, "samples": len(samples)})
+    metrics.update({"generation_s": generation_s, "grading_s": grading_s, "samples": len(samples),
+                    "grader": cfg.grader})
+    for grader in graders:
+        metrics[f"accuracy_{grader}"] = float(samples[f"correct_{grader}"].mean())
     metrics.update({f"reason/{k}": v / len(samples) for k, v in Counter(samples["reason"]).items()})
-    log.info("%s: accuracy %.4f over %d problems x %d samples (%.1fs generation)", name, metrics["accuracy"],
-             metrics["problems"], cfg.n, generation_s)
+    log.info("%s: accuracy %.4f (%s) over %d problems x %d samples (%.1fs generation, %.1fs grading)", name,
+             metrics["accuracy"], cfg.grader, metrics["problems"], cfg.n, generation_s, grading_s)
     return SuiteResult(samples, metrics)
 
 
 def evaluate_model(backend: Backend, model_path: str, suites: dict[str, tuple[str, SuiteConfig]],
-                   seed: int) -> dict[str, SuiteResult]:
+                   seed: int, grading: GradingConfig, workers: int) -> dict[str, SuiteResult]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return {name: run_suite(backend, tokenizer, name, path, cfg, seed) for name, (path, cfg) in suites.items()}
+    with GraderPool(workers=grading.workers or workers, timeout_s=grading.timeout_s,
+                    memory_mb=grading.memory_mb) as pool:
+        return {name: run_suite(backend, tokenizer, pool, name, path, cfg, seed)
+                for name, (path, cfg) in suites.items()}

@@ -10,6 +10,7 @@ Python code.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -38,22 +39,23 @@ def answer_part(completion: str) -> str | None:
     return completion.split(THINK_END, 1)[1]
 
 
-def grade(completion: str, gold: str, timeout_s: int = 2) -> Grade:
-    """Grade one completion against the gold answer (math-verify, gold first)."""
-    answer = answer_part(completion)
-    if answer is None:
-        return Grade(False, None, "no_think_end")
-    # math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere they
-    # are disabled (None) rather than silently failing, and the caller must bound the time.
-    limit = timeout_s if threading.current_thread() is threading.main_thread() else None
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, limit: int | None):
+    return parse(f"${gold}$", parsing_timeout=limit, raise_on_error=True)
+
+
+def grade_answer(answer: str, gold: str, timeout_s: int | None = 2) -> Grade:
+    """math-verify's verdict on an answer text (gold first). ``timeout_s`` bounds each parse and
+    comparison with math-verify's SIGALRM timer, which exists only on a main thread (elsewhere
+    it is disabled, and the caller must bound the time, as ``luffy.reward.pool`` does)."""
+    limit = timeout_s if timeout_s and threading.current_thread() is threading.main_thread() else None
     extracted = None
     try:
         predicted = parse(answer, parsing_timeout=limit, raise_on_error=True)
         if not predicted:
             return Grade(False, None, "no_answer")
         extracted = str(predicted[-1])
-        gold_parsed = parse(f"${gold}$", parsing_timeout=limit, raise_on_error=True)
-        ok = verify(gold_parsed, predicted, timeout_seconds=limit, raise_on_error=True)
+        ok = verify(_parse_gold(gold, limit), predicted, timeout_seconds=limit, raise_on_error=True)
     except (TimeoutError, TimeoutException):
         return Grade(False, extracted, "timeout")
     except Exception:  # a grader crash on model text is a wrong answer, never a failed batch
@@ -61,5 +63,9 @@ def grade(completion: str, gold: str, timeout_s: int = 2) -> Grade:
     return Grade(bool(ok), extracted, "correct" if ok else "wrong")
 
 
-def grade_many(completions: list[str], golds: list[str], timeout_s: int = 2) -> list[Grade]:
-    return [grade(c, g, timeout_s) for c, g in zip(completions, golds)]
+def grade(completion: str, gold: str, timeout_s: int | None = 2) -> Grade:
+    """Grade one completion against the gold answer (math-verify, gold first)."""
+    answer = answer_part(completion)
+    if answer is None:
+        return Grade(False, None, "no_think_end")
+    return grade_answer(answer, gold, timeout_s)

@@ -13,6 +13,7 @@ RESULTS = CFG.root.results_dir
 EXPERIMENTS = list(CFG.experiments)
 MODELS = CFG.models
 SUITES = list(CFG.root.evaluation.suites)
+BENCHMARK_SUITES = list(CFG.benchmarks)  # suites materialised from the benchmark registry
 os.environ.setdefault("MLFLOW_TRACKING_URI", CFG.root.tracking.uri)
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 
@@ -20,6 +21,7 @@ os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     model="|".join(MODELS),
+    suite="|".join(BENCHMARK_SUITES) or "(?!x)x",
 
 
 def init_tracking():

@@ -29,3 +29,17 @@ rule prepare_traces:
         "luffy prepare-traces --settings {params.settings:q} --traces {input.traces:q}"
         " --tokenizer {params.tokenizer:q} --out {output.train} --report {output.report}"
         " --group data --rule {rule} > {log} 2>&1"
+
+
+rule prepare_benchmark:
+    input:
+        local=lambda w: wf.benchmark_inputs(CFG, w.suite),
+    output:
+        suite=f"{RESULTS}/data/benchmarks/{{suite}}.parquet",
+    params:
+        settings=lambda w: wf.benchmark_settings(CFG, w.suite),
+    log:
+        f"{RESULTS}/logs/prepare_benchmark/{{suite}}.log",
+    shell:
+        "luffy prepare-benchmark --settings {params.settings:q} --name {wildcards.suite} --out {output.suite}"
+        " --group data --rule {rule} > {log} 2>&1"

@@ -1,0 +1,126 @@
+"""Grading many answers on all cores, each answer under a hard time limit.
+
+Every answer is graded in a worker process (``pebble``), by the graders its suite names:
+
+    math   -> math_verify (``luffy.reward.math``) and boxed (``luffy.reward.boxed``)
+    choice -> choice (``luffy.reward.choice``)
+
+Time limit, two layers:
+- in the worker: a SIGALRM timer on the worker's main thread interrupts the answer's graders
+  after ``timeout_s`` (math-verify's own signal timeouts are disabled: they only work on a
+  main thread and would fight over the one timer);
+- in the parent: a worker still busy at ``timeout_s + grace_s`` (stuck inside C code, such as
+  sympy computing ``9^{9^{9^{9}}}``, where no signal handler can run) is killed and replaced.
+Either way the answer is graded wrong with reason ``timeout``; a worker that crashes or runs
+out of its address-space cap (``memory_mb``) gives ``error``. The batch always completes.
+
+Nothing here evaluates model text as code: math-verify and latex2sympy parse LaTeX with
+grammars into sympy objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Sequence
+
+from pebble import ProcessExpired, ProcessPool
+
+from luffy.reward.boxed import grade_boxed
+from luffy.reward.choice import grade_choice
+from luffy.reward.math import Grade, grade
+
+log = logging.getLogger(__name__)
+
+GRADERS: dict[str, Callable[[str, str], Grade]] = {
+    "math_verify": lambda completion, gold: grade(completion, gold, timeout_s=None),
+    "boxed": grade_boxed,
+    "choice": grade_choice,
+}
+ANSWER_TYPES: dict[str, tuple[str, ...]] = {"math": ("math_verify", "boxed"), "choice": ("choice",)}
+
+
+class AnswerTimeout(BaseException):
+    """Raised by the worker's timer; a BaseException so graders' ``except Exception`` let it pass."""
+
+
+def _on_alarm(signum, frame):
+    raise AnswerTimeout()
+
+
+def grade_one(completion: str, gold: str, graders: Sequence[str], timeout_s: float) -> dict[str, Grade]:
+    """Every named grader's verdict on one answer, all within ``timeout_s`` (main thread only;
+    graders not reached in time are ``timeout``)."""
+    out: dict[str, Grade] = {}
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        for name in graders:
+            out[name] = GRADERS[name](completion, gold)
+    except AnswerTimeout:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return {name: out.get(name, Grade(False, None, "timeout")) for name in graders}
+
+
+def _init_worker(memory_mb: int) -> None:
+    # math-verify warns once per process that its own timeouts are off: here the pool's are on
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    if memory_mb > 0:
+        cap = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class GraderPool:
+    """``with GraderPool() as pool: verdicts = pool.grade(completions, golds, ("math_verify", "boxed"))``"""
+
+    def __init__(self, workers: int | None = None, timeout_s: float = 5.0, grace_s: float = 0.3,
+                 memory_mb: int = 4096):
+        self.workers = workers or default_workers()
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        context = multiprocessing.get_context("forkserver")  # workers never fork a threaded parent
+        context.set_forkserver_preload(["luffy.reward.pool"])  # so a replaced worker starts fast
+        self._pool = ProcessPool(max_workers=self.workers, context=context, initializer=_init_worker,
+                                 initargs=(memory_mb,))
+
+    def grade(self, completions: Sequence[str], golds: Sequence[str], graders: Sequence[str]
+              ) -> list[dict[str, Grade]]:
+        if len(completions) != len(golds):
+            raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
+        unknown = [g for g in graders if g not in GRADERS]
+        if unknown:
+            raise ValueError(f"unknown grader(s) {unknown}; expected some of {sorted(GRADERS)}")
+        futures = [self._pool.schedule(grade_one, args=(c, g, tuple(graders), self.timeout_s),
+                                       timeout=self.timeout_s + self.grace_s) for c, g in zip(completions, golds)]
+        out = []
+        for future in futures:
+            try:
+                out.append(future.result())
+            except FutureTimeout:
+                out.append({name: Grade(False, None, "timeout") for name in graders})
+            except (ProcessExpired, MemoryError, Exception) as err:  # a crashed worker: this answer only
+                log.debug("grader worker failed: %r", err)
+                out.append({name: Grade(False, None, "error") for name in graders})
+        return out
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def __enter__(self) -> "GraderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            self._pool.stop()
+        self.close()
