@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True)
     p.add_argument("--tokenizer", required=True, help="policy tokenizer: model dir, hub id, or 'shipped'")
     p.add_argument("--out", required=True)
+    p.add_argument("--validation-out", default=None, help="the held-out validation problems (benchmark schema)")
     p.add_argument("--report", required=True)
 
     p = stage("prepare-benchmark", "one registry benchmark -> a suite parquet (de-duplicated, counts checked)")
@@ -95,7 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--suites", nargs="+", required=True)
     p.add_argument("--train-metrics", nargs="*", default=[], help="EXPERIMENT=metrics.jsonl")
+    p.add_argument("--suite-meta", default="{}", help="JSON: suite -> {group, title, benchmark} (the table layout)")
     p.add_argument("--out-dir", required=True)
+
+    p = sub.add_parser("generate", help="answer one question with a model (the paper's inference example: "
+                                        "its chat template, T=0.6)")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="HF id or directory")
+    p.add_argument("--system", default=None, help="system prompt (default: none, the model's template decides)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"))
 
     p = sub.add_parser("score-traces", help="add per-token teacher log-probs (teacher_logprobs) to a training "
                                             "parquet, for the true off-policy ratio pi_theta/pi_phi")
@@ -132,16 +146,18 @@ def run(args: argparse.Namespace) -> None:
         stages.make_toy_traces(from_json(DataConfig, args.settings), args.out_dir, **common)
     elif args.stage == "prepare-traces":
         stages.prepare_traces(from_json(DataConfig, args.settings), args.traces, _tokenizer_path(args.tokenizer),
-                              args.out, args.report, **common)
+                              args.out, args.report, validation_out=args.validation_out, **common)
     elif args.stage == "prepare-benchmark":
         stages.prepare_benchmark(from_json(BenchmarkSpec, args.settings), args.name, args.out, **common)
     elif args.stage == "make-base-model":
         stages.make_base_model(from_json(TinyModelConfig, args.settings), args.system_prompt, args.corpus,
                                args.out_dir, args.metrics, threads=args.threads, **common)
     elif args.stage == "train":
-        settings = resolve_train_config(args.group, {}, json.loads(args.settings))
+        raw = json.loads(args.settings)
+        validation = raw.pop("validation", None)  # in-training validation rides along when on
+        settings = resolve_train_config(args.group, {}, raw)
         stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics,
-                     args.work_dir, threads=args.threads, **common)
+                     args.work_dir, threads=args.threads, validation=validation, **common)
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
@@ -149,7 +165,14 @@ def run(args: argparse.Namespace) -> None:
                         args.out_dir, threads=args.threads, **common)
     elif args.stage == "report":
         print(stages.report(from_json(ReportConfig, args.settings), args.eval_dir, args.models, args.suites,
-                            _pairs(args.train_metrics, "--train-metrics"), args.out_dir, **common))
+                            _pairs(args.train_metrics, "--train-metrics"), args.out_dir,
+                            suite_meta=json.loads(args.suite_meta), **common))
+    elif args.stage == "generate":
+        from luffy.evaluate.generate import generate_answers
+
+        for i, text in enumerate(generate_answers(args.model, args.question, args.system, args.temperature, args.top_p,
+                                                  args.max_tokens, args.n, args.seed, args.backend)):
+            print(f"--- sample {i} ---\n{text}" if args.n > 1 else text)
     elif args.stage == "score-traces":
         from luffy.models.scoring import score_traces
 

@@ -90,11 +90,31 @@ class ToyTaskConfig:
 
 @dataclass
 class DataConfig:
-    traces: str = _help("'toy' (synthetic task) or a parquet file in the OpenR1-Math-220k schema", "toy")
+    traces: str = _help("'toy' (synthetic task); 'hub:open-r1/OpenR1-Math-220k' (read from the HuggingFace hub); "
+                        "or local parquet: a file, a directory or a glob. OpenR1-Math-220k schema, or the LUFFY "
+                        "schema of an already-filtered set (validated)", "toy")
+    traces_config: str = _help("hub inputs: the dataset's config", "default")
+    traces_split: str = _help("hub inputs: the dataset's split", "train")
+    batch_rows: int = _help("rows per record batch while filtering (memory is flat in the input size)", 1024)
     max_trace_tokens: int = _help("longest teacher trace kept, in policy-tokenizer tokens", 8192)
-    system_prompt: str = _help("system prompt of the training prompts ('' for none)", REFERENCE_SYSTEM_PROMPT)
+    template: str = _help("training prompts: luffy (system_prompt + problem, the reference) | qwen_math_boxed "
+                          "(problem + the Qwen2.5-Math boxed instruction) | none (the problem alone)", "luffy")
+    system_prompt: str = _help("system prompt of the luffy template ('' for none)", REFERENCE_SYSTEM_PROMPT)
+    validation_fraction: float = _help("share of the filtered training problems held out (by a hash of the "
+                                       "problem) as a validation split, never the test suites", 0.0)
     data_source: str = _help("data_source value written to the training parquet", "openr1_math")
     toy: ToyTaskConfig = _help("synthetic task settings (used when traces == 'toy')", ToyTaskConfig)
+
+
+@dataclass
+class ValidationConfig:
+    every: int = _help("validate every K training steps and at the end, on data.validation_fraction's "
+                       "held-out problems (0: off)", 0)
+    n: int = _help("samples per validation problem", 1)
+    temperature: float = _help("validation sampling temperature (the eval protocol's)", 0.6)
+    max_problems: Optional[int] = _help("first N validation problems (null: all)", 256)
+    select: str = _help("exported model: last (the final step) | best (the step with the best validation "
+                        "accuracy)", "last")
 
 
 @dataclass
@@ -255,6 +275,8 @@ class ReportConfig:
     publish: Optional[str] = _help("Markdown file the report (re)generates with the tables, the plots and the "
                                    "discussion, e.g. docs/toy-reproduction.md (null: none)", None)
     discussion: Optional[str] = _help("hand-written Markdown appended to the published file", None)
+    published: bool = _help("show the LUFFY paper's reported rows, marked (reported), under tables whose suites "
+                            "are its benchmarks", True)
 
 
 @dataclass
@@ -267,6 +289,7 @@ class Config:
     experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict)
     seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
                              list)
+    validation: ValidationConfig = _help("in-training validation and checkpoint selection", ValidationConfig)
     benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml")
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
@@ -416,8 +439,23 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         raw = OmegaConf.to_container(raw, resolve=True)
     root: Config = _merge(Config, raw or {})
     toy = root.data.toy
-    if root.data.traces != "toy":
+    if root.data.traces != "toy" and not root.data.traces.startswith("hub:") and \
+            not any(ch in root.data.traces for ch in "*?["):
         _check_file(root.data.traces, "data.traces")
+    if root.data.template not in ("luffy", "qwen_math_boxed", "none"):
+        raise ConfigError(f"config key 'data.template': '{root.data.template}' is not one of "
+                          "('luffy', 'qwen_math_boxed', 'none')")
+    if root.data.batch_rows < 1:
+        raise ConfigError("config key 'data.batch_rows': must be >= 1")
+    if not 0.0 <= root.data.validation_fraction < 1.0:
+        raise ConfigError("config key 'data.validation_fraction': must be in [0, 1)")
+    val = root.validation
+    if val.every < 0 or val.n < 1 or (val.max_problems is not None and val.max_problems < 1):
+        raise ConfigError("config key 'validation': need every >= 0, n >= 1, max_problems >= 1 (or null)")
+    if val.select not in ("last", "best"):
+        raise ConfigError(f"config key 'validation.select': '{val.select}' is not one of ('last', 'best')")
+    if val.every > 0 and root.data.validation_fraction <= 0:
+        raise ConfigError("config key 'validation.every': needs data.validation_fraction > 0 (a held-out split)")
     if toy.generations_min < 1 or toy.generations_max < toy.generations_min:
         raise ConfigError("config key 'data.toy.generations_min': need 1 <= generations_min <= generations_max")
     tiny = root.base_model.tiny
@@ -426,8 +464,6 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
                           "num_heads a multiple of num_kv_heads")
     if root.base_model.path is not None and _looks_local(root.base_model.path):
         _check_file(root.base_model.path, "base_model.path")
-    if not root.experiments:
-        raise ConfigError("config key 'experiments': at least one experiment is required")
     experiments = {}
     for name, overrides in root.experiments.items():
         if (name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum()

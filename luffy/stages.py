@@ -44,28 +44,38 @@ def prepare_benchmark(settings: BenchmarkSpec, name: str, out: str, group: str, 
 
 
 def prepare_traces(settings: DataConfig, traces: str, tokenizer_path: str, out: str, report_path: str,
-                   group: str, rule: str) -> None:
+                   group: str, rule: str, validation_out: str | None = None) -> None:
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from luffy.data.schema import read_parquet
-    from luffy.data.traces import filter_traces
+    from luffy.data.traces import PromptTemplate, TraceFilter, prepare_stream, resolve_sources, token_counter
 
     with StageRun("prepare_traces", group, rule, params={**to_dict(settings), "tokenizer": tokenizer_path}) as run:
-        frame = read_parquet(traces, f"trace file {traces}")
+        sources = resolve_sources(traces, settings.traces_split, settings.traces_config)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-
-        def count_tokens(texts):
-            return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-        rows, report = filter_traces(frame, count_tokens, settings.max_trace_tokens, settings.system_prompt,
-                                     settings.data_source, what=f"trace file {traces}")
-        io.write_parquet(out, rows)
-        summary = {"input": traces, "output": out, "max_trace_tokens": settings.max_trace_tokens, **report.as_dict()}
-        io.write_json(report_path, summary)
+        flt = TraceFilter(token_counter(tokenizer), settings.max_trace_tokens,
+                          PromptTemplate(settings.template, settings.system_prompt), settings.data_source,
+                          settings.validation_fraction)
+        began, complete = time.perf_counter(), False
+        try:
+            with tqdm(desc="prepare_traces", unit=" rows", mininterval=5.0) as bar:
+                prepare_stream(sources, out, flt, settings.batch_rows, progress=bar.update,
+                               validation_out=validation_out)
+            complete = True
+        finally:  # the per-reason counts are written even when the stage fails
+            report = flt.report
+            summary = {"input": traces, "files": len(sources), "output": out, "complete": complete,
+                       "template": settings.template, "max_trace_tokens": settings.max_trace_tokens,
+                       "seconds": round(time.perf_counter() - began, 2), **report.as_dict()}
+            io.write_json(report_path, summary)
         run.log_metrics({"rows_in": report.rows_in, "rows_out": report.rows_out,
+                         "rows_validation": report.rows_validation,
                          **{f"dropped/{k}": v for k, v in report.dropped.items()},
+                         **{f"malformed/{k}": v for k, v in report.malformed.items()},
                          **{f"generations_rejected/{k}": v for k, v in report.generations_rejected.items()}})
         run.log_artifacts([report_path])
+        if report.malformed:
+            log.warning("prepare_traces: malformed rows (counted, not used): %s", report.malformed)
         log.info("prepare_traces: %d rows in, %d out, dropped %s", report.rows_in, report.rows_out, report.dropped)
 
 
@@ -101,19 +111,20 @@ def make_base_model(settings: TinyModelConfig, system_prompt: str, corpus: str, 
 
 
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
-          group: str, rule: str, threads: int) -> None:
+          group: str, rule: str, threads: int, validation: dict[str, Any] | None = None) -> None:
     import torch
 
     from luffy.engines.local.checkpoint import latest_state
     from luffy.engines.local.trainer import LocalTrainer
 
     torch.set_num_threads(threads)
-    work_dir = Path(work_root) / config_hash({"settings": to_dict(settings), "data": data, "base": base_model})
+    key = {"settings": to_dict(settings), "data": data, "base": base_model}
+    work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     work_dir.mkdir(parents=True, exist_ok=True)
     previous = latest_state(work_dir)
-    with StageRun("train", group, rule, params=to_dict(settings),
-                  resume_run_id=(previous or {}).get("run_id")) as run:
-        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics)
+    params = {**to_dict(settings), **({"validation": validation} if validation else {})}
+    with StageRun("train", group, rule, params=params, resume_run_id=(previous or {}).get("run_id")) as run:
+        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics, validation=validation)
         trainer.run(Path(out_dir), Path(metrics_out), resume_run_id=lambda: run.run_id)
         run.log_artifacts([metrics_out])
 
@@ -159,19 +170,23 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
 
 
 def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: list[str],
-           train_metrics: dict[str, str], out_dir: str, group: str, rule: str) -> str:
+           train_metrics: dict[str, str], out_dir: str, group: str, rule: str,
+           suite_meta: dict[str, dict[str, Any]] | None = None) -> str:
     from luffy.report.plots import results_bars, training_curves
-    from luffy.report.tables import collect, per_seed, per_seed_table, summarize, summary_table, to_markdown
+    from luffy.report.tables import (combined, combined_intervals, paper_layout, per_seed, per_seed_table, summarize,
+                                     titled)
 
+    meta = suite_meta or {}
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
-        table = collect(eval_dir, models, suites)
+        body, frames, intervals = paper_layout(eval_dir, models, suites, meta, settings.decimals, settings.published)
+        table = combined(frames)
         out = Path(out_dir)
-        markdown = to_markdown(table, settings.title, settings.decimals)
+        markdown = f"## {settings.title}\n\n{body}"
         io.write_text(out / "results.md", markdown)
         with io.atomic_path(out / "results.csv", suffix=".csv") as tmp:
-            per_seed(table).round(4).to_csv(tmp)
+            per_seed(table).join(combined_intervals(intervals)).round(4).to_csv(tmp)
         mean, std, _ = summarize(table)
-        results_bars(mean, std, out / "results.png", settings.title)
+        results_bars(titled(mean, meta), titled(std, meta), out / "results.png", settings.title)
         paths = [str(out / n) for n in ("results.md", "results.csv", "results.png")]
         if train_metrics:
             training_curves(train_metrics, out / "training_curves.png")
@@ -180,8 +195,8 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
             from luffy.report.publish import publish
 
             discussion = Path(settings.discussion).read_text() if settings.discussion else None
-            publish(settings.publish, settings.title, summary_table(table, settings.decimals),
-                    per_seed_table(table, settings.decimals), out, source=str(out), discussion=discussion)
+            publish(settings.publish, settings.title, body, per_seed_table(titled(table, meta), settings.decimals),
+                    out, source=str(out), discussion=discussion, curves=bool(train_metrics))
             paths.append(settings.publish)
         run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
         run.log_artifacts(paths)

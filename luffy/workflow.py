@@ -52,8 +52,21 @@ def tokenizer(cfg: ResolvedConfig) -> str:
 
 
 def trace_file(cfg: ResolvedConfig) -> str:
+    """The trace input as ``luffy prepare-traces --traces`` takes it."""
     data = cfg.root.data
     return f"{_results(cfg)}/data/toy/raw_traces.parquet" if data.traces == "toy" else data.traces
+
+
+def trace_inputs(cfg: ResolvedConfig) -> list[str]:
+    """The trace input's local files (none for a hub input), so edits to them rerun the filter."""
+    import glob
+
+    source = trace_file(cfg)
+    if source.startswith("hub:"):
+        return []
+    if any(ch in source for ch in "*?["):
+        return sorted(glob.glob(source))
+    return [source]
 
 
 def suite_files(cfg: ResolvedConfig) -> dict[str, str]:
@@ -90,15 +103,32 @@ def toy_settings(cfg: ResolvedConfig) -> str:
 def filter_settings(cfg: ResolvedConfig) -> str:
     data = cfg.root.data
     return to_json({"max_trace_tokens": data.max_trace_tokens, "system_prompt": data.system_prompt,
-                    "data_source": data.data_source})
+                    "data_source": data.data_source, "template": data.template, "traces_config": data.traces_config,
+                    "traces_split": data.traces_split, "batch_rows": data.batch_rows,
+                    "validation_fraction": data.validation_fraction})
 
 
 def tiny_settings(cfg: ResolvedConfig) -> str:
     return to_json(cfg.root.base_model.tiny)
 
 
+def validation_file(cfg: ResolvedConfig) -> str:
+    return f"{_results(cfg)}/data/valid.parquet"
+
+
 def train_settings(cfg: ResolvedConfig, experiment: str) -> str:
-    return to_json(cfg.experiments[experiment])
+    """The experiment's settings; with in-training validation also ``validation`` (its settings
+    and file), so that runs without it keep exactly the settings they had before it existed."""
+    settings = to_dict(cfg.experiments[experiment])
+    if cfg.root.validation.every > 0:
+        settings["validation"] = {**to_dict(cfg.root.validation), "data": validation_file(cfg)}
+    return to_json(settings)
+
+
+def train_inputs(cfg: ResolvedConfig) -> list[str]:
+    """Files a training job reads besides its start model."""
+    files = [f"{_results(cfg)}/data/train.parquet"]
+    return files + ([validation_file(cfg)] if cfg.root.validation.every > 0 else [])
 
 
 def eval_settings(cfg: ResolvedConfig) -> str:
@@ -109,9 +139,20 @@ def report_settings(cfg: ResolvedConfig) -> str:
     return to_json(cfg.root.report)
 
 
+def suite_meta(cfg: ResolvedConfig) -> str:
+    """Per suite its table (group), title and registry benchmark: the report's layout."""
+    meta = {}
+    for name, suite in cfg.root.evaluation.suites.items():
+        benchmark = suite.source[len(BENCHMARK_SOURCE_PREFIX):] if suite.source.startswith(BENCHMARK_SOURCE_PREFIX) \
+            else None
+        meta[name] = {"group": suite.group, "title": suite.title or name, "benchmark": benchmark}
+    return to_json(meta)
+
+
 def report_outputs(cfg: ResolvedConfig) -> list[str]:
     out = f"{_results(cfg)}/report"
-    files = [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png", f"{out}/training_curves.png"]
+    files = [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png"]
+    files += [f"{out}/training_curves.png"] if cfg.experiments else []
     return files + published_files(cfg)
 
 
@@ -122,7 +163,7 @@ def published_files(cfg: ResolvedConfig) -> list[str]:
         return []
     from luffy.report.publish import published_paths  # pandas: imported only when publishing
 
-    return [str(p) for p in published_paths(doc)]
+    return [str(p) for p in published_paths(doc, curves=bool(cfg.experiments))]
 
 
 def report_inputs(cfg: ResolvedConfig) -> list[str]:

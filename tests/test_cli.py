@@ -34,3 +34,12 @@ def test_missing_training_file_is_named(tmp_path, tiny_model_dir):
 def test_bad_settings_json_is_reported(tmp_path):
     result = luffy("make-toy-traces", "--settings", "{not json", "--out-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "luffy make-toy-traces: error:" in result.stderr
+
+
+def test_generate_answers_one_question(tmp_path, tiny_model_dir):
+    result = luffy("generate", "--model", tiny_model_dir, "--backend", "hf", "--max-tokens", "12", "--n", "2",
+                   "What is 2 + 3?", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample ") == 2
+    empty = luffy("generate", "--model", tiny_model_dir, "--backend", "hf", " ", cwd=tmp_path)
+    assert empty.returncode == 2 and "the question is empty" in empty.stderr

@@ -38,6 +38,15 @@ def test_demo_config_resolves_with_algorithm_defaults():
     (minimal(experiments={"base": {}}), "experiments.base"),
     (minimal(evaluation={"backend": "tgi", "suites": {"s": {"source": "toy:id"}}}), "evaluation.backend"),
     (minimal(evaluation={"suites": {"s": {"source": "toy:test"}}}), "evaluation.suites.s.source"),
+    (minimal(evaluation={"suites": {"s": {"source": "benchmark:aime26"}}}), "evaluation.suites.s.source"),
+    (minimal(evaluation={"suites": {"s": {"source": "toy:id", "grader": "choice"}}}), "evaluation.suites.s.grader"),
+    (minimal(evaluation={"suites": {"s": {"source": "toy:id", "local": "x.parquet"}}}), "evaluation.suites.s.local"),
+    (minimal(evaluation={"grading": {"timeout_s": 0}, "suites": {"s": {"source": "toy:id"}}}),
+     "evaluation.grading.timeout_s"),
+    (minimal(data={"template": "alpaca"}), "data.template"),
+    (minimal(validation={"every": 5}), "validation.every"),
+    (minimal(validation={"select": "median"}), "validation.select"),
+    (minimal(experiments={"x": {"algorithm": "sft", "teacher_logprobs": True}}), "experiments.x.teacher_logprobs"),
 ])
 def test_bad_config_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -69,3 +78,23 @@ def test_json_schema_rejects_unknown_keys():
 
     with pytest.raises(jsonschema.ValidationError, match="lrr"):
         jsonschema.validate(minimal(experiments={"x": {"lrr": 1.0}}), json_schema())
+
+
+def test_validation_rides_in_the_train_settings_only_when_on():
+    import json
+
+    from luffy import workflow as wf
+
+    off = load_config(minimal())
+    name = next(iter(off.experiments))
+    assert "validation" not in json.loads(wf.train_settings(off, name))  # old runs keep their settings
+    assert wf.train_inputs(off) == [f"{off.root.results_dir}/data/train.parquet"]
+    on = load_config(minimal(data={"validation_fraction": 0.1}, validation={"every": 5, "select": "best"}))
+    settings = json.loads(wf.train_settings(on, name))
+    assert settings["validation"]["every"] == 5 and settings["validation"]["data"].endswith("data/valid.parquet")
+    assert wf.train_inputs(on)[1].endswith("data/valid.parquet")
+
+
+def test_experiments_may_be_empty_to_evaluate_the_base_model_only():
+    cfg = load_config({**minimal(), "experiments": {}})
+    assert cfg.models == ["base"]

@@ -51,21 +51,75 @@ def test_missing_columns_are_named():
         validate_openr1(frame, "trace file x")
 
 
-def test_malformed_rows_are_named_by_position():
-    frame = openr1([
+def malformed_frame():
+    return openr1([
         row("ok", "1", ["g"], [True], [True]),
         row("p", "1", ["g1", "g2"], [True], [True, True]),   # misaligned lists
         row("", "1", ["g"], [True], [True]),                 # empty problem
         row("p", 3, ["g"], [True], [True]),                  # non-string answer
         row("p", "1", None, [True], [True]),                 # null generations
+        row("p", "1", ["g", None], [True, True], [True, True]),  # a null generation
     ])
+
+
+def test_malformed_rows_are_counted_per_reason_never_silently_dropped():
+    out, report = filter_traces(malformed_frame(), char_count, 100, "", "src")
+    assert len(out) == 1 and report.rows_in == 6
+    assert report.malformed == {
+        "generations, correctness_math_verify and is_reasoning_complete differ in length": 1,
+        "empty or non-string problem": 1, "empty or non-string answer": 1,
+        "generations / correctness_math_verify / is_reasoning_complete not lists": 1,
+        "a generation is not a string": 1}
+    report.check_totals()
+
+
+def test_the_schema_check_still_names_rows_by_position():
     with pytest.raises(DataError) as err:
-        filter_traces(frame, char_count, 100, "", "src")
+        validate_openr1(malformed_frame(), "trace file x")
     message = str(err.value)
-    assert "differ in length: 1 row(s) [1]" in message
-    assert "empty or non-string problem: 1 row(s) [2]" in message
-    assert "empty or non-string answer: 1 row(s) [3]" in message
-    assert "not lists: 1 row(s) [4]" in message
+    assert "differ in length: 1 row(s) [1]" in message and "not lists: 1 row(s) [4]" in message
+
+
+def test_streaming_equals_in_memory_and_accepts_the_luffy_schema(tmp_path):
+    from luffy.data.traces import PromptTemplate, TraceFilter, prepare_stream, resolve_sources
+
+    frame = openr1([row(f"p{i}", str(i), ["wrong", "x" * (5 + i % 40), "ok"], [False, True, True], [True] * 3)
+                    for i in range(50)] + [row("", "1", ["g"], [True], [True])])
+    whole, report = filter_traces(frame, char_count, 30, "SYS", "src")
+    for part, rows in enumerate((slice(0, 20), slice(20, 51))):
+        frame.iloc[rows].to_parquet(tmp_path / f"part{part}.parquet")
+    sources = resolve_sources(str(tmp_path / "part*.parquet"))
+    assert [s.rsplit("/", 1)[1] for s in sources] == ["part0.parquet", "part1.parquet"]
+    flt = TraceFilter(char_count, 30, PromptTemplate("luffy", "SYS"), "src")
+    prepare_stream(sources, str(tmp_path / "out.parquet"), flt, batch_rows=7)  # many small batches
+    streamed = pd.read_parquet(tmp_path / "out.parquet")
+    assert streamed["target"].map(lambda t: t[0]["content"]).tolist() == \
+        whole["target"].map(lambda t: t[0]["content"]).tolist()
+    assert streamed["extra_info"].map(lambda e: e["index"]).tolist() == list(range(len(whole)))
+    assert flt.report.as_dict() == report.as_dict() and report.malformed == {"empty or non-string problem": 1}
+    # the filtered output is itself a valid input (the authors' released set has this schema)
+    again = TraceFilter(char_count, 30, PromptTemplate("qwen_math_boxed"), "src")
+    prepare_stream([str(tmp_path / "out.parquet")], str(tmp_path / "again.parquet"), again)
+    rows = pd.read_parquet(tmp_path / "again.parquet")
+    assert len(rows) == len(whole) and again.report.rows_out == len(whole)
+    assert rows["prompt"].iloc[0].tolist() == [
+        {"role": "user", "content": "p0\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    strict = TraceFilter(char_count, 8, PromptTemplate("none"), "src")
+    prepare_stream([str(tmp_path / "out.parquet")], str(tmp_path / "strict.parquet"), strict)
+    assert strict.report.dropped["all_correct_traces_too_long"] == len(whole) - strict.report.rows_out > 0
+
+
+def test_no_survivor_is_an_error_and_nothing_is_written(tmp_path):
+    from luffy.data.traces import PromptTemplate, TraceFilter, prepare_stream
+
+    openr1([row("p", "1", ["w"], [False], [True])]).to_parquet(tmp_path / "in.parquet")
+    flt = TraceFilter(char_count, 30, PromptTemplate(), "src")
+    with pytest.raises(DataError, match="no training row survived"):
+        prepare_stream([str(tmp_path / "in.parquet")], str(tmp_path / "out.parquet"), flt)
+    assert not (tmp_path / "out.parquet").exists() and flt.report.dropped["no_correct_trace"] == 1
+    pd.DataFrame({"problem": ["p"]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(DataError, match="neither the OpenR1-Math-220k schema"):
+        prepare_stream([str(tmp_path / "other.parquet")], str(tmp_path / "out.parquet"), flt)
 
 
 def test_unreadable_file_is_a_data_error(tmp_path):

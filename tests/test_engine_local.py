@@ -147,3 +147,26 @@ def test_teacher_logprobs_bad_data_is_named(tiny_model_dir, train_parquet, tmp_p
         load_train_data(str(bad), tok, teacher_logprobs=True)
     with pytest.raises(Exception, match="teacher_logprobs.*needs off-policy members"):
         resolve_train_config("g", {}, {"algorithm": "grpo", "teacher_logprobs": True})
+
+
+def test_in_training_validation_selects_the_best_step(tiny_model_dir, train_parquet, tmp_path):
+    import pandas as pd
+
+    data = train_parquet(12, 80)
+    valid = tmp_path / "valid.parquet"
+    pd.read_parquet(data).drop(columns=["target"]).iloc[:4].to_parquet(valid)
+    cfg = resolve_train_config("val", {}, {"algorithm": "grpo", "steps": 3, "prompts_per_step": 2, "n": 2,
+                                           "max_response_tokens": 48, "mini_batches": 1, "lr": 1.0e-3})
+    validation = {"every": 2, "n": 2, "temperature": 0.6, "max_problems": 3, "select": "best", "data": str(valid)}
+    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work", validation=validation)
+    assert len(trainer.valid_prompts) == 3
+    first = trainer.validate()
+    assert first == trainer.validate()  # the same draws at every validation: comparable across steps
+    trainer.run(tmp_path / "final", tmp_path / "metrics.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validated = [m["step"] for m in lines if "val/accuracy" in m]
+    assert validated == [1, 2]  # every 2 steps, and at the end
+    best = json.loads((tmp_path / "work" / "best.json").read_text())
+    chosen = json.loads((tmp_path / "final" / "checkpoint.json").read_text())["selected"]
+    assert chosen["step"] == best["step"] and chosen["accuracy"] == max(m["val/accuracy"] for m in lines
+                                                                        if "val/accuracy" in m)

@@ -48,3 +48,46 @@ def test_training_curves_average_seeds(tmp_path):
         files[f"luffy-seed{seed}"] = path
     training_curves(files, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def write_samples(root, model, suite, correct_per_problem):
+    """Per-sample file and summary JSON of one suite (accuracy = mean over samples)."""
+    rows = [{"problem_id": p, "sample_index": i, "correct": c}
+            for p, flags in enumerate(correct_per_problem) for i, c in enumerate(flags)]
+    (root / model).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(root / model / f"{suite}.parquet")
+    accuracy = sum(c for flags in correct_per_problem for c in flags) / len(rows)
+    write_eval(root, model, suite, accuracy)
+
+
+PAPER_MATH = ["aime24", "aime25", "amc", "math500", "minerva", "olympiad"]
+TITLES = {"aime24": "AIME24", "aime25": "AIME25", "amc": "AMC", "math500": "MATH-500", "minerva": "Minerva",
+          "olympiad": "Olympiad", "arc_c": "ARC-c", "gpqa": "GPQA-diamond", "mmlu_pro": "MMLU-Pro"}
+
+
+def test_paper_layout_math_and_ood_tables_with_reported_rows(tmp_path):
+    from luffy.report.tables import paper_layout
+
+    suites = PAPER_MATH + ["arc_c", "gpqa", "mmlu_pro"]
+    meta = {s: {"group": "ood" if s in ("arc_c", "gpqa", "mmlu_pro") else "math", "title": TITLES[s],
+                "benchmark": s} for s in suites}
+    for s in suites:
+        write_samples(tmp_path, "base", s, [[True, False], [False, False]])  # 25%
+    body, frames, intervals = paper_layout(tmp_path, ["base"], suites, meta, decimals=1, show_published=True)
+    assert "### Math reasoning" in body and "### Out of distribution" in body
+    assert "| Model | AIME24 | AIME25 | AMC | MATH-500 | Minerva | Olympiad | Avg |" in body
+    assert "| base | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 |" in body
+    assert "| LUFFY (reported) | 29.5 | 23.2 | 66.1 | 88.4 | 33.8 | 56.4 | 49.6 |" in body
+    assert "| Model | ARC-c | GPQA-diamond | MMLU-Pro | Avg |" in body
+    assert "| LUFFY (reported) | 80.5 | 39.9 | 53.0 | 57.8 |" in body
+    assert set(frames) == {"math", "ood"} and frames["ood"].loc["base", "Avg"] == pytest.approx(25.0)
+    low, high = intervals["math"].loc["base", "Avg_ci_low"], intervals["math"].loc["base", "Avg_ci_high"]
+    assert 0.0 <= low <= 25.0 <= high <= 50.0  # per-problem accuracies 0.5 and 0: resampled means in [0, 50]
+    # a subset of the paper's suites: reported values per column, but no reported Avg
+    body, _, _ = paper_layout(tmp_path, ["base"], ["aime24", "amc"], meta, decimals=1, show_published=True)
+    assert "| LUFFY (reported) | 29.5 | 66.1 | - |" in body
+    # suites that are not the paper's: no reported rows
+    body, _, _ = paper_layout(tmp_path, ["base"], ["aime24"], {}, decimals=1, show_published=True)
+    assert "(reported)" not in body and "### " not in body
+    body, _, _ = paper_layout(tmp_path, ["base"], suites, meta, decimals=1, show_published=False)
+    assert "(reported)" not in body

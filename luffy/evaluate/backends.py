@@ -29,6 +29,7 @@ class Sampling:
 
 class Backend(Protocol):
     name: str
+    max_context: int  # prompt + new tokens the model can take
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:
         """``sampling.n`` completions (text, special tokens removed) per prompt."""
@@ -51,6 +52,7 @@ class VllmBackend:
         self.llm = LLM(model=model_path, dtype=v.dtype, gpu_memory_utilization=v.gpu_memory_utilization,
                        enforce_eager=v.enforce_eager, max_model_len=v.max_model_len,
                        enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed)
+        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:
         from vllm import SamplingParams
@@ -76,6 +78,7 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
         self.batch_size = cfg.hf_batch_size
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:
         import torch

@@ -11,7 +11,7 @@ import pandas as pd
 from transformers import AutoTokenizer
 
 from luffy.config import GRADERS_FOR, GradingConfig, SuiteConfig
-from luffy.data.schema import load_benchmark
+from luffy.data.schema import DataError, load_benchmark
 from luffy.data.templates import encode_prompts
 from luffy.evaluate.backends import Backend, Sampling
 from luffy.evaluate.metrics import suite_metrics
@@ -40,6 +40,12 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
     ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``."""
     problems = load_benchmark(path)
     _, prompt_ids = encode_prompts(tokenizer, eval_prompts(problems["prompt"].tolist(), cfg.system_prompt))
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + cfg.max_tokens > backend.max_context]
+    if too_long:
+        longest = max(len(prompt_ids[i]) for i in too_long)
+        raise DataError(f"suite {name} ({path}): {len(too_long)} prompt(s) (problems {too_long[:10]}, longest "
+                        f"{longest} tokens) plus max_tokens={cfg.max_tokens} exceed the model's context of "
+                        f"{backend.max_context} tokens; lower max_tokens or use a longer-context model")
     began = time.perf_counter()
     completions = backend.generate(prompt_ids, Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                                         max_tokens=cfg.max_tokens, seed=seed))

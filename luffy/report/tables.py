@@ -7,7 +7,9 @@ over each experiment's seeds; the CSV keeps every seed's values.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from luffy.config import SEED_SUFFIX, experiment_family
@@ -87,3 +89,107 @@ def per_seed_table(frame: pd.DataFrame, decimals: int) -> str:
 
 def to_markdown(frame: pd.DataFrame, title: str, decimals: int) -> str:
     return f"## {title}\n\n" + summary_table(frame, decimals)
+
+
+# ---- the paper's layout: a math table and an out-of-distribution table ----
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
+GROUP_TITLES = {"math": "Math reasoning", "ood": "Out of distribution"}
+
+
+def suite_groups(suites: list[str], meta: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Suites per table (``math`` then ``ood``), in the configured order; a suite without
+    metadata is a math suite."""
+    groups: dict[str, list[str]] = {}
+    for suite in suites:
+        groups.setdefault(meta.get(suite, {}).get("group", "math"), []).append(suite)
+    return {g: groups[g] for g in ("math", "ood") if g in groups}
+
+
+def titled(frame: pd.DataFrame, meta: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    return frame.rename(columns={s: meta.get(s, {}).get("title") or s for s in frame.columns})
+
+
+def published(group: str) -> pd.DataFrame:
+    """The paper's reported table for ``math`` or ``ood`` (rows: models; columns: benchmarks, Avg)."""
+    path = PUBLISHED_DIR / f"{group}.csv"
+    return pd.read_csv(path, index_col="model") if path.exists() else pd.DataFrame()
+
+
+def reported_rows(group: str, suites: list[str], meta: dict[str, dict[str, Any]], decimals: int) -> list[list[str]]:
+    """The paper's rows under our columns: a value where a suite is that paper benchmark;
+    the reported Avg only when the columns are exactly the paper's benchmarks."""
+    table = published(group)
+    benchmarks = [meta.get(s, {}).get("benchmark") for s in suites]
+    if table.empty or not any(b in table.columns for b in benchmarks):
+        return []
+    same_set = sorted(b for b in benchmarks if b) == sorted(c for c in table.columns if c != "Avg") \
+        and len(benchmarks) == len(table.columns) - 1
+    rows = []
+    for model, values in table.iterrows():
+        cells = [_number(values[b], decimals) if b in table.columns else "-" for b in benchmarks]
+        rows.append([f"{model} (reported)", *cells, _number(values["Avg"], decimals) if same_set else "-"])
+    return rows
+
+
+def group_intervals(eval_dir: str | Path, models: list[str], suites: list[str]) -> pd.DataFrame:
+    """95% bootstrap interval (percent) of each model's accuracy per suite and of the Avg over
+    ``suites``, from the per-sample files."""
+    from luffy.evaluate.metrics import bootstrap_interval, per_problem_accuracy
+
+    rows = {}
+    for model in models:
+        accuracies = {s: per_problem_accuracy(pd.read_parquet(Path(eval_dir) / model / f"{s}.parquet"))
+                      for s in suites}
+        row = {}
+        for name, parts in [*((s, [a]) for s, a in accuracies.items()), ("Avg", list(accuracies.values()))]:
+            low, high = bootstrap_interval(parts)
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = 100 * low, 100 * high
+        rows[model] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "model"
+    return frame
+
+
+def interval_table(intervals: pd.DataFrame, columns: list[str], labels: list[str], decimals: int) -> str:
+    rows = [[str(model), *(f"{row[f'{c}_ci_low']:.{decimals}f}-{row[f'{c}_ci_high']:.{decimals}f}" for c in columns)]
+            for model, row in intervals.iterrows()]
+    return markdown_table(["Model", *labels], rows)
+
+
+def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], meta: dict[str, dict[str, Any]],
+                 decimals: int, show_published: bool
+                 ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
+    rows) with its bootstrap intervals, and per group the accuracy frame and the intervals."""
+    groups = suite_groups(suites, meta)
+    parts, frames, intervals = [], {}, {}
+    for group, members in groups.items():
+        frame = collect(eval_dir, models, members)
+        frames[group], intervals[group] = frame, group_intervals(eval_dir, models, members)
+        extra = reported_rows(group, members, meta, decimals) if show_published else []
+        table = summary_table(titled(frame, meta), decimals)
+        if extra:
+            table = table.rstrip("\n") + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in extra) + "\n"
+        heading = GROUP_TITLES[group] if len(groups) > 1 else None
+        parts += ([f"### {heading}", ""] if heading else []) + [table.strip(), ""]
+        labels = [meta.get(s, {}).get("title") or s for s in members] + ["Avg"]
+        parts += ["95% bootstrap intervals over problems (percent):", "",
+                  interval_table(intervals[group], members + ["Avg"], labels, decimals).strip(), ""]
+    if show_published and any(reported_rows(g, m, meta, decimals) for g, m in groups.items()):
+        parts += ["Rows marked (reported) are the LUFFY paper's published numbers for Qwen2.5-Math-7B models, "
+                  "not measured by this pipeline.", ""]
+    return "\n".join(parts), frames, intervals
+
+
+def combined(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The groups side by side; with several groups each Avg is named after its group."""
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    return pd.concat([f.rename(columns={"Avg": f"Avg ({g})"}) for g, f in frames.items()], axis=1)
+
+
+def combined_intervals(intervals: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    if len(intervals) == 1:
+        return next(iter(intervals.values()))
+    return pd.concat([f.rename(columns=lambda c, g=g: c.replace("Avg_", f"Avg ({g})_")) for g, f in intervals.items()],
+                     axis=1)

@@ -19,7 +19,7 @@ os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 
 
 wildcard_constraints:
-    experiment="|".join(EXPERIMENTS),
+    experiment="|".join(EXPERIMENTS) or "(?!x)x",
     model="|".join(MODELS),
     suite="|".join(BENCHMARK_SUITES) or "(?!x)x",
 

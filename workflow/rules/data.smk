@@ -16,18 +16,21 @@ rule make_toy_traces:
 
 rule prepare_traces:
     input:
-        traces=wf.trace_file(CFG),
+        traces=wf.trace_inputs(CFG),
     output:
         train=f"{RESULTS}/data/train.parquet",
+        valid=f"{RESULTS}/data/valid.parquet",
         report=f"{RESULTS}/data/prepare_report.json",
     params:
         settings=wf.filter_settings(CFG),
+        traces=wf.trace_file(CFG),
         tokenizer=wf.tokenizer(CFG),
     log:
         f"{RESULTS}/logs/prepare_traces.log",
     shell:
-        "luffy prepare-traces --settings {params.settings:q} --traces {input.traces:q}"
-        " --tokenizer {params.tokenizer:q} --out {output.train} --report {output.report}"
+        "luffy prepare-traces --settings {params.settings:q} --traces {params.traces:q}"
+        " --tokenizer {params.tokenizer:q} --out {output.train} --validation-out {output.valid}"
+        " --report {output.report}"
         " --group data --rule {rule} > {log} 2>&1"
 
 

@@ -7,6 +7,7 @@ rule report:
         wf.report_outputs(CFG),
     params:
         settings=wf.report_settings(CFG),
+        suite_meta=wf.suite_meta(CFG),
         models=MODELS,
         suites=SUITES,
         curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],
@@ -14,6 +15,6 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "luffy report --settings {params.settings:q} --eval-dir {RESULTS}/eval --models {params.models}"
+        "luffy report --settings {params.settings:q} --suite-meta {params.suite_meta:q} --eval-dir {RESULTS}/eval --models {params.models}"
         " --suites {params.suites} --train-metrics {params.curves} --out-dir {params.out_dir}"
         " --group report --rule {rule} > {log} 2>&1"

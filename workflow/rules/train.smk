@@ -1,6 +1,6 @@
 rule train:
     input:
-        data=f"{RESULTS}/data/train.parquet",
+        data=wf.train_inputs(CFG),
         start=lambda w: wf.start_model_inputs(CFG, w.experiment),
     output:
         checkpoint=directory(f"{RESULTS}/train/{{experiment}}/final"),
@@ -14,6 +14,6 @@ rule train:
     log:
         f"{RESULTS}/logs/train/{{experiment}}.log",
     shell:
-        "luffy train --settings {params.settings:q} --data {input.data} --base-model {params.start_model:q}"
+        "luffy train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
         " --threads {threads} --group {wildcards.experiment} --rule {rule} > {log} 2>&1"

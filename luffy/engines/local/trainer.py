@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -29,10 +29,10 @@ from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
 from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.config import TrainConfig, to_dict
-from luffy.data.schema import DataError, load_luffy, load_teacher_logprobs
+from luffy.data.schema import DataError, load_benchmark, load_luffy, load_teacher_logprobs
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.engines.local import checkpoint
-from luffy.io import atomic_dir
+from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.generation import sample
 from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, pick_device, select_rows,
                                     token_logprobs_and_entropy)
@@ -102,8 +102,9 @@ def loss_settings(cfg: TrainConfig) -> LossSettings:
 
 class LocalTrainer:
     def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
-                 sink: MetricsSink | None = None):
+                 sink: MetricsSink | None = None, validation: dict[str, Any] | None = None):
         self.cfg = cfg
+        self.validation = validation
         self.device = pick_device(cfg.device)
         self.base_model = base_model
         self.work_dir = work_dir
@@ -132,6 +133,14 @@ class LocalTrainer:
         self.ref_model = None
         if cfg.algorithm != "sft" and cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.valid_prompts: list[list[int]] = []
+        self.valid_answers: list[str] = []
+        if validation:
+            problems = load_benchmark(validation["data"])
+            if validation.get("max_problems"):
+                problems = problems.iloc[: validation["max_problems"]]
+            _, self.valid_prompts = encode_prompts(self.tokenizer, problems["prompt"].tolist())
+            self.valid_answers = problems["ground_truth"].tolist()
 
     # ---- one step ----
     def _update(self, batch: SequenceBatch, rows: list[int], old_logp, advantages, off_mask, ref_logp,
@@ -328,6 +337,26 @@ class LocalTrainer:
         metrics["response_length/off_policy"] = _mean([len(self.data.trace_ids[i]) for i in idx])
         return metrics
 
+    # ---- validation on the held-out training problems ----
+    def validate(self) -> float:
+        """Accuracy (mean over ``n`` samples of each held-out problem) of the current policy."""
+        v, tok = self.validation, self.tokenizer
+        torch.manual_seed(self.cfg.seed * 1_000_003 + 777)  # the same draws at every validation
+        samples = sample(self.model, self.valid_prompts, n=v["n"], max_new_tokens=self.cfg.max_response_tokens,
+                         temperature=v["temperature"], top_p=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        texts = [tok.batch_decode(group, skip_special_tokens=True) for group in samples]
+        scores = [grade(t, gold).reward for group, gold in zip(texts, self.valid_answers) for t in group]
+        return _mean(scores)
+
+    def _track_best(self, step: int, accuracy: float) -> None:
+        """Keep the weights of the best validation accuracy so far (``select: best``)."""
+        best = self.work_dir / "best.json"
+        previous = json.loads(best.read_text())["accuracy"] if best.exists() else -1.0
+        if accuracy > previous:
+            with atomic_path(self.work_dir / "best.pt", suffix=".pt") as tmp:
+                torch.save(self.model.state_dict(), tmp)
+            write_text(best, json.dumps({"step": step + 1, "accuracy": accuracy}))
+
     # ---- the loop ----
     def run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None = None) -> None:
         cfg = self.cfg
@@ -344,6 +373,10 @@ class LocalTrainer:
             metrics = step_fn(step)
             metrics["lr"] = self.scheduler.get_last_lr()[0]
             metrics["step_time_s"] = time.perf_counter() - began
+            if self.validation and ((step + 1) % self.validation["every"] == 0 or step + 1 == cfg.steps):
+                metrics["val/accuracy"] = self.validate()
+                if self.validation["select"] == "best":
+                    self._track_best(step, metrics["val/accuracy"])
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
             if self.sink:
@@ -356,10 +389,18 @@ class LocalTrainer:
         self._write_final(out_dir, metrics_out)
 
     def _write_final(self, out_dir: Path, metrics_out: Path) -> None:
+        """The exported weights: the last step's, or with ``select: best`` the best validated."""
+        selected = {"step": self.cfg.steps, "rule": "last"}
+        state = self.model.state_dict()
+        if self.validation and self.validation["select"] == "best" and (self.work_dir / "best.json").exists():
+            selected = {**json.loads((self.work_dir / "best.json").read_text()), "rule": "best validation accuracy"}
+            state = torch.load(self.work_dir / "best.pt", map_location="cpu")
+        log.info("exporting the weights of step %d (%s)", selected["step"], selected["rule"])
         with atomic_dir(out_dir) as tmp:
-            torch.save(self.model.state_dict(), tmp / "model.pt")
+            torch.save(state, tmp / "model.pt")
             (tmp / "checkpoint.json").write_text(json.dumps(
-                {"base_model": self.base_model, "steps": self.cfg.steps, "settings": to_dict(self.cfg)}, indent=2))
+                {"base_model": self.base_model, "steps": self.cfg.steps, "selected": selected,
+                 "settings": to_dict(self.cfg)}, indent=2))
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.metrics_path, metrics_out)
 
