@@ -20,16 +20,25 @@ from luffy.data.templates import encode_prompts, encode_traces
 from luffy.data.toy import make_toy_data
 from luffy.data.traces import filter_traces
 from luffy.models.generation import sample
-from luffy.models.sequences import build_batch, length_buckets, select_rows, token_logprobs_and_entropy
+from luffy.models.sequences import (build_batch, length_buckets, pick_device, select_rows,
+                                    token_logprobs_and_entropy)
 from luffy.models.tiny import build_tiny_model
 from luffy.models.tokenizer import load_shipped_tokenizer
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (kernels, allocator)
     times = []
     for _ in range(repeats):
+        _sync()
         began = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 
@@ -42,12 +51,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048,
                         help="the engine's micro_batch_tokens (padded tokens per forward)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = pick_device(args.device)
 
     tok = load_shipped_tokenizer()
-    model = build_tiny_model(TinyModelConfig(), tok)  # the demo's architecture (random weights)
+    model = build_tiny_model(TinyModelConfig(), tok).to(device)  # the demo's architecture (random weights)
     # the demo's training rows: the LUFFY filter (<= 128 trace tokens) over the toy traces
     toy = make_toy_data(ToyTaskConfig(n_train=2 * args.prompts, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S")
     rows, _ = filter_traces(toy.raw_traces, lambda texts: [len(ids) for ids in tok(list(texts))["input_ids"]],
@@ -69,10 +80,10 @@ def main() -> None:
                 prompts.append(p)
                 responses.append(r)
                 off.append(with_teacher and m == 0)
-        batch = build_batch(prompts, responses, tok.pad_token_id)
-        off_mask = torch.tensor(off, dtype=torch.float32).unsqueeze(-1) * batch.response_mask
+        batch = build_batch(prompts, responses, tok.pad_token_id).to(device)
+        off_mask = torch.tensor(off, dtype=torch.float32, device=device).unsqueeze(-1) * batch.response_mask
         rewards = torch.randint(0, 2, (len(prompt_ids), len(members))).float()
-        return batch, off_mask, group_advantages(rewards).reshape(-1)
+        return batch, off_mask, group_advantages(rewards).reshape(-1).to(device)
 
     settings = {True: LossSettings(clip=False), False: LossSettings(clip=True)}
     results = {}
@@ -111,7 +122,8 @@ def main() -> None:
             "update_padded_s": median_time(lambda: update(0), args.repeats),
             "loss_only_s": median_time(loss_only, args.repeats),
         }
-    print(f"machine threads={args.threads}, prompts={args.prompts}, n={args.n}, rollout of "
+    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+          f"threads={args.threads}, prompts={args.prompts}, n={args.n}, rollout of "
           f"{args.prompts * n_on} samples: {rollout_s:.3f}s (same for both; the teacher is not generated)")
     for name, r in results.items():
         print(f"{name:5s}: response tokens {r['tokens']:6d} (teacher {r['teacher_tokens']:5d})  "
