@@ -168,3 +168,12 @@ def test_pool_names_a_bad_request(pool):
         pool.grade(["x"], ["1"], ("sympy_eval",))
     with pytest.raises(ValueError, match="1 completions but 2 gold"):
         pool.grade(["x"], ["1", "2"], ("boxed",))
+
+
+def test_boxed_grader_decides_plain_numbers_without_sympy():
+    from luffy.reward.boxed import plain_number
+
+    assert plain_number("\\frac{3}{4}") == 0.75 and plain_number("-12.5") == -12.5 and plain_number("x") is None
+    assert plain_number("\\frac{1}{0}") is None
+    assert grade_boxed("r</think> \\boxed{142.0}", "142").correct
+    assert not grade_boxed("r</think> \\boxed{0.3333}", "\\frac{1}{3}").correct

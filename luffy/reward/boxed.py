@@ -2,6 +2,7 @@
 
     answer  = content of the last \\boxed{...} (or \\fbox{...}) after ``</think>``
     correct = normalise(answer) == normalise(gold)              (string equality)
+           or |a - b| <= 1e-9 max(1, |b|)                       (both plain numbers: decided here)
            or latex2sympy(answer) - latex2sympy(gold) == 0       (sympy equality)
            or math-verify(gold, answer)                         (fallback)
 
@@ -99,6 +100,20 @@ def normalise(answer: str) -> str:
     return s
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+FRACTION = re.compile(r"(-?)\\frac\{(\d+)\}\{(\d+)\}")
+
+
+def plain_number(s: str) -> float | None:
+    """The value of a normalised answer that is an integer, decimal or \\frac{a}{b}, else None."""
+    if NUMBER.fullmatch(s):
+        return float(s)
+    match = FRACTION.fullmatch(s)
+    if match and int(match.group(3)) != 0:
+        return (-1 if match.group(1) else 1) * int(match.group(2)) / int(match.group(3))
+    return None
+
+
 def sympy_equal(a: str, b: str) -> bool:
     """Whether two normalised LaTeX answers are equal as sympy expressions (False when either
     does not parse). Parsing is grammar-based; nothing is evaluated as code."""
@@ -121,7 +136,13 @@ def grade_boxed(completion: str, gold: str) -> Grade:
     if boxed is None:
         return Grade(False, None, "no_answer")
     predicted, target = normalise(boxed), normalise(gold)
-    if predicted == target or sympy_equal(predicted, target):
+    if predicted == target:
+        return Grade(True, boxed, "correct")
+    left, right = plain_number(predicted), plain_number(target)
+    if left is not None and right is not None:  # two numbers: no symbolic work needed
+        ok = abs(left - right) <= 1e-9 * max(1.0, abs(right))
+        return Grade(ok, boxed, "correct" if ok else "wrong")
+    if sympy_equal(predicted, target):
         return Grade(True, boxed, "correct")
     fallback = grade_answer(f"\\boxed{{{boxed}}}", gold, timeout_s=None)
     return Grade(fallback.correct, boxed, fallback.reason if fallback.reason != "no_answer" else "wrong")
