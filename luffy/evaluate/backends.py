@@ -46,6 +46,7 @@ class VllmBackend:
         # The offline engine runs in this process: no spawned engine process that would need
         # an ``if __name__ == "__main__"`` guard in the caller.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the command's output
         from vllm import LLM
 
         v = cfg.vllm

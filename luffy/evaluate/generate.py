@@ -21,7 +21,13 @@ def generate_answers(model: str, question: str, system: str | None = None, tempe
     tokenizer = AutoTokenizer.from_pretrained(model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     _, (prompt_ids,) = encode_prompts(tokenizer, [messages])
-    engine = make_backend(model, EvaluationConfig(backend=backend, seed=seed, vllm=vllm or VllmConfig()))
+    if vllm is None:
+        import torch
+
+        # on a CPU: no graph compilation, float32, a modest share of host RAM for the KV cache
+        vllm = VllmConfig() if torch.cuda.is_available() else VllmConfig(gpu_memory_utilization=0.2,
+                                                                          enforce_eager=True, dtype="float32")
+    engine = make_backend(model, EvaluationConfig(backend=backend, seed=seed, vllm=vllm))
     max_tokens = min(max_tokens, engine.max_context - len(prompt_ids))
     if max_tokens < 1:
         raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({engine.max_context})")
