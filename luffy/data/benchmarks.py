@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from luffy.config import BenchmarkSpec
-from luffy.data.schema import DataError, _chat, _ground_truth, _is_list, benchmark_rows, read_parquet
+from luffy.data.schema import DataError, benchmark_rows, chat_messages, ground_truth_of, is_list, read_parquet
 
 log = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
@@ -77,7 +77,7 @@ def from_reference(frame: pd.DataFrame, spec: BenchmarkSpec, what: str) -> pd.Da
     sources = frame["data_source"] if "data_source" in frame.columns else [spec.data_source or ""] * len(frame)
     rows, bad = [], []
     for pos, (prompt, reward, source) in enumerate(zip(frame["prompt"], frame["reward_model"], sources)):
-        messages, gold = _chat(prompt), _ground_truth(reward)
+        messages, gold = chat_messages(prompt), ground_truth_of(reward)
         if messages is None or gold is None:
             bad.append(pos)
         else:
@@ -88,7 +88,7 @@ def from_reference(frame: pd.DataFrame, spec: BenchmarkSpec, what: str) -> pd.Da
 
 
 def _text(value: Any) -> str | None:
-    if _is_list(value):
+    if is_list(value):
         value = value[0] if len(value) else None
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None

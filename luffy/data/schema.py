@@ -37,7 +37,7 @@ def require_columns(frame: pd.DataFrame, required: Iterable[str], what: str) -> 
         raise DataError(f"{what}: missing column(s) {missing}; found {list(frame.columns)}")
 
 
-def _is_list(value: Any) -> bool:
+def is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
 
@@ -68,7 +68,7 @@ def check_openr1_row(row: dict[str, Any]) -> str | None:
     if not isinstance(answer, str) or not answer.strip():
         return "empty or non-string answer"
     lists = [row["generations"], row["correctness_math_verify"], row["is_reasoning_complete"]]
-    if not all(_is_list(v) for v in lists):
+    if not all(is_list(v) for v in lists):
         return "generations / correctness_math_verify / is_reasoning_complete not lists"
     if len({len(v) for v in lists}) != 1:
         return "generations, correctness_math_verify and is_reasoning_complete differ in length"
@@ -112,8 +112,8 @@ def benchmark_rows(data_source: str, split: str, system_prompt: str, problems: S
     })
 
 
-def _chat(value: Any) -> list[dict[str, str]] | None:
-    if not _is_list(value) or not len(value):
+def chat_messages(value: Any) -> list[dict[str, str]] | None:
+    if not is_list(value) or not len(value):
         return None
     out = []
     for message in value:
@@ -123,16 +123,16 @@ def _chat(value: Any) -> list[dict[str, str]] | None:
     return out
 
 
-def _ground_truth(value: Any) -> str | None:
+def ground_truth_of(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("ground_truth"), str) and value["ground_truth"].strip():
         return value["ground_truth"]
     return None
 
 
 def check_prompt_row(row: dict[str, Any]) -> str | None:
-    if _chat(row["prompt"]) is None:
+    if chat_messages(row["prompt"]) is None:
         return "prompt is not a non-empty list of {role, content} messages"
-    if _ground_truth(row["reward_model"]) is None:
+    if ground_truth_of(row["reward_model"]) is None:
         return "reward_model.ground_truth missing or empty"
     return None
 
@@ -141,7 +141,7 @@ def check_luffy_row(row: dict[str, Any]) -> str | None:
     reason = check_prompt_row(row)
     if reason:
         return reason
-    target = _chat(row["target"])
+    target = chat_messages(row["target"])
     if target is None or target[0]["role"] != "assistant" or not target[0]["content"]:
         return "target is not [{role: assistant, content: trace}]"
     return None
@@ -161,14 +161,14 @@ def read_validated(path: str, what: str, required: Sequence[str],
 def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
     """Training rows: (prompt messages, teacher trace, ground truth) per row."""
     frame = read_validated(path, f"training data {path}", LUFFY_REQUIRED, check_luffy_row)
-    prompts = [_chat(v) for v in frame["prompt"]]
-    traces = [_chat(v)[0]["content"] for v in frame["target"]]
-    answers = [_ground_truth(v) for v in frame["reward_model"]]
+    prompts = [chat_messages(v) for v in frame["prompt"]]
+    traces = [chat_messages(v)[0]["content"] for v in frame["target"]]
+    answers = [ground_truth_of(v) for v in frame["reward_model"]]
     return prompts, traces, answers
 
 
 def check_teacher_logprobs(value: Any) -> str | None:
-    if not _is_list(value) or not len(value):
+    if not is_list(value) or not len(value):
         return f"{TEACHER_LOGPROBS} is not a non-empty list"
     values = np.asarray(value, dtype=float) if all(isinstance(v, (int, float, np.floating)) for v in value) else None
     if values is None:
@@ -197,7 +197,7 @@ def load_benchmark(path: str) -> pd.DataFrame:
     frame = read_validated(path, f"benchmark {path}", BENCHMARK_REQUIRED, check_prompt_row)
     return pd.DataFrame({
         "problem_id": range(len(frame)),
-        "prompt": [_chat(v) for v in frame["prompt"]],
-        "ground_truth": [_ground_truth(v) for v in frame["reward_model"]],
+        "prompt": [chat_messages(v) for v in frame["prompt"]],
+        "ground_truth": [ground_truth_of(v) for v in frame["reward_model"]],
         "data_source": frame["data_source"].astype(str).tolist(),
     })

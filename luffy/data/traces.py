@@ -35,8 +35,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, _chat, _ground_truth, _is_list,
-                               check_openr1_row, luffy_rows, require_columns)
+from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_openr1_row,
+                               ground_truth_of, luffy_rows, require_columns)
 
 DROP_REASONS = ("no_correct_trace", "no_complete_correct_trace", "all_correct_traces_too_long")
 TEMPLATES = ("luffy", "qwen_math_boxed", "none")
@@ -94,10 +94,6 @@ class FilterReport:
                 "generations_rejected": dict(self.generations_rejected),
                 "kept_trace_tokens_max": self.kept_trace_tokens_max,
                 "kept_trace_tokens_mean": self.kept_trace_tokens_mean}
-
-
-def _as_list(value: Any) -> list:
-    return list(value) if _is_list(value) else []
 
 
 class TraceFilter:
@@ -201,7 +197,7 @@ class TraceFilter:
         self.report.rows_in += len(frame)
         problems, traces, answers = [], [], []
         for prompt, target, reward in zip(frame["prompt"], frame["target"], frame["reward_model"]):
-            messages, trace, gold = _chat(prompt), _chat(target), _ground_truth(reward)
+            messages, trace, gold = chat_messages(prompt), chat_messages(target), ground_truth_of(reward)
             users = [m["content"] for m in messages or [] if m["role"] == "user"]
             if not users or not users[-1].strip():
                 self._malformed("prompt without a non-empty user turn")
