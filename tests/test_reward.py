@@ -16,7 +16,8 @@ from luffy.reward.pool import ANSWER_TYPES, GraderPool
     ("r</think> \\boxed{-14}", "14", False, "wrong"),
     ("<think>\\boxed{14} and I keep thinking", "14", False, "no_think_end"),
     ("r</think> I do not know.", "14", False, "no_answer"),
-    ("r</think> \\boxed{", "14", False, "no_answer"),
+    ("r</think> \\boxed{", "14", False, "parse_failure"),  # an unclosed box
+    ("r</think> \\boxed{}", "14", False, "parse_failure"),    # a box with nothing parseable in it
     # answer inside the thinking does not count; only what follows </think>
     ("\\boxed{14}</think> so \\boxed{13}", "14", False, "wrong"),
 ])

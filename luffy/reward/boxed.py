@@ -145,4 +145,4 @@ def grade_boxed(completion: str, gold: str) -> Grade:
     if sympy_equal(predicted, target):
         return Grade(True, boxed, "correct")
     fallback = grade_answer(f"\\boxed{{{boxed}}}", gold, timeout_s=None)
-    return Grade(fallback.correct, boxed, fallback.reason if fallback.reason != "no_answer" else "wrong")
+    return Grade(fallback.correct, boxed, fallback.reason)

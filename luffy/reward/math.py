@@ -18,7 +18,7 @@ from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
 THINK_END = "</think>"
-REASONS = ("correct", "wrong", "no_think_end", "no_answer", "timeout", "error")
+REASONS = ("correct", "wrong", "no_think_end", "no_answer", "parse_failure", "timeout", "error")
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def grade_answer(answer: str, gold: str, timeout_s: int | None = 2) -> Grade:
     extracted = None
     try:
         predicted = parse(answer, parsing_timeout=limit, raise_on_error=True)
-        if not predicted:
-            return Grade(False, None, "no_answer")
+        if not predicted:  # a box that does not parse is a parse failure; no box and no math, no answer
+            return Grade(False, None, "parse_failure" if "\\boxed" in answer else "no_answer")
         extracted = str(predicted[-1])
         ok = verify(_parse_gold(gold, limit), predicted, timeout_seconds=limit, raise_on_error=True)
     except (TimeoutError, TimeoutException):
