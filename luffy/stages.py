@@ -124,7 +124,8 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     previous = latest_state(work_dir)
     params = {**to_dict(settings), **({"validation": validation} if validation else {})}
     with StageRun("train", group, rule, params=params, resume_run_id=(previous or {}).get("run_id")) as run:
-        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics, validation=validation)
+        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics, validation=validation,
+                               grader_workers=threads)
         trainer.run(Path(out_dir), Path(metrics_out), resume_run_id=lambda: run.run_id)
         run.log_artifacts([metrics_out])
 

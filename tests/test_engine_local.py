@@ -158,7 +158,7 @@ def test_in_training_validation_selects_the_best_step(tiny_model_dir, train_parq
     cfg = resolve_train_config("val", {}, {"algorithm": "grpo", "steps": 3, "prompts_per_step": 2, "n": 2,
                                            "max_response_tokens": 48, "mini_batches": 1, "lr": 1.0e-3})
     validation = {"every": 2, "n": 2, "temperature": 0.6, "max_problems": 3, "select": "best", "data": str(valid)}
-    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work", validation=validation)
+    trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / "work", validation=validation, grader_workers=2)
     assert len(trainer.valid_prompts) == 3
     first = trainer.validate()
     assert first == trainer.validate()  # the same draws at every validation: comparable across steps

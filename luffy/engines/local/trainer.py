@@ -36,7 +36,8 @@ from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.generation import sample
 from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, pick_device, select_rows,
                                     token_logprobs_and_entropy)
-from luffy.reward.math import grade
+from luffy.reward.math import Grade, grade
+from luffy.reward.pool import GraderPool
 
 log = logging.getLogger(__name__)
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -102,9 +103,13 @@ def loss_settings(cfg: TrainConfig) -> LossSettings:
 
 class LocalTrainer:
     def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
-                 sink: MetricsSink | None = None, validation: dict[str, Any] | None = None):
+                 sink: MetricsSink | None = None, validation: dict[str, Any] | None = None,
+                 grader_workers: int = 0):
         self.cfg = cfg
         self.validation = validation
+        # rewards are graded in a process pool of this many workers during run() (0: in-process)
+        self.grader_workers = grader_workers
+        self.grader: GraderPool | None = None
         self.device = pick_device(cfg.device)
         self.base_model = base_model
         self.work_dir = work_dir
@@ -201,7 +206,7 @@ class LocalTrainer:
                 off_tokens.append(n_off_tokens)
                 golds.append(self.data.answers[i])
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        grades = [grade(t, g) for t, g in zip(texts, golds)]
+        grades = self._grade(texts, golds)
         rewards = torch.tensor([g.reward for g in grades]).view(len(idx), cfg.n)
         on_policy_members = ~torch.tensor(off_flags).view(len(idx), cfg.n)
         advantages = group_advantages(rewards, cfg.std_normalize, baseline_mask=(
@@ -337,6 +342,12 @@ class LocalTrainer:
         metrics["response_length/off_policy"] = _mean([len(self.data.trace_ids[i]) for i in idx])
         return metrics
 
+    def _grade(self, texts: list[str], golds: list[str]) -> list[Grade]:
+        """The reward's verdicts: in the grader pool when one is running, else in this process."""
+        if self.grader is None:
+            return [grade(t, g) for t, g in zip(texts, golds)]
+        return [v["math_verify"] for v in self.grader.grade(texts, golds, ("math_verify",))]
+
     # ---- validation on the held-out training problems ----
     def validate(self) -> float:
         """Accuracy (mean over ``n`` samples of each held-out problem) of the current policy."""
@@ -345,7 +356,8 @@ class LocalTrainer:
         samples = sample(self.model, self.valid_prompts, n=v["n"], max_new_tokens=self.cfg.max_response_tokens,
                          temperature=v["temperature"], top_p=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         texts = [tok.batch_decode(group, skip_special_tokens=True) for group in samples]
-        scores = [grade(t, gold).reward for group, gold in zip(texts, self.valid_answers) for t in group]
+        flat = [(t, gold) for group, gold in zip(texts, self.valid_answers) for t in group]
+        scores = [g.reward for g in self._grade([t for t, _ in flat], [gold for _, gold in flat])]
         return _mean(scores)
 
     def _track_best(self, step: int, accuracy: float) -> None:
@@ -359,6 +371,16 @@ class LocalTrainer:
 
     # ---- the loop ----
     def run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None = None) -> None:
+        if self.grader_workers > 0:
+            with GraderPool(workers=self.grader_workers) as pool:
+                self.grader = pool
+                try:
+                    return self._run(out_dir, metrics_out, resume_run_id)
+                finally:
+                    self.grader = None
+        return self._run(out_dir, metrics_out, resume_run_id)
+
+    def _run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None) -> None:
         cfg = self.cfg
         resumed = checkpoint.load_latest(self.work_dir, self.model, self.optimizer, self.scheduler)
         start = resumed.step if resumed else 0
