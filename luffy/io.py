@@ -16,6 +16,18 @@ from typing import Any, Iterator
 import pandas as pd
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _publishable(path: str | os.PathLike, directory: bool = False) -> None:
+    """The permissions a plainly created file or directory would have (mkstemp/mkdtemp make
+    them private, 0600/0700, which outputs shared on a cluster must not be)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it over ``path`` on success."""
@@ -25,6 +37,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.exists(tmp):
+            _publishable(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -39,6 +53,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _publishable(tmp, directory=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

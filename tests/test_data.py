@@ -167,3 +167,20 @@ def test_toy_space_too_small_is_an_error():
     with pytest.raises(ValueError, match="too small"):
         make_toy_data(ToyTaskConfig(n_train=500, n_pretrain=0, n_eval_id=0, n_eval_ood=0, min_ops=1, max_ops=1,
                                     max_operand=3), "")
+
+
+def test_atomic_outputs_have_ordinary_permissions(tmp_path):
+    import os
+
+    from luffy.io import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "a.txt").read_text() == "x" and (tmp_path / "d" / "f").read_text() == "y"
