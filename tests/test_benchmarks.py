@@ -113,7 +113,7 @@ def test_reference_file_without_the_suites_rows(registry):
 
 def test_hub_failure_names_the_dataset_and_the_workaround(registry, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="HuggingFaceH4/aime_2024.*'local:'"):
+    with pytest.raises(DataError, match="HuggingFaceH4/aime_2024.*local copy"):
         build_suite("aime24", registry["aime24"])
 
 
@@ -141,3 +141,11 @@ def test_bad_registry_is_named(tmp_path):
     with pytest.raises(ConfigError, match="needs a hub_id or a local file"):
         load_registry(str(bad))
     assert os.path.exists(REGISTRY)
+
+
+def test_hub_trace_input_offline_is_named(monkeypatch):
+    from luffy.data.traces import resolve_sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="open-r1/OpenR1-Math-220k \\(default/train\\).*local copy"):
+        resolve_sources("hub:open-r1/OpenR1-Math-220k")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from luffy.config import BenchmarkSpec
+from luffy.data.hub import open_file, parquet_files
 from luffy.data.schema import DataError, benchmark_rows, chat_messages, ground_truth_of, is_list, read_parquet
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,10 @@ def read_local(path: str, what: str) -> pd.DataFrame:
 
 def read_hub(spec: BenchmarkSpec, what: str) -> pd.DataFrame:
     """The public dataset's split, from the hub's auto-converted parquet files."""
-    from huggingface_hub import HfFileSystem
-
-    pattern = f"datasets/{spec.hub_id}@~parquet/{spec.hub_config or 'default'}/{spec.split}/*.parquet"
-    try:
-        fs = HfFileSystem()
-        files = sorted(fs.glob(pattern))
-        if not files:
-            raise FileNotFoundError(f"no files match {pattern}")
-        frames = []
-        for name in files:
-            with fs.open(name, "rb") as fh:
-                frames.append(pd.read_parquet(fh))
-    except Exception as err:  # offline, gated, renamed: say which and how to work around it
-        raise DataError(f"{what}: cannot read {spec.hub_id} ({spec.hub_config or 'default'}/{spec.split}) from the "
-                        f"HuggingFace hub ({type(err).__name__}: {err}); give a local copy with the suite's "
-                        "'local:' setting") from None
+    frames = []
+    for path in parquet_files(spec.hub_id, spec.hub_config, spec.split, what):
+        with open_file(path) as fh:
+            frames.append(pd.read_parquet(fh))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from luffy.data.hub import open_file, parquet_files
 from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_openr1_row,
                                ground_truth_of, luffy_rows, require_columns)
 
@@ -249,18 +250,7 @@ def resolve_sources(traces: str, split: str = "train", config: str = "default") 
     """Parquet files of the trace input: a file, a directory, a glob, or 'hub:<dataset id>'
     (the dataset's auto-converted parquet for ``config``/``split`` on the HuggingFace hub)."""
     if traces.startswith(HUB_PREFIX):
-        from huggingface_hub import HfFileSystem
-
-        pattern = f"datasets/{traces[len(HUB_PREFIX):]}@~parquet/{config}/{split}/*.parquet"
-        try:
-            files = sorted(HfFileSystem().glob(pattern))
-        except Exception as err:  # offline, gated, renamed
-            raise DataError(f"trace input {traces}: cannot list {pattern} on the HuggingFace hub "
-                            f"({type(err).__name__}: {err}); download the parquet files and name them in "
-                            "data.traces") from None
-        if not files:
-            raise DataError(f"trace input {traces}: no parquet files match {pattern}")
-        return [f"hf://{f}" for f in files]
+        return parquet_files(traces[len(HUB_PREFIX):], config, split, f"trace input {traces}")
     if os.path.isdir(traces):
         files = sorted(glob.glob(os.path.join(traces, "**", "*.parquet"), recursive=True))
     elif any(ch in traces for ch in "*?["):
@@ -272,19 +262,11 @@ def resolve_sources(traces: str, split: str = "train", config: str = "default") 
     return files
 
 
-def _open(source: str):
-    if source.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
-
-        return HfFileSystem().open(source[len("hf://"):], "rb")
-    return open(source, "rb")
-
-
 def iter_batches(sources: Iterable[str], batch_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
     """(source, frame) record batches of every file, with only the columns the filter reads."""
     for source in sources:
         try:
-            with _open(source) as fh:
+            with open_file(source) as fh:
                 parquet = pq.ParquetFile(fh)
                 names = parquet.schema_arrow.names
                 wanted = [c for c in (*OPENR1_REQUIRED, *LUFFY_REQUIRED) if c in names]
