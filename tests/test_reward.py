@@ -117,6 +117,8 @@ def test_multiple_choice_labels(completion, gold, label):
 
 @pytest.mark.parametrize("completion, reason", [
     ("r</think> \\boxed{Carbon}", "no_answer"), ("r</think> I think C is right", "no_answer"),
+    ("r</think> The answer is a prime number.", "no_answer"),
+    ("r</think> Answer: I think so.", "no_answer"),  # the "I" of "I think" is not option I
     ("\\boxed{C}", "no_think_end"),
 ])
 def test_multiple_choice_without_a_label(completion, reason):

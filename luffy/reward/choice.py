@@ -16,8 +16,12 @@ from luffy.reward.math import Grade, answer_part
 
 LABEL = r"([A-J]|[1-9])"
 BOXED_LABEL = re.compile(r"^\s*(?:\\text\{|\\mathrm\{|\\textbf\{)?\s*\(?\s*" + LABEL + r"\s*\)?\s*\}?\s*(?:[).:]|\s|$)")
-ANSWER_LINE = re.compile(r"answer\s*[:：]\s*\**\s*\(?\s*" + LABEL + r"\b", re.IGNORECASE)
-ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*\**\s*\(?\s*" + LABEL + r"\b", re.IGNORECASE)
+# after the phrase: a label in parentheses (any case), or a bare capital letter / digit that
+# ends the line or is followed by punctuation, so that "Answer: I think ..." or "the answer
+# is a prime" do not read as labels
+PHRASE_LABEL = r"\**\s*(?:\(\s*([A-Ja-j1-9])\s*\)|([A-J1-9])(?=[ \t]*(?:$|[).,:;*\n])))"
+ANSWER_LINE = re.compile(r"(?i:answer)\s*[:：]\s*" + PHRASE_LABEL, re.MULTILINE)
+ANSWER_IS = re.compile(r"(?i:answer\s+is)\s*[:：]?\s*" + PHRASE_LABEL, re.MULTILINE)
 
 
 def extract_choice(answer: str) -> str | None:
@@ -29,7 +33,7 @@ def extract_choice(answer: str) -> str | None:
         if match:
             found.append((answer.rfind(boxed), match.group(1)))
     for pattern in (ANSWER_LINE, ANSWER_IS):
-        found += [(m.start(), m.group(1)) for m in pattern.finditer(answer)]
+        found += [(m.start(), m.group(1) or m.group(2)) for m in pattern.finditer(answer)]
     return max(found)[1].upper() if found else None
 
 
