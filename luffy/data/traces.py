@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from luffy.data.hub import open_file, parquet_files
-from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_openr1_row,
-                               ground_truth_of, luffy_rows, require_columns)
+from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_luffy_row,
+                               check_openr1_row, ground_truth_of, luffy_rows, require_columns)
 
 DROP_REASONS = ("no_correct_trace", "no_complete_correct_trace", "all_correct_traces_too_long")
 TEMPLATES = ("luffy", "qwen_math_boxed", "none")
@@ -98,7 +98,8 @@ class FilterReport:
 
 
 class TraceFilter:
-    """The filter, applied batch by batch; ``report`` accumulates over all batches."""
+    """The filter, applied batch by batch; ``report`` accumulates over all batches. Each
+    ``add_*`` returns the batch's training rows and its held-out validation rows."""
 
     def __init__(self, count_tokens: TokenCounter, max_trace_tokens: int, template: PromptTemplate,
                  data_source: str, validation_fraction: float = 0.0):
@@ -106,7 +107,6 @@ class TraceFilter:
         self.template, self.data_source = template, data_source
         self.validation_fraction = validation_fraction
         self.report = FilterReport()
-        self.validation: list[pd.DataFrame] = []  # held-out rows of the last batch (see take_validation)
 
     def _malformed(self, reason: str) -> None:
         self.report.malformed[reason] = self.report.malformed.get(reason, 0) + 1
@@ -137,30 +137,29 @@ class TraceFilter:
             pending = still
         return chosen
 
-    def _keep(self, problems, traces, answers) -> pd.DataFrame:
-        """Training rows of the kept problems; the held-out ones are queued for validation."""
-        held = [held_out(p, self.validation_fraction) for p in problems]
-        train = [i for i, h in enumerate(held) if not h]
-        valid = [i for i, h in enumerate(held) if h]
-        if valid:
-            rows = self._rows([problems[i] for i in valid], [traces[i] for i in valid], [answers[i] for i in valid],
-                              self.report.rows_validation)
-            self.validation.append(rows.drop(columns=["target"]))
-            self.report.rows_validation += len(valid)
-        first = self.report.rows_out
-        self.report.rows_out += len(train)
-        return self._rows([problems[i] for i in train], [traces[i] for i in train], [answers[i] for i in train], first)
+    def _select(self, problems: list[str], answers: list[str], candidates: list[list[str]],
+                drop_reasons: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Each problem's target (``_choose``) or its drop reason; then the kept problems split
+        into training rows and held-out validation rows (benchmark schema)."""
+        kept: dict[bool, tuple[list[str], list[str], list[str]]] = {False: ([], [], []), True: ([], [], [])}
+        for problem, answer, choice, reason in zip(problems, answers, self._choose(candidates), drop_reasons):
+            if choice is None:
+                self.report.dropped[reason] += 1
+                continue
+            self.report.kept_trace_tokens_max = max(self.report.kept_trace_tokens_max, choice[1])
+            self.report.kept_trace_tokens_sum += choice[1]
+            for column, value in zip(kept[held_out(problem, self.validation_fraction)], (problem, choice[0], answer)):
+                column.append(value)
+        valid = self._rows(*kept[True], self.report.rows_validation).drop(columns=["target"])
+        self.report.rows_validation += len(kept[True][0])
+        train = self._rows(*kept[False], self.report.rows_out)
+        self.report.rows_out += len(kept[False][0])
+        return train, valid
 
-    def take_validation(self) -> pd.DataFrame:
-        """The validation rows held out since the last call (benchmark schema)."""
-        out = pd.concat(self.validation, ignore_index=True) if self.validation else pd.DataFrame()
-        self.validation = []
-        return out
-
-    def add_openr1(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Filter one batch of OpenR1-schema rows; returns its training rows."""
+    def add_openr1(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Filter one batch of OpenR1-schema rows."""
         self.report.rows_in += len(frame)
-        problems, answers, candidates, furthest = [], [], [], []
+        problems, answers, candidates, reasons = [], [], [], []
         for row in frame.to_dict("records"):
             reason = check_openr1_row(row)
             if reason:
@@ -181,49 +180,24 @@ class TraceFilter:
             problems.append(row["problem"])
             answers.append(row["answer"])
             candidates.append(good)
-            furthest.append(best)
-        kept_p, kept_t, kept_a = [], [], []
-        for problem, answer, choice, best in zip(problems, answers, self._choose(candidates), furthest):
-            if choice is None:
-                self.report.dropped[DROP_REASONS[best]] += 1
-                continue
-            kept_p.append(problem)
-            kept_t.append(choice[0])
-            kept_a.append(answer)
-            self._count_kept(choice[1])
-        return self._keep(kept_p, kept_t, kept_a)
+            reasons.append(DROP_REASONS[best])
+        return self._select(problems, answers, candidates, reasons)
 
-    def add_luffy(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Validate one batch of LUFFY-schema rows; returns the rows that pass."""
+    def add_luffy(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Validate one batch of LUFFY-schema rows (the problem is the last user turn)."""
         self.report.rows_in += len(frame)
-        problems, traces, answers = [], [], []
-        for prompt, target, reward in zip(frame["prompt"], frame["target"], frame["reward_model"]):
-            messages, trace, gold = chat_messages(prompt), chat_messages(target), ground_truth_of(reward)
+        problems, answers, traces = [], [], []
+        for row in frame.to_dict("records"):
+            messages = chat_messages(row["prompt"])
             users = [m["content"] for m in messages or [] if m["role"] == "user"]
-            if not users or not users[-1].strip():
-                self._malformed("prompt without a non-empty user turn")
-            elif trace is None or trace[0]["role"] != "assistant" or not trace[0]["content"]:
-                self._malformed("target is not [{role: assistant, content: trace}]")
-            elif gold is None:
-                self._malformed("reward_model.ground_truth missing or empty")
-            else:
-                problems.append(users[-1])
-                traces.append(trace[0]["content"])
-                answers.append(gold)
-        kept_p, kept_t, kept_a = [], [], []
-        for problem, trace, answer, choice in zip(problems, traces, answers, self._choose([[t] for t in traces])):
-            if choice is None:
-                self.report.dropped["all_correct_traces_too_long"] += 1
+            reason = check_luffy_row(row) if users and users[-1].strip() else "prompt without a non-empty user turn"
+            if reason:
+                self._malformed(reason)
                 continue
-            kept_p.append(problem)
-            kept_t.append(trace)
-            kept_a.append(answer)
-            self._count_kept(choice[1])
-        return self._keep(kept_p, kept_t, kept_a)
-
-    def _count_kept(self, tokens: int) -> None:
-        self.report.kept_trace_tokens_max = max(self.report.kept_trace_tokens_max, tokens)
-        self.report.kept_trace_tokens_sum += tokens
+            problems.append(users[-1])
+            answers.append(ground_truth_of(row["reward_model"]))
+            traces.append([chat_messages(row["target"])[0]["content"]])
+        return self._select(problems, answers, traces, ["all_correct_traces_too_long"] * len(problems))
 
 
 def held_out(problem: str, fraction: float) -> bool:
@@ -240,7 +214,7 @@ def filter_traces(frame: pd.DataFrame, count_tokens: TokenCounter, max_trace_tok
     """The filter on an in-memory OpenR1-schema frame (small inputs, tests)."""
     require_columns(frame, OPENR1_REQUIRED, what)
     flt = TraceFilter(count_tokens, max_trace_tokens, PromptTemplate(template, system_prompt), data_source)
-    out = flt.add_openr1(frame)
+    out, _ = flt.add_openr1(frame)
     flt.report.check_totals()
     return out, flt.report
 
@@ -326,12 +300,11 @@ def prepare_stream(sources: Sequence[str], out: str, flt: TraceFilter, batch_row
         train = _BatchWriter(stack.enter_context(atomic_path(out, suffix=".parquet")))
         valid = _BatchWriter(stack.enter_context(atomic_path(validation_out, suffix=".parquet"))) \
             if validation_out else None
-        wrote = False
         try:
             for source, frame in iter_batches(sources, batch_rows):
                 kind = input_schema(list(frame.columns), f"trace file {source}")
-                train.write(flt.add_openr1(frame) if kind == "openr1" else flt.add_luffy(frame))
-                held = flt.take_validation()
+                rows, held = flt.add_openr1(frame) if kind == "openr1" else flt.add_luffy(frame)
+                train.write(rows)
                 if valid is not None:
                     valid.write(held)
                 if progress:
