@@ -184,3 +184,17 @@ def test_atomic_outputs_have_ordinary_permissions(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "a.txt").read_text() == "x" and (tmp_path / "d" / "f").read_text() == "y"
+
+
+def test_validation_split_is_stable_and_counted(tmp_path):
+    from luffy.data.traces import PromptTemplate, TraceFilter, held_out, prepare_stream
+
+    openr1([row(f"p{i}", "1", ["ok"], [True], [True]) for i in range(200)]).to_parquet(tmp_path / "in.parquet")
+    flt = TraceFilter(char_count, 10, PromptTemplate("luffy", "S"), "src", validation_fraction=0.2)
+    report = prepare_stream([str(tmp_path / "in.parquet")], str(tmp_path / "t.parquet"), flt, batch_rows=30,
+                            validation_out=str(tmp_path / "v.parquet"))
+    held = sum(held_out(f"p{i}", 0.2) for i in range(200))
+    assert 0 < held < 200 and (report.rows_validation, report.rows_out) == (held, 200 - held)
+    valid = pd.read_parquet(tmp_path / "v.parquet")
+    assert len(valid) == held and "target" not in valid.columns
+    assert report.kept_trace_tokens_mean == 2.0  # every kept trace "ok", held out or not

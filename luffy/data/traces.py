@@ -81,7 +81,8 @@ class FilterReport:
 
     @property
     def kept_trace_tokens_mean(self) -> float:
-        return self.kept_trace_tokens_sum / self.rows_out if self.rows_out else 0.0
+        kept = self.rows_out + self.rows_validation  # the sum counts every kept trace, held out or not
+        return self.kept_trace_tokens_sum / kept if kept else 0.0
 
     def check_totals(self) -> None:
         if self.rows_in != (self.rows_out + self.rows_validation + sum(self.dropped.values())
