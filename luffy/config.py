@@ -48,6 +48,13 @@ ANSWER_TYPES = ("math", "choice")
 GRADERS_FOR = {"math": ("math_verify", "boxed"), "choice": ("choice",)}  # the first is the default
 BENCHMARK_FORMATS = ("math", "choices", "arc", "gpqa")
 SUITE_GROUPS = ("math", "ood")
+PROMPT_TEMPLATES = ("luffy", "qwen_math_boxed", "none")
+HUB_PREFIX = "hub:"  # data.traces read from the HuggingFace hub
+
+
+def is_glob(path: str) -> bool:
+    """Whether a path is a glob pattern (several files) rather than one file or directory."""
+    return any(ch in path for ch in "*?[")
 
 
 class ConfigError(ValueError):
@@ -439,12 +446,11 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         raw = OmegaConf.to_container(raw, resolve=True)
     root: Config = _merge(Config, raw or {})
     toy = root.data.toy
-    if root.data.traces != "toy" and not root.data.traces.startswith("hub:") and \
-            not any(ch in root.data.traces for ch in "*?["):
-        _check_file(root.data.traces, "data.traces")
-    if root.data.template not in ("luffy", "qwen_math_boxed", "none"):
-        raise ConfigError(f"config key 'data.template': '{root.data.template}' is not one of "
-                          "('luffy', 'qwen_math_boxed', 'none')")
+    traces = root.data.traces
+    if traces != "toy" and not traces.startswith(HUB_PREFIX) and not is_glob(traces):
+        _check_file(traces, "data.traces")
+    if root.data.template not in PROMPT_TEMPLATES:
+        raise ConfigError(f"config key 'data.template': '{root.data.template}' is not one of {PROMPT_TEMPLATES}")
     if root.data.batch_rows < 1:
         raise ConfigError("config key 'data.batch_rows': must be >= 1")
     if not 0.0 <= root.data.validation_fraction < 1.0:
@@ -486,6 +492,7 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     if ev.grading.timeout_s <= 0:
         raise ConfigError("config key 'evaluation.grading.timeout_s': must be > 0")
     benchmarks = {}
+    registry: dict[str, BenchmarkSpec] | None = None  # read once, when a suite names a benchmark
     for name, suite in ev.suites.items():
         key = f"evaluation.suites.{name}"
         if suite.source.startswith(TOY_SOURCE_PREFIX):
@@ -493,7 +500,8 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
             if split not in TOY_SPLITS:
                 raise ConfigError(f"config key '{key}.source': toy split '{split}' is not one of {TOY_SPLITS}")
         elif suite.source.startswith(BENCHMARK_SOURCE_PREFIX):
-            benchmarks[name] = _resolve_benchmark(root.benchmarks, suite, key)
+            registry = load_registry(root.benchmarks) if registry is None else registry
+            benchmarks[name] = _resolve_benchmark(registry, root.benchmarks, suite, key)
         else:
             _check_file(suite.source, f"{key}.source")
         resolve_suite(suite, benchmarks.get(name), key)
@@ -535,10 +543,10 @@ def load_registry(path: str) -> dict[str, BenchmarkSpec]:
     return out
 
 
-def _resolve_benchmark(registry_path: str, suite: SuiteConfig, key: str) -> BenchmarkSpec:
+def _resolve_benchmark(registry: dict[str, BenchmarkSpec], registry_path: str, suite: SuiteConfig,
+                       key: str) -> BenchmarkSpec:
     """The registry entry a 'benchmark:<name>' suite names, with the suite's local file applied."""
     name = suite.source[len(BENCHMARK_SOURCE_PREFIX):]
-    registry = load_registry(registry_path)
     if name not in registry:
         raise ConfigError(f"config key '{key}.source': benchmark '{name}' is not in {registry_path} "
                           f"(known: {sorted(registry)})")

@@ -7,7 +7,8 @@ This module imports only the config (no torch, no MLflow) so that building the D
 
 from __future__ import annotations
 
-from luffy.config import BENCHMARK_SOURCE_PREFIX, TOY_SOURCE_PREFIX, ResolvedConfig, to_dict, to_json
+from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, ResolvedConfig, is_glob, to_dict,
+                          to_json)
 
 SHIPPED_TOKENIZER = "shipped"
 
@@ -62,9 +63,9 @@ def trace_inputs(cfg: ResolvedConfig) -> list[str]:
     import glob
 
     source = trace_file(cfg)
-    if source.startswith("hub:"):
+    if source.startswith(HUB_PREFIX):
         return []
-    if any(ch in source for ch in "*?["):
+    if is_glob(source):
         return sorted(glob.glob(source))
     return [source]
 

@@ -35,14 +35,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from luffy.config import HUB_PREFIX, PROMPT_TEMPLATES, is_glob
 from luffy.data.hub import open_file, parquet_files
 from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_luffy_row,
                                check_openr1_row, ground_truth_of, luffy_rows, require_columns)
 
 DROP_REASONS = ("no_correct_trace", "no_complete_correct_trace", "all_correct_traces_too_long")
-TEMPLATES = ("luffy", "qwen_math_boxed", "none")
 QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-HUB_PREFIX = "hub:"
 TokenCounter = Callable[[Sequence[str]], list[int]]
 
 
@@ -63,7 +62,7 @@ class PromptTemplate:
             return [{"role": "user", "content": f"{problem}\n{QWEN_MATH_INSTRUCTION}"}]
         if self.name == "none":
             return [{"role": "user", "content": problem}]
-        raise ValueError(f"unknown prompt template '{self.name}', expected one of {TEMPLATES}")
+        raise ValueError(f"unknown prompt template '{self.name}', expected one of {PROMPT_TEMPLATES}")
 
 
 @dataclass
@@ -228,7 +227,7 @@ def resolve_sources(traces: str, split: str = "train", config: str = "default") 
         return parquet_files(traces[len(HUB_PREFIX):], config, split, f"trace input {traces}")
     if os.path.isdir(traces):
         files = sorted(glob.glob(os.path.join(traces, "**", "*.parquet"), recursive=True))
-    elif any(ch in traces for ch in "*?["):
+    elif is_glob(traces):
         files = sorted(glob.glob(traces))
     else:
         files = [traces] if os.path.exists(traces) else []
