@@ -61,8 +61,9 @@ def _number(value: float, decimals: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{decimals}f}"
 
 
-def summary_table(frame: pd.DataFrame, decimals: int) -> str:
-    """One row per experiment: the value, or mean +- std over seeds (with a line saying so)."""
+def summary_table(frame: pd.DataFrame, decimals: int, extra_rows: list[list[str]] | None = None) -> str:
+    """One row per experiment: the value, or mean +- std over seeds (with a line saying so);
+    then ``extra_rows`` (already formatted, e.g. published numbers)."""
     mean, std, count = summarize(frame)
     seeded = bool((count > 1).any())
     rows = []
@@ -75,7 +76,7 @@ def summary_table(frame: pd.DataFrame, decimals: int) -> str:
     if seeded:
         note = ("Mean +- standard deviation over seeds (n per row: "
                 + ", ".join(f"{name} {n}" for name, n in count.items()) + ").\n\n")
-    return note + markdown_table(["Model", *map(str, mean.columns)], rows)
+    return note + markdown_table(["Model", *map(str, mean.columns)], rows + (extra_rows or []))
 
 
 def per_seed_table(frame: pd.DataFrame, decimals: int) -> str:
@@ -104,8 +105,12 @@ def suite_groups(suites: list[str], meta: dict[str, dict[str, Any]]) -> dict[str
     return {g: groups[g] for g in ("math", "ood") if g in groups}
 
 
+def title(suite: str, meta: dict[str, dict[str, Any]]) -> str:
+    return meta.get(suite, {}).get("title") or suite
+
+
 def titled(frame: pd.DataFrame, meta: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    return frame.rename(columns={s: meta.get(s, {}).get("title") or s for s in frame.columns})
+    return frame.rename(columns={s: title(s, meta) for s in frame.columns})
 
 
 def published(group: str) -> pd.DataFrame:
@@ -161,20 +166,19 @@ def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], met
     """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
     rows) with its bootstrap intervals, and per group the accuracy frame and the intervals."""
     groups = suite_groups(suites, meta)
-    parts, frames, intervals = [], {}, {}
+    parts, frames, intervals, any_reported = [], {}, {}, False
     for group, members in groups.items():
         frame = collect(eval_dir, models, members)
         frames[group], intervals[group] = frame, group_intervals(eval_dir, models, members)
         extra = reported_rows(group, members, meta, decimals) if show_published else []
-        table = summary_table(titled(frame, meta), decimals)
-        if extra:
-            table = table.rstrip("\n") + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in extra) + "\n"
+        any_reported = any_reported or bool(extra)
+        table = summary_table(titled(frame, meta), decimals, extra)
         heading = GROUP_TITLES[group] if len(groups) > 1 else None
         parts += ([f"### {heading}", ""] if heading else []) + [table.strip(), ""]
-        labels = [meta.get(s, {}).get("title") or s for s in members] + ["Avg"]
+        labels = [title(s, meta) for s in members] + ["Avg"]
         parts += ["95% bootstrap intervals over problems (percent):", "",
                   interval_table(intervals[group], members + ["Avg"], labels, decimals).strip(), ""]
-    if show_published and any(reported_rows(g, m, meta, decimals) for g, m in groups.items()):
+    if any_reported:
         parts += ["Rows marked (reported) are the LUFFY paper's published numbers for Qwen2.5-Math-7B models, "
                   "not measured by this pipeline.", ""]
     return "\n".join(parts), frames, intervals
