@@ -158,32 +158,39 @@ def read_validated(path: str, what: str, required: Sequence[str],
     return frame
 
 
-def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
-    """Training rows: (prompt messages, teacher trace, ground truth) per row."""
-    frame = read_validated(path, f"training data {path}", LUFFY_REQUIRED, check_luffy_row)
+def read_luffy(path: str) -> pd.DataFrame:
+    """A training parquet, validated against the LUFFY schema."""
+    return read_validated(path, f"training data {path}", LUFFY_REQUIRED, check_luffy_row)
+
+
+def luffy_fields(frame: pd.DataFrame) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
+    """(prompt messages, teacher trace, ground truth) per row of a validated training frame."""
     prompts = [chat_messages(v) for v in frame["prompt"]]
     traces = [chat_messages(v)[0]["content"] for v in frame["target"]]
     answers = [ground_truth_of(v) for v in frame["reward_model"]]
     return prompts, traces, answers
 
 
+def load_luffy(path: str) -> tuple[list[list[dict[str, str]]], list[str], list[str]]:
+    """Training rows: (prompt messages, teacher trace, ground truth) per row."""
+    return luffy_fields(read_luffy(path))
+
+
 def check_teacher_logprobs(value: Any) -> str | None:
     if not is_list(value) or not len(value):
         return f"{TEACHER_LOGPROBS} is not a non-empty list"
-    values = np.asarray(value, dtype=float) if all(isinstance(v, (int, float, np.floating)) for v in value) else None
-    if values is None:
+    if not all(isinstance(v, (int, float, np.floating)) for v in value):
         return f"{TEACHER_LOGPROBS} holds a non-number"
+    values = np.asarray(value, dtype=float)
     if not np.isfinite(values).all() or (values > 1e-6).any():
         return f"{TEACHER_LOGPROBS} holds a value that is not a finite log-probability (<= 0)"
     return None
 
 
-def load_teacher_logprobs(path: str) -> list[list[float]]:
+def teacher_logprobs_of(frame: pd.DataFrame, what: str) -> list[list[float]]:
     """The optional per-token teacher log-probs of each row's trace, log pi_phi(tau_t): one value
     per token of the trace as the policy tokenizer encodes it (``encode_traces``), optionally
     followed by one for the EOS token (taken as 0, i.e. pi_phi = 1, when absent)."""
-    what = f"training data {path}"
-    frame = read_parquet(path, what)
     if TEACHER_LOGPROBS not in frame.columns:
         raise DataError(f"{what}: no '{TEACHER_LOGPROBS}' column, which teacher_logprobs: true needs "
                         f"(write it with `luffy score-traces`); found {list(frame.columns)}")

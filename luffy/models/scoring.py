@@ -15,27 +15,26 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from luffy.data.schema import TEACHER_LOGPROBS, DataError, load_luffy, read_parquet
+from luffy.data.schema import TEACHER_LOGPROBS, DataError, luffy_fields, read_luffy
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.io import write_parquet
-from luffy.models.sequences import (build_batch, length_buckets, pick_device, select_rows,
-                                    token_logprobs_and_entropy)
+from luffy.models.sequences import build_batch, length_buckets, pick_device, token_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
 
 
 def trace_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], trace_ids: list[list[int]], pad_id: int,
                    micro_batch_tokens: int = 8192) -> list[list[float]]:
-    """Teacher-forced log-probs of each trace's tokens (EOS included) after its prompt."""
+    """Teacher-forced log-probs of each trace's tokens (EOS included) after its prompt, in
+    length-sorted micro-batches built one at a time (never the whole padded data set)."""
     device = next(model.parameters()).device
-    batch = build_batch(prompt_ids, trace_ids, pad_id)
-    lengths = batch.attention_mask.sum(-1).tolist()
+    lengths = [len(p) + len(t) for p, t in zip(prompt_ids, trace_ids)]
     out: list[list[float]] = [[] for _ in trace_ids]
     model.eval()
     with torch.no_grad():
         for micro in tqdm(length_buckets(list(range(len(lengths))), lengths, micro_batch_tokens),
                           desc="score traces", mininterval=5.0):
-            sub = select_rows(batch, micro).to(device)
+            sub = build_batch([prompt_ids[r] for r in micro], [trace_ids[r] for r in micro], pad_id).to(device)
             logp, _ = token_logprobs_and_entropy(model, sub, with_entropy=False)
             for row, r in enumerate(micro):
                 out[r] = logp[row][sub.response_mask[row].bool()].tolist()
@@ -50,12 +49,12 @@ def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro
     if teacher_vocab != tokenizer.get_vocab():
         raise DataError(f"teacher {teacher} and policy tokenizer {policy_tokenizer} differ in vocabulary; "
                         "per-token teacher log-probs need the policy's tokenization")
-    prompts, traces, _ = load_luffy(data)
+    frame = read_luffy(data)
+    prompts, traces, _ = luffy_fields(frame)
     rendered, prompt_ids = encode_prompts(tokenizer, prompts)
     trace_ids = encode_traces(tokenizer, rendered, traces)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto").to(pick_device(device))
     scores = trace_logprobs(model, prompt_ids, trace_ids, tokenizer.pad_token_id, micro_batch_tokens)
-    frame = read_parquet(data, f"training data {data}")
     frame[TEACHER_LOGPROBS] = scores
     write_parquet(out, frame)
     log.info("scored %d traces (%d tokens) with %s -> %s", len(scores), sum(map(len, scores)), teacher, out)

@@ -29,7 +29,7 @@ from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import prefix_length, prefix_ratios
 from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.config import TrainConfig, to_dict
-from luffy.data.schema import DataError, load_benchmark, load_luffy, load_teacher_logprobs
+from luffy.data.schema import DataError, load_benchmark, luffy_fields, read_luffy, teacher_logprobs_of
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.engines.local import checkpoint
 from luffy.io import atomic_dir, atomic_path, write_text
@@ -76,7 +76,8 @@ def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0,
     disjoint problem sets (e.g. SFT on the first half, RL on the second). With
     ``teacher_logprobs`` also each trace's per-token teacher log-probs, which must match the
     trace's token count (EOS: 0 when not given)."""
-    prompts, traces, answers = load_luffy(path)
+    frame = read_luffy(path)
+    prompts, traces, answers = luffy_fields(frame)
     first, last = math.floor(start * len(prompts)), math.floor(end * len(prompts))
     if last <= first:
         raise DataError(f"training data {path}: rows [{start}, {end}) of {len(prompts)} are empty")
@@ -84,7 +85,7 @@ def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0,
     rendered, prompt_ids = encode_prompts(tokenizer, prompts)
     data = TrainData(prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
     if teacher_logprobs:
-        data.teacher_logp = load_teacher_logprobs(path)[first:last]
+        data.teacher_logp = teacher_logprobs_of(frame, f"training data {path}")[first:last]
         misaligned = [first + r for r, (lp, ids) in enumerate(zip(data.teacher_logp, data.trace_ids))
                       if len(lp) not in (len(ids) - 1, len(ids))]
         if misaligned:
