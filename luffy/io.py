@@ -17,6 +17,15 @@ import pandas as pd
 
 
 def _umask() -> int:
+    """The process's current umask. Linux reports it in /proc without changing it; elsewhere
+    it is read by setting and restoring it (briefly 0 for the whole process)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     current = os.umask(0)
     os.umask(current)
     return current

@@ -28,7 +28,7 @@ import signal
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
-from pebble import ProcessExpired, ProcessPool
+from pebble import ProcessPool
 
 from luffy.reward.boxed import grade_boxed
 from luffy.reward.choice import grade_choice
@@ -108,7 +108,7 @@ class GraderPool:
                 out.append(future.result())
             except FutureTimeout:
                 out.append({name: Grade(False, None, "timeout") for name in graders})
-            except (ProcessExpired, MemoryError, Exception) as err:  # a crashed worker: this answer only
+            except Exception as err:  # ProcessExpired (a crashed worker), MemoryError...: this answer only
                 log.debug("grader worker failed: %r", err)
                 out.append({name: Grade(False, None, "error") for name in graders})
         return out

@@ -9,6 +9,7 @@ compute group advantages over the mixed group; record pi_old by a no-grad forwar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -372,14 +373,12 @@ class LocalTrainer:
 
     # ---- the loop ----
     def run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None = None) -> None:
-        if self.grader_workers > 0:
-            with GraderPool(workers=self.grader_workers) as pool:
-                self.grader = pool
-                try:
-                    return self._run(out_dir, metrics_out, resume_run_id)
-                finally:
-                    self.grader = None
-        return self._run(out_dir, metrics_out, resume_run_id)
+        with GraderPool(workers=self.grader_workers) if self.grader_workers > 0 else contextlib.nullcontext() as pool:
+            self.grader = pool
+            try:
+                self._run(out_dir, metrics_out, resume_run_id)
+            finally:
+                self.grader = None
 
     def _run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None) -> None:
         cfg = self.cfg
