@@ -10,10 +10,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): envs/cpu.txt pyproject.toml
+$(STAMP): envs/cpu.txt envs/verl-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r envs/cpu.txt
+	# verl's CPU-importable modules for the tests: its base dependencies (held to envs/cpu.txt's
+	# versions), then verl itself without its transformers pin (see envs/verl-cpu.txt)
+	grep -v '^verl==' envs/verl-cpu.txt | $(BIN)/python -m pip install --quiet -c envs/cpu.txt -r /dev/stdin
+	$(BIN)/python -m pip install --quiet --no-deps $$(grep '^verl==' envs/verl-cpu.txt)
 	# PyPI's torchvision/torchaudio/torchcodec that vLLM pulls are built for another torch and
 	# break imports; text models need none of them.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from luffy.config import (BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
+from luffy.config import (BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
                           resolve_train_config)
 
 log = logging.getLogger("luffy")
@@ -75,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--metrics", required=True, help="pre-training loss per step (JSON lines)")
 
-    p = stage("train", "train one experiment (local engine)")
+    p = stage("prepare-base-model", "a copy of base_model.path with its config overrides and chat template")
+    p.add_argument("--out-dir", required=True)
+
+    p = stage("train", "train one experiment with its engine (local or verl), after a preflight")
     p.add_argument("--data", required=True)
     p.add_argument("--base-model", required=True)
     p.add_argument("--out-dir", required=True)
@@ -152,12 +155,15 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "make-base-model":
         stages.make_base_model(from_json(TinyModelConfig, args.settings), args.system_prompt, args.corpus,
                                args.out_dir, args.metrics, threads=args.threads, **common)
+    elif args.stage == "prepare-base-model":
+        stages.prepare_base_model(from_json(BaseModelConfig, args.settings), args.out_dir, **common)
     elif args.stage == "train":
         raw = json.loads(args.settings)
         validation = raw.pop("validation", None)  # in-training validation rides along when on
+        runtime = raw.pop("runtime", None)  # the verl engine's cluster layout
         settings = resolve_train_config(args.group, {}, raw)
         stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics,
-                     args.work_dir, threads=args.threads, validation=validation, **common)
+                     args.work_dir, threads=args.threads, validation=validation, runtime=runtime, **common)
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
@@ -200,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(getattr(args, "log", None))
     from luffy.data.schema import DataError
+    from luffy.engines.base import EngineError
     from luffy.models.export import ExportMismatch
 
     try:
         run(args)
-    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError) as err:
+    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError) as err:
         log.error("%s", err)
         print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from luffy.engines.registry import ENGINE_NAMES, unsupported_settings
+
 REFERENCE_SYSTEM_PROMPT = (
     "Your task is to follow a systematic, thorough reasoning process before providing the final "
     "solution. This involves analyzing, summarizing, exploring, reassessing, and refining your "
@@ -142,13 +144,19 @@ class TinyModelConfig:
 class BaseModelConfig:
     path: Optional[str] = _help(
         "HuggingFace model id or local directory of the policy; null builds the tiny demo model", None)
+    config_overrides: dict[str, Any] = _help(
+        "keys of the model's config.json to change in a prepared copy (results/models/base), e.g. the "
+        "paper's {max_position_embeddings: 16384, rope_theta: 40000.0}", dict)
+    chat_template: Optional[str] = _help(
+        "a Jinja chat template file that replaces the tokenizer's in the prepared copy (null: keep it)", None)
     tiny: TinyModelConfig = _help("the tiny demo model (when path is null)", TinyModelConfig)
 
 
 @dataclass
 class TrainConfig:
     algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy")
-    engine: str = _help("training engine: local (one process, CPU or one GPU)", "local")
+    engine: str = _help("training engine: local (one process, CPU or one GPU, HF generate rollouts) | verl "
+                        "(verl 0.9.1 on GPU nodes, vLLM rollouts; the `verl` section sets its cluster layout)", "local")
     steps: int = _help("training steps (one batch of prompts each)", 500)
     prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128)
     n: int = _help("responses per prompt (group size)", 8)
@@ -286,6 +294,36 @@ class ReportConfig:
                             "are its benchmarks", True)
 
 
+ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa")
+
+
+@dataclass
+class VerlConfig:
+    """How the verl engine lays out its experiments on GPUs (none of this changes the math)."""
+
+    nnodes: int = _help("nodes of the Ray cluster (>= 1)", 1)
+    gpus_per_node: int = _help("GPUs per node (>= 1)", 8)
+    max_prompt_tokens: int = _help("longest prompt in tokens (verl's data.max_prompt_length; the paper: 1024); "
+                                   "a longer training prompt is a preflight error", 1024)
+    rollout_tensor_parallel: int = _help("vLLM tensor-parallel size of a rollout replica (divides the GPUs)", 2)
+    rollout_gpu_memory_utilization: float = _help("share of GPU memory vLLM may take while rolling out, in (0, 1]",
+                                                  0.6)
+    rollout_max_num_seqs: int = _help("most sequences a vLLM replica decodes at once (>= 1)", 256)
+    rollout_max_num_batched_tokens: int = _help("vLLM's token budget per scheduler step (>= 1)", 16384)
+    attn_implementation: str = _help("actor attention: flash_attention_2 (needs flash-attn; verl packs sequences) | "
+                                     "sdpa (no packing: slower, same math)", "flash_attention_2")
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass (memory for time)", True)
+    param_offload: bool = _help("FSDP: keep parameters on the CPU between uses", False)
+    optimizer_offload: bool = _help("FSDP: keep optimizer states on the CPU between uses", False)
+    agent_workers: int = _help("agent-loop workers that drive the rollouts (>= 1)", 8)
+    reward_workers: int = _help("reward-loop workers that grade (>= 1)", 8)
+    grader_processes: int = _help("grader processes per reward worker (>= 1)", 2)
+    grader_timeout_s: float = _help("time limit per graded answer (> 0); a stuck grader process is killed", 5.0)
+    max_checkpoints: int = _help("checkpoints kept in the work directory (>= 1; the newest are kept)", 2)
+    overrides: list[str] = _help("extra Hydra overrides for verl's ppo_trainer config (key=value; checked by "
+                                 "composing it before the run); the settings this pipeline maps are refused", list)
+
+
 @dataclass
 class Config:
     results_dir: str = _help("where every output goes", "results")
@@ -300,6 +338,7 @@ class Config:
     benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml")
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
+    verl: VerlConfig = _help("the verl engine's cluster layout (experiments with engine: verl)", VerlConfig)
 
 
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -346,7 +385,7 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
          f"{cfg.algorithm} groups are on-policy only: n_off must be 0"),
         (cfg.algorithm == "luffy" and not 0 <= cfg.n_off < cfg.n, "n_off",
          f"must be in [0, n={cfg.n}) so the group has on-policy members"),
-        (cfg.engine != "local", "engine", f"'{cfg.engine}' is not available (only 'local')"),
+        (cfg.engine not in ENGINE_NAMES, "engine", f"'{cfg.engine}' is not one of {ENGINE_NAMES}"),
         (cfg.shaping not in SHAPING_NAMES, "shaping", f"'{cfg.shaping}' is not one of {SHAPING_NAMES}"),
         (cfg.on_policy_shaping not in ON_POLICY_SHAPING_NAMES, "on_policy_shaping",
          f"'{cfg.on_policy_shaping}' is not one of {ON_POLICY_SHAPING_NAMES}"),
@@ -382,6 +421,8 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
     for bad, key, why in checks:
         if bad:
             raise ConfigError(f"config key '{prefix}.{key}': {why}")
+    for key, why in unsupported_settings(cfg.engine, cfg):
+        raise ConfigError(f"config key '{prefix}.{key}': not supported by engine {cfg.engine}: {why}")
     return cfg
 
 
@@ -430,6 +471,56 @@ def _expand_seeds(declared: dict[str, TrainConfig], seeds: list[int]) -> dict[st
     return expanded
 
 
+def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
+    """The verl section's ranges, and what the verl engine needs of each experiment run on it."""
+    from luffy.engines.verl.overrides import check_extra_overrides
+
+    v = root.verl
+    gpus = v.nnodes * v.gpus_per_node
+    checks = [
+        (v.nnodes < 1, "nnodes", "must be >= 1"),
+        (v.gpus_per_node < 1, "gpus_per_node", "must be >= 1"),
+        (v.max_prompt_tokens < 1, "max_prompt_tokens", "must be >= 1"),
+        (v.rollout_tensor_parallel < 1 or gpus % v.rollout_tensor_parallel, "rollout_tensor_parallel",
+         f"must be >= 1 and divide the {gpus} GPUs (nnodes x gpus_per_node)"),
+        (not 0.0 < v.rollout_gpu_memory_utilization <= 1.0, "rollout_gpu_memory_utilization", "must be in (0, 1]"),
+        (v.rollout_max_num_seqs < 1, "rollout_max_num_seqs", "must be >= 1"),
+        (v.rollout_max_num_batched_tokens < 1, "rollout_max_num_batched_tokens", "must be >= 1"),
+        (v.attn_implementation not in ATTENTION_IMPLEMENTATIONS, "attn_implementation",
+         f"'{v.attn_implementation}' is not one of {ATTENTION_IMPLEMENTATIONS}"),
+        (v.agent_workers < 1, "agent_workers", "must be >= 1"),
+        (v.reward_workers < 1, "reward_workers", "must be >= 1"),
+        (v.grader_processes < 1, "grader_processes", "must be >= 1"),
+        (v.grader_timeout_s <= 0, "grader_timeout_s", "must be > 0"),
+        (v.max_checkpoints < 1, "max_checkpoints", "must be >= 1"),
+    ]
+    for bad, key, why in checks:
+        if bad:
+            raise ConfigError(f"config key 'verl.{key}': {why}")
+    try:
+        check_extra_overrides(v.overrides)
+    except ValueError as err:
+        raise ConfigError(f"config key 'verl.overrides': {err}") from None
+    for name, cfg in experiments.items():
+        if cfg.engine != "verl":
+            continue
+        key = f"experiments.{name}"
+        rows = (cfg.prompts_per_step // cfg.mini_batches) * (1 if cfg.algorithm == "sft" else cfg.n + int(
+            cfg.algorithm == "rl_sft"))
+        checks = [
+            (root.validation.every > 0, "engine", "in-training validation (validation.every > 0) is not available "
+             "with engine verl; set validation.every: 0 or use engine local"),
+            (cfg.algorithm != "sft" and cfg.micro_batch_tokens < v.max_prompt_tokens + cfg.max_response_tokens,
+             "micro_batch_tokens", f"must hold one whole sequence on a GPU: >= verl.max_prompt_tokens + "
+             f"max_response_tokens = {v.max_prompt_tokens + cfg.max_response_tokens}"),
+            (rows % gpus, "mini_batches", f"a mini-batch of {rows} sequences does not split evenly over the {gpus} "
+             "GPUs (verl splits every mini-batch over its data-parallel ranks)"),
+        ]
+        for bad, setting, why in checks:
+            if bad:
+                raise ConfigError(f"config key '{key}.{setting}': {why}")
+
+
 def _check_file(path: str, key: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"config key '{key}': file not found: {path}")
@@ -470,6 +561,11 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
                           "num_heads a multiple of num_kv_heads")
     if root.base_model.path is not None and _looks_local(root.base_model.path):
         _check_file(root.base_model.path, "base_model.path")
+    if root.base_model.chat_template is not None:
+        _check_file(root.base_model.chat_template, "base_model.chat_template")
+    if root.base_model.path is None and (root.base_model.config_overrides or root.base_model.chat_template):
+        raise ConfigError("config key 'base_model.config_overrides': the tiny demo model (path: null) is built "
+                          "with its own config and template; these settings apply to a base_model.path")
     experiments = {}
     for name, overrides in root.experiments.items():
         if (name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum()
@@ -482,6 +578,7 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     if len(set(root.seeds)) != len(root.seeds):
         raise ConfigError(f"config key 'seeds': repeated seeds in {root.seeds}")
     experiments = _expand_seeds(experiments, list(root.seeds))
+    _check_verl(root, experiments)
     ev = root.evaluation
     if ev.backend not in BACKENDS:
         raise ConfigError(f"config key 'evaluation.backend': '{ev.backend}' is not one of {BACKENDS}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from luffy import io
-from luffy.config import (BenchmarkSpec, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig,
+from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig,
                           to_dict)
 from luffy.tracking import StageRun, config_hash
 
@@ -110,33 +110,48 @@ def make_base_model(settings: TinyModelConfig, system_prompt: str, corpus: str, 
         io.write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
 
 
+def prepare_base_model(settings: BaseModelConfig, out_dir: str, group: str, rule: str) -> None:
+    """A copy of ``base_model.path`` with its config overrides and chat template applied."""
+    from luffy.models.prepare import prepare_base_model as prepare
+
+    with StageRun("prepare_base_model", group, rule, params=to_dict(settings)) as run:
+        changed = prepare(settings.path, settings.config_overrides, settings.chat_template, out_dir)
+        run.log_metrics({"changed_keys": len(changed)})
+
+
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
-          group: str, rule: str, threads: int, validation: dict[str, Any] | None = None) -> None:
-    import torch
+          group: str, rule: str, threads: int, validation: dict[str, Any] | None = None,
+          runtime: dict[str, Any] | None = None) -> None:
+    """Train one experiment with its engine, after a preflight that fails in seconds on data,
+    template or grader problems that would otherwise show up hours later as zero reward."""
+    from luffy.engines.base import TrainJob
+    from luffy.engines.registry import make_engine
+    from luffy.preflight import preflight
 
-    from luffy.engines.local.checkpoint import latest_state
-    from luffy.engines.local.trainer import LocalTrainer
-
-    torch.set_num_threads(threads)
     key = {"settings": to_dict(settings), "data": data, "base": base_model}
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     work_dir.mkdir(parents=True, exist_ok=True)
-    previous = latest_state(work_dir)
-    params = {**to_dict(settings), **({"validation": validation} if validation else {})}
-    with StageRun("train", group, rule, params=params, resume_run_id=(previous or {}).get("run_id")) as run:
-        trainer = LocalTrainer(settings, data, base_model, work_dir, sink=run.log_metrics, validation=validation,
-                               grader_workers=threads)
-        trainer.run(Path(out_dir), Path(metrics_out), resume_run_id=lambda: run.run_id)
+    job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
+                   metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
+                   runtime=runtime)
+    engine = make_engine(settings.engine)
+    report = preflight(job, engine)
+    params = {**to_dict(settings), **({"validation": validation} if validation else {}),
+              **({"runtime": runtime} if runtime else {})}
+    with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
+        run.log_metrics({f"preflight/{k}": v for k, v in report.items()})
+        engine.train(job, sink=run.log_metrics, run_id=lambda: run.run_id)
         run.log_artifacts([metrics_out])
 
 
 def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
-    from luffy.models.export import export_verified, load_trained
+    from luffy.engines.base import read_manifest
+    from luffy.engines.registry import make_engine
 
-    info = io.read_json(Path(checkpoint_dir) / "checkpoint.json")
-    with StageRun("convert", group, rule, params={"checkpoint": checkpoint_dir, "base_model": info["base_model"]}) as run:
-        model, tokenizer = load_trained(info["base_model"], Path(checkpoint_dir) / "model.pt")
-        diff = export_verified(model, tokenizer, out_dir, metadata={"stage": "convert", **info})
+    manifest = read_manifest(checkpoint_dir)
+    params = {"checkpoint": checkpoint_dir, "base_model": manifest["base_model"], "engine": manifest["engine"]}
+    with StageRun("convert", group, rule, params=params) as run:
+        diff = make_engine(manifest["engine"]).export(Path(checkpoint_dir), manifest, Path(out_dir))
         run.log_metrics({"probe_logits_max_abs_diff": diff})
 
 

@@ -18,12 +18,20 @@ def _results(cfg: ResolvedConfig) -> str:
 
 
 def builds_base_model(cfg: ResolvedConfig) -> bool:
+    """The tiny demo model is built and pre-trained by the workflow (base_model.path null)."""
     return cfg.root.base_model.path is None
+
+
+def prepares_base_model(cfg: ResolvedConfig) -> bool:
+    """base_model.path is copied with config overrides or another chat template."""
+    base = cfg.root.base_model
+    return base.path is not None and bool(base.config_overrides or base.chat_template)
 
 
 def model_path(cfg: ResolvedConfig, model: str) -> str:
     if model == "base":
-        return f"{_results(cfg)}/models/base" if builds_base_model(cfg) else str(cfg.root.base_model.path)
+        made = builds_base_model(cfg) or prepares_base_model(cfg)
+        return f"{_results(cfg)}/models/base" if made else str(cfg.root.base_model.path)
     return f"{_results(cfg)}/models/{model}"
 
 
@@ -33,7 +41,18 @@ def model_inputs(cfg: ResolvedConfig, model: str) -> list[str]:
 
 
 def base_model_inputs(cfg: ResolvedConfig) -> list[str]:
-    return [model_path(cfg, "base")] if builds_base_model(cfg) else []
+    return [model_path(cfg, "base")] if builds_base_model(cfg) or prepares_base_model(cfg) else []
+
+
+def prepare_settings(cfg: ResolvedConfig) -> str:
+    base = cfg.root.base_model
+    return to_json({"path": base.path, "config_overrides": base.config_overrides, "chat_template": base.chat_template})
+
+
+def prepare_inputs(cfg: ResolvedConfig) -> list[str]:
+    """The chat template file (a local base_model.path is read where it is, not tracked)."""
+    template = cfg.root.base_model.chat_template
+    return [template] if template else []
 
 
 def start_model(cfg: ResolvedConfig, experiment: str) -> str:
@@ -119,10 +138,13 @@ def validation_file(cfg: ResolvedConfig) -> str:
 
 def train_settings(cfg: ResolvedConfig, experiment: str) -> str:
     """The experiment's settings; with in-training validation also ``validation`` (its settings
-    and file), so that runs without it keep exactly the settings they had before it existed."""
+    and file), and on the verl engine its cluster layout (``runtime``), so that local runs
+    without validation keep exactly the settings they had before these existed."""
     settings = to_dict(cfg.experiments[experiment])
     if cfg.root.validation.every > 0:
         settings["validation"] = {**to_dict(cfg.root.validation), "data": validation_file(cfg)}
+    if cfg.experiments[experiment].engine == "verl":
+        settings["runtime"] = to_dict(cfg.root.verl)
     return to_json(settings)
 
 

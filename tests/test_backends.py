@@ -53,6 +53,6 @@ def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
     cfg = EvaluationConfig(backend="vllm", suites={k: v[1] for k, v in suites.items()},
-                           vllm=VllmConfig(gpu_memory_utilization=0.1, enforce_eager=True, dtype="float32"))
+                           vllm=VllmConfig(gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32"))
     check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
                                  grading=GradingConfig(timeout_s=2.0), workers=2))

@@ -7,7 +7,8 @@ import pytest
 from luffy.algo.losses import AGGREGATIONS, ON_POLICY_RATIOS, SHAPINGS
 from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES, resolve_train_config
 from luffy.data.schema import DataError
-from luffy.engines.local.trainer import LocalTrainer, load_train_data, prompt_indices
+from luffy.data.training import load_train_data
+from luffy.engines.local.trainer import LocalTrainer, prompt_indices
 from luffy.models.sequences import length_buckets
 from luffy.models.tokenizer import load_shipped_tokenizer
 

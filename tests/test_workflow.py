@@ -136,3 +136,16 @@ def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
     # the second stage of each seed starts from that seed's converted first-stage model
     for seed in (0, 1):
         assert f"--base-model results/models/sft_half-seed{seed} " in output
+
+
+def test_paper_run_plans_data_training_conversion_evaluation_and_report(tmp_path):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    dry = snakemake(tmp_path, "--configfile", "config/experiments/paper_qwen2.5_math_7b.yaml", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    output = dry.stdout + dry.stderr
+    assert planned_jobs(output) == {"prepare_base_model": 1, "prepare_benchmark": 9, "prepare_traces": 1, "train": 6,
+                                    "convert": 6, "evaluate": 7, "report": 1, "all": 1}
+    for experiment in ("luffy", "grpo", "rl_sft", "sft", "sft_half", "sft_rl"):
+        assert f"experiment={experiment}" in output and f"model={experiment}" in output
+    assert "--base-model results/paper_7b/models/sft_half " in output  # SFT then RL
+    assert '"engine":"verl"' in output and '"runtime":{' in output

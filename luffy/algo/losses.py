@@ -22,6 +22,7 @@ Options (see docs/algorithm.md for the reference's names):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,6 +68,13 @@ class LossSettings:
     loss_constant: float = 8192.0
     entropy_coef: float = 0.001
     kl_coef: float = 0.0
+
+    @classmethod
+    def of(cls, settings: object) -> "LossSettings":
+        """The loss settings of an experiment: each field is the experiment's setting of the same
+        name (any object with those attributes, e.g. a resolved ``TrainConfig``)."""
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "clip": bool(values["clip"]), "loss_constant": float(values["loss_constant"])})
 
 
 @dataclass(frozen=True)

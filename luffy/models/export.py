@@ -42,7 +42,8 @@ def export_verified(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         tokenizer.save_pretrained(tmp)
         if metadata:
             (tmp / "luffy_export.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        # compared in the weights' own dtype (float32 from the local engine, bfloat16 from verl's merger)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype)
         got = probe_logits(reloaded, AutoTokenizer.from_pretrained(tmp))
         if got.shape != expected.shape:
             raise ExportMismatch(f"exported model gives logits of shape {tuple(got.shape)}, "

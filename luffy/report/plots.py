@@ -10,14 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from luffy.algo import metrics as names  # noqa: E402
 from luffy.config import experiment_family  # noqa: E402
 from luffy.io import atomic_path, read_jsonl  # noqa: E402
 
 CURVES = (
-    ("reward/on_policy_mean", "on-policy reward"),
-    ("accuracy/group_solved", "groups with a solved on-policy member"),
-    ("entropy", "mean token entropy"),
-    ("loss/sft", "SFT loss"),
+    (names.REWARD_ON_POLICY, "on-policy reward"),
+    (names.GROUP_SOLVED, "groups with a solved on-policy member"),
+    (names.ENTROPY, "mean token entropy"),
+    (names.LOSS_SFT, "SFT loss"),
 )
 
 

@@ -5,7 +5,7 @@ rule make_toy_traces:
         suite_id=f"{RESULTS}/data/toy/suite_id.parquet",
         suite_ood=f"{RESULTS}/data/toy/suite_ood.parquet",
     params:
-        settings=wf.toy_settings(CFG),
+        settings=lambda w: wf.toy_settings(CFG),
         out_dir=f"{RESULTS}/data/toy",
     log:
         f"{RESULTS}/logs/make_toy_traces.log",
@@ -22,7 +22,7 @@ rule prepare_traces:
         valid=f"{RESULTS}/data/valid.parquet",
         report=f"{RESULTS}/data/prepare_report.json",
     params:
-        settings=wf.filter_settings(CFG),
+        settings=lambda w: wf.filter_settings(CFG),
         traces=wf.trace_file(CFG),
         tokenizer=wf.tokenizer(CFG),
     log:

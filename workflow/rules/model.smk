@@ -1,16 +1,34 @@
-rule make_base_model:
-    input:
-        corpus=f"{RESULTS}/data/toy/pretrain.parquet",
-    output:
-        model=directory(f"{RESULTS}/models/base"),
-        metrics=f"{RESULTS}/models/base.pretrain_metrics.jsonl",
-    params:
-        settings=wf.tiny_settings(CFG),
-        system_prompt=CFG.root.data.system_prompt,
-    threads: 2
-    log:
-        f"{RESULTS}/logs/make_base_model.log",
-    shell:
-        "luffy make-base-model --settings {params.settings:q} --system-prompt {params.system_prompt:q}"
-        " --corpus {input.corpus} --out-dir {output.model} --metrics {output.metrics}"
-        " --threads {threads} --group base --rule {rule} > {log} 2>&1"
+if wf.builds_base_model(CFG):
+
+    rule make_base_model:
+        input:
+            corpus=f"{RESULTS}/data/toy/pretrain.parquet",
+        output:
+            model=directory(f"{RESULTS}/models/base"),
+            metrics=f"{RESULTS}/models/base.pretrain_metrics.jsonl",
+        params:
+            settings=lambda w: wf.tiny_settings(CFG),
+            system_prompt=lambda w: CFG.root.data.system_prompt,
+        threads: 2
+        log:
+            f"{RESULTS}/logs/make_base_model.log",
+        shell:
+            "luffy make-base-model --settings {params.settings:q} --system-prompt {params.system_prompt:q}"
+            " --corpus {input.corpus} --out-dir {output.model} --metrics {output.metrics}"
+            " --threads {threads} --group base --rule {rule} > {log} 2>&1"
+
+
+if wf.prepares_base_model(CFG):
+
+    rule prepare_base_model:
+        input:
+            template=wf.prepare_inputs(CFG),
+        output:
+            model=directory(f"{RESULTS}/models/base"),
+        params:
+            settings=lambda w: wf.prepare_settings(CFG),
+        log:
+            f"{RESULTS}/logs/prepare_base_model.log",
+        shell:
+            "luffy prepare-base-model --settings {params.settings:q} --out-dir {output.model}"
+            " --group base --rule {rule} > {log} 2>&1"

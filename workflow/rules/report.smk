@@ -6,8 +6,8 @@ rule report:
     output:
         wf.report_outputs(CFG),
     params:
-        settings=wf.report_settings(CFG),
-        suite_meta=wf.suite_meta(CFG),
+        settings=lambda w: wf.report_settings(CFG),
+        suite_meta=lambda w: wf.suite_meta(CFG),
         models=MODELS,
         suites=SUITES,
         curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],

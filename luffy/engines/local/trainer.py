@@ -26,12 +26,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from luffy.algo import metrics as names
 from luffy.algo.advantages import group_advantages, informative_groups
-from luffy.algo.groups import prefix_length, prefix_ratios
+from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_logprob_layout, training_progress
 from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
+from luffy.algo.metrics import combine_micro_batches, mean, mean_over_updates, rollout_metrics
 from luffy.config import TrainConfig, to_dict
-from luffy.data.schema import DataError, load_benchmark, luffy_fields, read_luffy, teacher_logprobs_of
-from luffy.data.templates import encode_prompts, encode_traces
+from luffy.data.schema import load_benchmark
+from luffy.data.templates import encode_prompts
+from luffy.data.training import load_train_data
+from luffy.engines.base import MetricsSink, write_manifest
 from luffy.engines.local import checkpoint
 from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.generation import sample
@@ -41,7 +45,7 @@ from luffy.reward.math import Grade, grade
 from luffy.reward.pool import GraderPool
 
 log = logging.getLogger(__name__)
-MetricsSink = Callable[[dict[str, float], int], None]
+WEIGHTS = "model.pt"
 
 
 @functools.lru_cache(maxsize=4)
@@ -63,46 +67,6 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
     return out
 
 
-@dataclasses.dataclass
-class TrainData:
-    prompt_ids: list[list[int]]
-    trace_ids: list[list[int]]
-    answers: list[str]
-    teacher_logp: list[list[float]] | None = None  # log pi_phi per trace token, EOS included
-
-
-def load_train_data(path: str, tokenizer, start: float = 0.0, end: float = 1.0,
-                    teacher_logprobs: bool = False) -> TrainData:
-    """Rows [floor(start N), floor(end N)) of the training file: complementary fractions give
-    disjoint problem sets (e.g. SFT on the first half, RL on the second). With
-    ``teacher_logprobs`` also each trace's per-token teacher log-probs, which must match the
-    trace's token count (EOS: 0 when not given)."""
-    frame = read_luffy(path)
-    prompts, traces, answers = luffy_fields(frame)
-    first, last = math.floor(start * len(prompts)), math.floor(end * len(prompts))
-    if last <= first:
-        raise DataError(f"training data {path}: rows [{start}, {end}) of {len(prompts)} are empty")
-    prompts, traces, answers = prompts[first:last], traces[first:last], answers[first:last]
-    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
-    data = TrainData(prompt_ids, encode_traces(tokenizer, rendered, traces), answers)
-    if teacher_logprobs:
-        data.teacher_logp = teacher_logprobs_of(frame, f"training data {path}")[first:last]
-        misaligned = [first + r for r, (lp, ids) in enumerate(zip(data.teacher_logp, data.trace_ids))
-                      if len(lp) not in (len(ids) - 1, len(ids))]
-        if misaligned:
-            raise DataError(f"training data {path}: teacher_logprobs length differs from the trace's token count "
-                            f"under the policy tokenizer in {len(misaligned)} row(s) {misaligned[:10]}; score the "
-                            f"traces with the policy's tokenizer and chat template (`luffy score-traces`)")
-        data.teacher_logp = [lp + [0.0] * (len(ids) - len(lp)) for lp, ids in zip(data.teacher_logp, data.trace_ids)]
-    return data
-
-
-def loss_settings(cfg: TrainConfig) -> LossSettings:
-    """The loss's settings: every ``LossSettings`` field is the experiment setting of that name."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossSettings)}
-    return LossSettings(**{**values, "clip": bool(cfg.clip), "loss_constant": float(cfg.loss_constant)})
-
-
 class LocalTrainer:
     def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
                  sink: MetricsSink | None = None, validation: dict[str, Any] | None = None,
@@ -120,12 +84,6 @@ class LocalTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
         self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end, cfg.teacher_logprobs)
-        if cfg.algorithm == "luffy" and cfg.n_off > 0:
-            too_long = sum(len(t) > cfg.max_response_tokens for t in self.data.trace_ids)
-            if too_long:
-                raise DataError(
-                    f"training data {data_path}: {too_long} teacher trace(s) (+EOS) exceed max_response_tokens="
-                    f"{cfg.max_response_tokens}; raise it or lower data.max_trace_tokens")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay)
         updates_per_step = cfg.mini_batches * (cfg.ppo_epochs if cfg.algorithm != "sft" else 1)
@@ -134,7 +92,7 @@ class LocalTrainer:
         # step ran at lr 0).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
-        self.loss_settings = loss_settings(cfg)
+        self.loss_settings = LossSettings.of(cfg)
         self.metrics_path = work_dir / "metrics.jsonl"
         # The KL penalty's reference: a frozen copy of the starting weights (only when used).
         self.ref_model = None
@@ -172,14 +130,14 @@ class LocalTrainer:
                 teacher_log_prob=None if teacher_logp is None else teacher_logp[micro, :width], totals=totals)
             loss.backward()
             parts.append((float(sub.response_mask.sum()), metrics))
-        metrics = _combine(parts)
+        metrics = combine_micro_batches(parts)
         if trace_batch is not None:  # rl_sft: + sft_coef x NLL of the same prompts' teacher traces
             trace_logp, _ = token_logprobs_and_entropy(self.model, trace_batch, with_entropy=False)
             term, nll = sft_loss_term(trace_logp, trace_batch.response_mask, self.cfg.sft_coef)
             term.backward()
-            metrics["loss/sft"] = nll.item()
-            metrics["loss/total"] += term.item()
-        metrics["grad_norm"] = self._optimizer_step()
+            metrics[names.LOSS_SFT] = nll.item()
+            metrics[names.LOSS_TOTAL] += term.item()
+        metrics[names.GRAD_NORM] = self._optimizer_step()
         return metrics
 
     def _optimizer_step(self) -> float:
@@ -220,23 +178,11 @@ class LocalTrainer:
             per_update = self._policy_updates([prompts[r] for r in rows], [responses[r] for r in rows],
                                               [off_tokens[r] for r in rows], advantages[rows],
                                               [idx[r // cfg.n] for r in rows])
-        on = [g.reward for g, off in zip(grades, off_flags) if not off]
-        offp = [g.reward for g, off in zip(grades, off_flags) if off]
-        on_lengths = [len(r) for r, off in zip(responses, off_flags) if not off]
-        off_lengths = [len(r) for r, off in zip(responses, off_flags) if off]
-        solved = rewards[:, cfg.n_off:].amax(dim=1) if n_on else torch.zeros(len(idx))
-        metrics = _mean_dicts(per_update)
-        metrics.update({
-            "groups/kept_share": float(keep.float().mean()),
-            "reward/mean": float(rewards.mean()),
-            "reward/on_policy_mean": _mean(on),
-            "reward/off_policy_mean": _mean(offp),
-            "accuracy/on_policy": _mean(on),
-            "accuracy/group_solved": float(solved.float().mean()),
-            "response_length/on_policy": _mean(on_lengths),
-            "response_length/off_policy": _mean(off_lengths),
-            "response/no_think_end_share": _mean([g.reason == "no_think_end" for g in grades]),
-        })
+        metrics = mean_over_updates(per_update)
+        metrics.update(rollout_metrics(
+            _groups([g.reward for g in grades], cfg.n), _groups(off_flags, cfg.n),
+            _groups([len(r) for r in responses], cfg.n), _groups([g.reason == "no_think_end" for g in grades], cfg.n),
+            kept=keep.tolist()))
         return metrics
 
     def _off_policy_members(self, idx: list[int], step: int) -> list[list[tuple[list[int], int]]]:
@@ -247,16 +193,14 @@ class LocalTrainer:
         """
         cfg, tok = self.cfg, self.tokenizer
         rng = random.Random(cfg.seed * 1_000_003 + step)
-        progress = step / max(1, cfg.steps - 1)
+        progress = training_progress(step, cfg.steps)
         members: list[list[tuple[list[int], int]]] = [[] for _ in idx]
         pending = []  # (group, prompt + prefix, prefix length) needing a continuation
         for g, i in enumerate(idx):
             trace = self.data.trace_ids[i]
-            body = len(trace) - 1  # without EOS
-            for ratio in prefix_ratios(cfg.prefix_strategy, cfg.n_off, cfg.prefix_ratio_min,
-                                       cfg.prefix_ratio_max, rng, progress):
-                k = prefix_length(body, ratio)
-                if k >= body:
+            for k in plan_teacher_members(len(trace), cfg.n_off, cfg.prefix_strategy, cfg.prefix_ratio_min,
+                                          cfg.prefix_ratio_max, rng, progress):
+                if k is None:
                     members[g].append((trace, len(trace)))
                 else:
                     pending.append((g, self.data.prompt_ids[i] + trace[:k], k))
@@ -278,10 +222,10 @@ class LocalTrainer:
         """
         cfg = self.cfg
         batch = build_batch(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
-        position = batch.response_mask.cumsum(dim=-1)  # 1, 2, ... along each response
-        limit = torch.tensor(off_tokens, dtype=torch.float32, device=self.device).unsqueeze(-1)
-        off_mask = ((position <= limit) * batch.response_mask).float()
-        teacher_logp = self._teacher_logprobs(batch, off_tokens, sources) if cfg.teacher_logprobs else None
+        off_mask = off_policy_mask(batch.response_mask, torch.tensor(off_tokens, device=self.device))
+        teacher_logp = teacher_logprob_layout(batch.response_mask, off_tokens,
+                                              [self.data.teacher_logp[s] for s in sources]) if cfg.teacher_logprobs \
+            else None
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
         minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
@@ -296,17 +240,6 @@ class LocalTrainer:
                 per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, teacher_logp,
                                                trace_batch))
         return per_update
-
-    def _teacher_logprobs(self, batch: SequenceBatch, off_tokens: list[int], sources: list[int]) -> torch.Tensor:
-        """log pi_phi laid out like the batch's per-token tensors: the k off-policy (teacher)
-        tokens of response j get their trace's first k teacher log-probs; other positions 0."""
-        out = torch.zeros_like(batch.response_mask)
-        for j, (k, source) in enumerate(zip(off_tokens, sources)):
-            if k:
-                positions = batch.response_mask[j].nonzero().squeeze(-1)[:k]
-                out[j, positions] = torch.tensor(self.data.teacher_logp[source][:k], dtype=out.dtype,
-                                                 device=out.device)
-        return out
 
     def _logprobs(self, model, batch: SequenceBatch) -> torch.Tensor:
         """Teacher-forced log-probs of every row, [B, L-1], computed in length-sorted micro-batches."""
@@ -338,10 +271,10 @@ class LocalTrainer:
             loss = sft_loss(logp, batch.response_mask, "token_mean")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            per_update.append({"loss/sft": loss.item(), "grad_norm": self._optimizer_step(),
-                               "entropy": masked_mean(entropy, batch.response_mask).item()})
-        metrics = _mean_dicts(per_update)
-        metrics["response_length/off_policy"] = _mean([len(self.data.trace_ids[i]) for i in idx])
+            per_update.append({names.LOSS_SFT: loss.item(), names.GRAD_NORM: self._optimizer_step(),
+                               names.ENTROPY: masked_mean(entropy, batch.response_mask).item()})
+        metrics = mean_over_updates(per_update)
+        metrics[names.LENGTH_OFF_POLICY] = mean(len(self.data.trace_ids[i]) for i in idx)
         return metrics
 
     def _grade(self, texts: list[str], golds: list[str]) -> list[Grade]:
@@ -360,7 +293,7 @@ class LocalTrainer:
         texts = [tok.batch_decode(group, skip_special_tokens=True) for group in samples]
         flat = [(t, gold) for group, gold in zip(texts, self.valid_answers) for t in group]
         scores = [g.reward for g in self._grade([t for t, _ in flat], [gold for _, gold in flat])]
-        return _mean(scores)
+        return mean(scores)
 
     def _track_best(self, step: int, accuracy: float) -> None:
         """Keep the weights of the best validation accuracy so far (``select: best``)."""
@@ -393,18 +326,18 @@ class LocalTrainer:
         for step in bar:
             began = time.perf_counter()
             metrics = step_fn(step)
-            metrics["lr"] = self.scheduler.get_last_lr()[0]
-            metrics["step_time_s"] = time.perf_counter() - began
+            metrics[names.LR] = self.scheduler.get_last_lr()[0]
+            metrics[names.STEP_TIME] = time.perf_counter() - began
             if self.validation and ((step + 1) % self.validation["every"] == 0 or step + 1 == cfg.steps):
-                metrics["val/accuracy"] = self.validate()
+                metrics[names.VAL_ACCURACY] = self.validate()
                 if self.validation["select"] == "best":
-                    self._track_best(step, metrics["val/accuracy"])
+                    self._track_best(step, metrics[names.VAL_ACCURACY])
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
             if self.sink:
                 self.sink(metrics, step)
             bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
-                             if k in ("reward/on_policy_mean", "loss/total", "loss/sft")})
+                             if k in (names.REWARD_ON_POLICY, names.LOSS_TOTAL, names.LOSS_SFT)})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint.save(self.work_dir, step + 1, self.model, self.optimizer, self.scheduler,
                                 {"run_id": resume_run_id() if resume_run_id else None})
@@ -419,36 +352,14 @@ class LocalTrainer:
             state = torch.load(self.work_dir / "best.pt", map_location="cpu")
         log.info("exporting the weights of step %d (%s)", selected["step"], selected["rule"])
         with atomic_dir(out_dir) as tmp:
-            torch.save(state, tmp / "model.pt")
-            (tmp / "checkpoint.json").write_text(json.dumps(
-                {"base_model": self.base_model, "steps": self.cfg.steps, "selected": selected,
-                 "settings": to_dict(self.cfg)}, indent=2))
+            torch.save(state, tmp / WEIGHTS)
+            write_manifest(tmp, engine="local", base_model=self.base_model, steps=self.cfg.steps, selected=selected,
+                           settings=to_dict(self.cfg), weights=WEIGHTS)
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.metrics_path, metrics_out)
 
 
-ADDITIVE_METRICS = ("loss/policy", "loss/total", "entropy", "kl")
 
-
-def _combine(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """Micro-batch metrics -> the mini-batch's: shares of the loss add up, means are
-    weighted by each micro-batch's tokens (those it does not have are skipped)."""
-    out: dict[str, float] = {}
-    for key in {k for _, metrics in parts for k in metrics}:
-        present = [(w, m[key]) for w, m in parts if key in m and not math.isnan(m[key])]
-        if key in ADDITIVE_METRICS:
-            out[key] = sum(v for _, v in present)
-        elif present:
-            weight = sum(w for w, _ in present)
-            out[key] = sum(w * v for w, v in present) / weight if weight else present[0][1]
-    return out
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else float("nan")
-
-
-def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for d in dicts for k in d}
-    return {k: _mean(d[k] for d in dicts if k in d and not math.isnan(d[k])) for k in sorted(keys)}
+def _groups(values: list, n: int) -> list[list]:
+    """A flat list of members, group after group of ``n``, as one list per group."""
+    return [values[start : start + n] for start in range(0, len(values), n)]

@@ -1,0 +1,83 @@
+"""What a training engine is: train one experiment into a checkpoint directory with a
+manifest, export it to HuggingFace format, and say which MLflow run a resumed job continues.
+
+``stages.train`` and ``stages.convert`` reach an engine only through
+``luffy.engines.registry.make_engine``; the engines never import each other.
+
+A finished training job's checkpoint directory (``results/train/<experiment>/final``) holds
+``checkpoint.json``, the manifest::
+
+    engine      the engine that wrote it (local | verl); absent in older local outputs
+    base_model  where training started (a model directory or hub id)
+    steps       training steps run
+    selected    {"step", "rule"}: which step's weights the directory holds
+    settings    the experiment's resolved settings
+    weights     the weights inside the directory, relative to it (engine-specific format)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from luffy.io import read_json
+
+if TYPE_CHECKING:
+    from luffy.config import TrainConfig
+
+MANIFEST = "checkpoint.json"
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class EngineError(RuntimeError):
+    """An engine could not do the job (its own tool failed or refused); the message says why."""
+
+
+@dataclass
+class TrainJob:
+    """One experiment's training job, as the workflow hands it to an engine."""
+
+    experiment: str
+    settings: "TrainConfig"
+    data: str                # the LUFFY training parquet
+    base_model: str          # the model training starts from
+    out_dir: Path            # the checkpoint directory (manifest + weights), written atomically
+    metrics_out: Path        # one JSON line of metrics per step
+    work_dir: Path           # resumable state; not a workflow output
+    threads: int = 2
+    validation: dict[str, Any] | None = None  # in-training validation settings and file
+    runtime: dict[str, Any] | None = None     # the engine's own runtime settings (e.g. the cluster layout)
+
+
+class Engine(Protocol):
+    name: str
+
+    def resume_run_id(self, work_dir: Path) -> str | None:
+        """The MLflow run of an interrupted job in ``work_dir`` (None: a fresh start)."""
+
+    def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
+        """Train ``job``, resuming from ``job.work_dir`` if a previous attempt left state there;
+        every step's metrics go to ``sink`` and ``job.metrics_out``; the end result is
+        ``job.out_dir`` with its manifest. ``run_id`` gives the MLflow run to record for resume."""
+
+    def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:
+        """Write the checkpoint's weights as a verified HuggingFace model directory; returns the
+        largest absolute probe-logit difference found by the verification."""
+
+
+def write_manifest(directory: Path, *, engine: str, base_model: str, steps: int, selected: dict[str, Any],
+                   settings: dict[str, Any], weights: str) -> None:
+    (directory / MANIFEST).write_text(json.dumps(
+        {"engine": engine, "base_model": base_model, "steps": steps, "selected": selected, "settings": settings,
+         "weights": weights}, indent=2))
+
+
+def read_manifest(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a checkpoint directory (outputs written before the engine field was
+    added are the local engine's)."""
+    manifest = read_json(Path(checkpoint_dir) / MANIFEST)
+    manifest.setdefault("engine", "local")
+    manifest.setdefault("weights", "model.pt")
+    return manifest

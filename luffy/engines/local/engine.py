@@ -1,0 +1,34 @@
+"""The local engine behind the engine interface: ``LocalTrainer`` for training, the trained
+state dict on the base architecture for export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from luffy.engines.base import MetricsSink, TrainJob
+
+
+class LocalEngine:
+    name = "local"
+
+    def resume_run_id(self, work_dir: Path) -> str | None:
+        from luffy.engines.local.checkpoint import latest_state
+
+        return (latest_state(work_dir) or {}).get("run_id")
+
+    def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
+        import torch
+
+        from luffy.engines.local.trainer import LocalTrainer
+
+        torch.set_num_threads(job.threads)
+        trainer = LocalTrainer(job.settings, job.data, job.base_model, job.work_dir, sink=sink,
+                               validation=job.validation, grader_workers=job.threads)
+        trainer.run(job.out_dir, job.metrics_out, resume_run_id=run_id)
+
+    def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:
+        from luffy.models.export import export_verified, load_trained
+
+        model, tokenizer = load_trained(manifest["base_model"], checkpoint_dir / manifest["weights"])
+        return export_verified(model, tokenizer, out_dir, metadata={"stage": "convert", **manifest})

@@ -1,0 +1,227 @@
+"""The verl engine behind the engine interface.
+
+train: the experiment's overrides (``overrides``) -> ``python -m verl.trainer.main_ppo`` (luffy,
+grpo, rl_sft) or ``python -m verl.trainer.sft_trainer_ray`` (sft), stock entry points of the
+released package, with our plug-ins imported on every Ray process. State lives in the job's work
+directory (not a workflow output, so Snakemake never deletes it):
+
+    work/checkpoints/global_step_N/...   verl's checkpoints; a rerun resumes (trainer.resume_mode=auto)
+    work/metrics.jsonl                   our per-step metrics (written by the trainer plug-in)
+    work/verl_log/attempt-*.jsonl        verl's own metric log, one file per attempt
+    work/run.json                        the MLflow run a resumed job continues
+
+MLflow: verl's logger attaches to the stage's ``train`` child run (``MLFLOW_RUN_ID``), so
+every step's metrics land there, under verl's names and ours.
+
+export: ``python -m verl.model_merger merge --backend fsdp`` on the checkpoint's shards, then
+the merged weights go through our verified export (logits of a reload compared in the merged
+weights' own dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from luffy import io
+from luffy.config import VerlConfig, from_json, to_dict
+from luffy.engines.base import EngineError, MetricsSink, TrainJob, write_manifest
+from luffy.engines.verl.overrides import PLUGIN_MODULE, VerlJob, hydra_value, ppo_overrides, sft_overrides
+
+log = logging.getLogger(__name__)
+PPO_ENTRY, SFT_ENTRY = "verl.trainer.main_ppo", "verl.trainer.sft_trainer_ray"
+TRACKER = "latest_checkpointed_iteration.txt"
+WEIGHTS = "actor"  # the checkpoint directory's model shards, in verl's FSDP layout
+SHARD_FILES = ("model_world_size_", "fsdp_config.json", "huggingface")
+SFT_METRICS = {"train/loss": "loss/sft", "train/grad_norm": "grad_norm", "train/lr": "lr"}
+
+
+class VerlRunFailed(EngineError):
+    """verl's process ended with an error; its output is in the stage's log."""
+
+
+def runtime_of(job: TrainJob) -> VerlConfig:
+    return from_json(VerlConfig, json.dumps(job.runtime or {}))
+
+
+def _absolute_tracking_uri() -> str:
+    """The MLflow URI as the Ray workers must see it (a relative SQLite path made absolute)."""
+    from luffy.tracking import tracking_uri
+
+    uri = tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+class VerlEngine:
+    name = "verl"
+
+    # ---- the job's files ----
+    @staticmethod
+    def _paths(work_dir: Path) -> dict[str, Path]:
+        work = work_dir.resolve()
+        return {"checkpoints": work / "checkpoints", "metrics": work / "metrics.jsonl", "logs": work / "verl_log",
+                "run": work / "run.json", "data": work / "data"}
+
+    def resume_run_id(self, work_dir: Path) -> str | None:
+        run = self._paths(work_dir)["run"]
+        return json.loads(run.read_text()).get("run_id") if run.exists() else None
+
+    def _train_files(self, job: TrainJob, paths: dict[str, Path]) -> str:
+        """The training parquet verl reads: the job's, cut to [data_start, data_end), and for SFT
+        as chat conversations (prompt messages + the trace as the assistant turn)."""
+        import math
+
+        import pandas as pd
+
+        cfg = job.settings
+        if cfg.algorithm != "sft" and (cfg.data_start, cfg.data_end) == (0.0, 1.0):
+            return str(Path(job.data).resolve())
+        frame = pd.read_parquet(job.data)
+        frame = frame.iloc[math.floor(cfg.data_start * len(frame)): math.floor(cfg.data_end * len(frame))]
+        if cfg.algorithm == "sft":
+            frame = frame.assign(messages=[list(p) + list(t) for p, t in zip(frame["prompt"], frame["target"])])
+        out = paths["data"] / ("sft.parquet" if cfg.algorithm == "sft" else "train.parquet")
+        io.write_parquet(out, frame.reset_index(drop=True))
+        return str(out)
+
+    def overrides(self, job: TrainJob, train_files: str | None = None) -> tuple[str, list[str]]:
+        """(entry module, Hydra overrides) of the job's verl run."""
+        from luffy.tracking import experiment_name
+
+        paths = self._paths(job.work_dir)
+        verl_job = VerlJob(experiment=job.experiment, train_files=train_files or str(Path(job.data).resolve()),
+                           model=job.base_model if not os.path.exists(job.base_model)
+                           else str(Path(job.base_model).resolve()),
+                           checkpoint_dir=str(paths["checkpoints"]), project=experiment_name())
+        runtime = runtime_of(job)
+        if job.settings.algorithm == "sft":
+            return SFT_ENTRY, sft_overrides(job.settings, runtime, verl_job)
+        return PPO_ENTRY, ppo_overrides(job.settings, runtime, verl_job, str(paths["metrics"]))
+
+    def check(self, job: TrainJob, figures: dict[str, float]) -> dict[str, float]:
+        """The preflight's verl part: prompts fit ``verl.max_prompt_tokens``, and verl's own
+        config composes and validates with the run's overrides."""
+        from luffy.engines.verl.compose import validated_ppo, validated_sft
+        from luffy.preflight import PreflightError
+
+        runtime = runtime_of(job)
+        longest = figures.get("longest_prompt_tokens", 0)
+        if job.settings.algorithm != "sft" and longest > runtime.max_prompt_tokens:
+            raise PreflightError(f"training data {job.data}: the longest prompt has {longest:.0f} tokens, over "
+                                 f"verl.max_prompt_tokens={runtime.max_prompt_tokens} (verl would refuse it)")
+        began = time.perf_counter()
+        entry, overrides = self.overrides(job)
+        (validated_sft if entry == SFT_ENTRY else validated_ppo)(overrides)
+        return {"verl_config_s": time.perf_counter() - began}
+
+    # ---- training ----
+    def _environment(self, run_id: str | None, log_file: Path) -> tuple[dict[str, str], list[str]]:
+        """Environment of verl's driver, and the overrides that hand the same variables to
+        every Ray worker (also on nodes whose Ray was started separately)."""
+        shared = {"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE, "MLFLOW_TRACKING_URI": _absolute_tracking_uri(),
+                  "VERL_FILE_LOGGER_PATH": str(log_file)}
+        if run_id:
+            shared["MLFLOW_RUN_ID"] = run_id
+        env = {**os.environ, **shared}
+        return env, [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(v)}" for k, v in shared.items()]
+
+    def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
+        paths = self._paths(job.work_dir)
+        for key in ("checkpoints", "logs", "data"):
+            paths[key].mkdir(parents=True, exist_ok=True)
+        current_run = run_id()
+        io.write_json(paths["run"], {"run_id": current_run})
+        entry, overrides = self.overrides(job, self._train_files(job, paths))
+        attempt = paths["logs"] / f"attempt-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        env, env_overrides = self._environment(current_run, attempt)
+        status = self._launch([sys.executable, "-m", entry, *overrides, *env_overrides], env)
+        if status != 0:
+            raise VerlRunFailed(f"{entry} exited with status {status} (its output is above in this log); "
+                                "rerun the job to resume from its last checkpoint")
+        step, actor = self._latest_checkpoint(job, paths["checkpoints"])
+        if job.settings.algorithm == "sft":
+            self._sft_metrics(paths, sink)
+        with io.atomic_dir(job.out_dir) as tmp:
+            self._link_shards(actor, tmp / WEIGHTS)
+            write_manifest(tmp, engine=self.name, base_model=job.base_model, steps=job.settings.steps,
+                           selected={"step": job.settings.steps, "rule": "last", "verl_global_step": step},
+                           settings=to_dict(job.settings), weights=WEIGHTS)
+        job.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(job.metrics_out) as tmp:
+            shutil.copyfile(paths["metrics"], tmp)
+
+    @staticmethod
+    def _launch(command: list[str], env: dict[str, str]) -> int:
+        """Run verl's entry point (its output goes to this job's log); returns its exit status."""
+        log.info("verl run: %s", " ".join(command))
+        return subprocess.run(command, env=env).returncode
+
+    def _latest_checkpoint(self, job: TrainJob, root: Path) -> tuple[int, Path]:
+        tracker = root / TRACKER
+        if not tracker.exists():
+            raise VerlRunFailed(f"verl finished without a checkpoint in {root} ({TRACKER} missing)")
+        step = int(tracker.read_text().strip())
+        folder = root / f"global_step_{step}"
+        actor = folder if job.settings.algorithm == "sft" else folder / "actor"
+        expected = job.settings.steps * (job.settings.mini_batches if job.settings.algorithm == "sft" else 1)
+        if step != expected or not actor.is_dir():
+            raise VerlRunFailed(f"verl's last checkpoint is {folder} (step {step}); expected step {expected}")
+        return step, actor
+
+    @staticmethod
+    def _link_shards(actor: Path, target: Path) -> None:
+        """The model shards, config and tokenizer of a checkpoint (not its optimizer state),
+        hard-linked where the file system allows (the work directory keeps the originals)."""
+        target.mkdir(parents=True)
+        for item in actor.iterdir():
+            if not item.name.startswith(SHARD_FILES):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, target / item.name, copy_function=io.link_or_copy)
+            else:
+                io.link_or_copy(item, target / item.name)
+
+    def _sft_metrics(self, paths: dict[str, Path], sink: MetricsSink) -> None:
+        """verl's SFT trainer logs ``train/loss`` etc.: our names, one line per step of ours
+        (``mini_batches`` of verl's steps), merged over attempts (a later attempt's lines win)."""
+        by_step: dict[int, dict[str, float]] = {}
+        for attempt in sorted(paths["logs"].glob("attempt-*.jsonl")):
+            for record in io.read_jsonl(attempt):
+                values = {ours: float(record["data"][theirs]) for theirs, ours in SFT_METRICS.items()
+                          if theirs in record["data"]}
+                by_step[int(record["step"])] = values
+        lines = []
+        for step in sorted(by_step):
+            lines.append({"step": step - 1, **by_step[step]})
+            sink(by_step[step], step - 1)
+        io.write_text(paths["metrics"], "".join(json.dumps(line) + "\n" for line in lines))
+
+    # ---- export ----
+    def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from luffy.models.export import export_verified
+
+        shards = checkpoint_dir / manifest["weights"]
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.merge.") as merged:
+            command = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
+                       str(shards), "--target_dir", merged]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise VerlRunFailed(f"verl's model merger failed on {shards}:\n{result.stdout[-2000:]}\n"
+                                    f"{result.stderr[-4000:]}")
+            model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
+            tokenizer = AutoTokenizer.from_pretrained(merged)
+            return export_verified(model, tokenizer, out_dir, metadata={"stage": "convert", **manifest})
+

@@ -1,0 +1,97 @@
+"""A base model prepared for training: a copy of a hub or local model directory with some of
+its config.json keys changed and, optionally, another chat template.
+
+The paper trains Qwen2.5-Math-7B with its context raised to 16k tokens
+(``max_position_embeddings`` 16384, ``rope_theta`` 40000) and a chat template whose generation
+prompt ends with ``<think>\\n``. Every stage (preflight, training, evaluation of the base
+model) then reads one directory, ``results/models/base``, so they cannot disagree on either.
+
+Weights are hard-linked from the source where the file system allows (copied otherwise); the
+config is patched as JSON (loader-version independent) and checked by reloading it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from luffy.config import ConfigError
+from luffy.io import atomic_dir, link_or_copy
+
+log = logging.getLogger(__name__)
+CONFIG, TOKENIZER_FILES = "config.json", ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+METADATA = "luffy_base.json"
+
+
+def resolve_model_dir(source: str) -> Path:
+    """A local model directory as is; a hub id downloaded (or found in the hub cache)."""
+    if os.path.isdir(source):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source))
+    except Exception as err:  # offline, gated, unknown id
+        raise ConfigError(f"config key 'base_model.path': cannot fetch '{source}' from the HuggingFace hub "
+                          f"({type(err).__name__}: {err}); download it and give its directory instead") from None
+
+
+def patch_config(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json with ``overrides`` applied; ``rope_theta`` also inside ``rope_parameters``
+    (where transformers 5 keeps it) when the file has that section."""
+    out = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        out[key] = value
+        if key.startswith("rope_") and isinstance(out.get("rope_parameters"), dict):
+            out["rope_parameters"][key] = value
+    return out
+
+
+def _effective(config: dict[str, Any], key: str) -> Any:
+    if key in config:
+        return config[key]
+    return (config.get("rope_parameters") or {}).get(key)
+
+
+def prepare_base_model(source: str, config_overrides: dict[str, Any], chat_template: str | None,
+                       out_dir: str | Path) -> dict[str, Any]:
+    """Write the prepared copy of ``source`` to ``out_dir`` (atomically); returns what changed."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    src = resolve_model_dir(source)
+    if not (src / CONFIG).exists():
+        raise ConfigError(f"config key 'base_model.path': {src} has no {CONFIG} (not a model directory)")
+    raw = json.loads((src / CONFIG).read_text())
+    unknown = [k for k in config_overrides if _effective(raw, k) is None]
+    if unknown:
+        raise ConfigError(f"config key 'base_model.config_overrides': {unknown} are not keys of {src / CONFIG}")
+    changed = {k: {"from": _effective(raw, k), "to": v} for k, v in config_overrides.items()}
+    with atomic_dir(out_dir) as tmp:
+        for item in src.iterdir():
+            if item.name == CONFIG or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                link_or_copy(item.resolve(), tmp / item.name)
+        (tmp / CONFIG).write_text(json.dumps(patch_config(raw, config_overrides), indent=2))
+        if chat_template is not None:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            tokenizer.chat_template = Path(chat_template).read_text()
+            for name in TOKENIZER_FILES:
+                (tmp / name).unlink(missing_ok=True)
+            tokenizer.save_pretrained(tmp)
+            changed["chat_template"] = {"from": "the model's", "to": chat_template}
+        loaded = AutoConfig.from_pretrained(tmp).to_dict()
+        wrong = {k: _effective(loaded, k) for k, v in config_overrides.items() if _effective(loaded, k) != v}
+        if wrong:
+            raise ConfigError(f"config key 'base_model.config_overrides': after reloading, {wrong} differ from "
+                              f"the requested values (transformers ignores these keys)")
+        (tmp / METADATA).write_text(json.dumps({"source": source, "changed": changed}, indent=2, default=str))
+    log.info("prepared base model %s from %s: %s", out_dir, source, changed)
+    return changed
+
