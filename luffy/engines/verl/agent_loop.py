@@ -27,7 +27,7 @@ import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 from verl.utils.profiler import simple_timer
 
-from luffy.algo.groups import plan_teacher_members, training_progress
+from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_logprob_layout, training_progress
 from luffy.data.templates import encode_traces, render_prompt
 from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK, TEACHER_LOG_PROB
 
@@ -110,12 +110,13 @@ class LuffyAgentLoop(AgentLoopBase):
                     continuation = await self._sample(prompt_ids + trace[:k], sampling_params,
                                                       self.response_length - k)
                     response, off_tokens = trace[:k] + continuation, k
+                row = torch.ones(1, len(response))
                 fields = {"response_mask": [1] * len(response),
-                          "off_policy_mask": [1] * off_tokens + [0] * (len(response) - off_tokens)}
+                          "off_policy_mask": off_policy_mask(row, torch.tensor([off_tokens]))[0].long().tolist()}
                 if teacher:
-                    values = [float(v) for v in kwargs["teacher_logprobs"]][:off_tokens]
-                    values += [0.0] * (off_tokens - len(values))  # the EOS: pi_phi = 1 when not scored
-                    fields["teacher_log_prob"] = values + [0.0] * (len(response) - off_tokens)
+                    scored = [float(v) for v in kwargs["teacher_logprobs"]]
+                    scored += [0.0] * (len(trace) - len(scored))  # the EOS: pi_phi = 1 when not scored
+                    fields["teacher_log_prob"] = teacher_logprob_layout(row, [off_tokens], [scored])[0].tolist()
             if self.luffy.algorithm == "rl_sft":
                 fields.setdefault("sft_mask", [0] * len(response))
         metrics.setdefault("num_preempted", -1)

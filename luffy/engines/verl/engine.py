@@ -214,6 +214,7 @@ class VerlEngine:
         from luffy.models.export import export_verified
 
         shards = checkpoint_dir / manifest["weights"]
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.merge.") as merged:
             command = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
                        str(shards), "--target_dir", merged]

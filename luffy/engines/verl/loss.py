@@ -27,8 +27,8 @@ the traces' NLL over the mini-batch, as in the local engine:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -50,8 +50,8 @@ class PartitionMismatch(EngineError):
 
 
 def loss_settings(section: dict[str, Any]) -> LossSettings:
-    """The ``LossSettings`` of the config's ``luffy`` section."""
-    return LossSettings(**{f.name: section[f.name] for f in dataclasses.fields(LossSettings)})
+    """The ``LossSettings`` of the config's ``luffy`` section (its keys are the settings' names)."""
+    return LossSettings.of(SimpleNamespace(**section))
 
 
 def _response_widths(data) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 TRAINER_MODE = "luffy"          # our V1 trainer, registered by the plug-in
@@ -102,8 +102,7 @@ def luffy_section(settings: Any, metrics_path: str) -> dict[str, Any]:
     where the trainer writes its per-step metrics (one JSON line per step)."""
     from luffy.algo.losses import LossSettings  # torch: only when a run is built, not when a config is read
 
-    loss = {f.name: getattr(settings, f.name) for f in fields(LossSettings)}
-    loss["clip"] = bool(loss["clip"])
+    loss = asdict(LossSettings.of(settings))
     return {
         "algorithm": settings.algorithm, "n": settings.n, "n_off": settings.n_off,
         "trace_rows": 1 if settings.algorithm == "rl_sft" else 0,
