@@ -1,3 +1,4 @@
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -46,3 +47,14 @@ def train_parquet(tmp_path_factory):
     """Factory: train_parquet(n_train, max_chars=80) -> path of a fresh training parquet."""
     return lambda n_train, max_chars=80: write_train_parquet(
         tmp_path_factory.mktemp("train") / "train.parquet", n_train, max_chars)
+
+
+@pytest.fixture
+def loop():
+    """One event loop for the whole test, current while verl's objects are built: they keep the
+    loop they find, as in a Ray actor, whose methods all run on one loop."""
+    event_loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(event_loop)
+    yield event_loop
+    asyncio.set_event_loop(None)
+    event_loop.close()

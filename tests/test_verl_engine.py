@@ -1,15 +1,11 @@
-"""The verl engine against the real verl 0.9.1 package, on the CPU.
+"""The verl engine against the real verl 0.9.1 package, on the CPU: configs, reward, launch.
 
 What runs for real: verl's Hydra configs and checks (compose, ``validate_config``, the dataclass
-conversions), its V1 agent-loop worker (``AgentLoopWorkerTQ``'s own ``_run_prompt``: sessions,
-post-processing into TransferQueue rows), its reward-loop worker and reward manager calling our
-reward function, its GRPO advantage estimator, and its model merger on an FSDP checkpoint that
-its checkpoint manager wrote (2 ranks, gloo).
-
-Stand-ins, each for something that cannot run here: the vLLM server (a fake that answers with
-fixed token ids and records the requests), TransferQueue's Ray-actor store (the worker's puts
-are recorded instead), and the Ray actor handle of the reward worker (an in-process object with
-the same ``compute_score.remote`` call).
+conversions), its reward-loop worker and reward manager calling our reward function, its
+external-module plug-in mechanism, and its checkpoint manager writing the checkpoints that the
+engine collects. Stand-in: verl's training process itself (``main_ppo`` needs GPUs); the fake
+leaves behind what a finished run leaves (tests/test_verl_rollout.py covers the agent loop and
+the trainer's TransferQueue side).
 """
 
 from __future__ import annotations
@@ -28,12 +24,10 @@ import yaml
 from omegaconf import OmegaConf
 
 
-from luffy.algo.advantages import group_advantages
 from luffy.config import ConfigError, VerlConfig, load_config, resolve_train_config, to_dict
 from luffy.engines.base import TrainJob
 from luffy.engines.verl.compose import VerlConfigError, validated_ppo, validated_sft
 from luffy.engines.verl.engine import VerlEngine
-from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK, TEACHER_LOG_PROB
 from luffy.engines.verl.overrides import check_extra_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,222 +127,16 @@ def test_extra_overrides_cannot_change_mapped_settings_and_unknown_keys_fail_com
     assert model.override_config.attn_implementation == "sdpa" and not model.use_remove_padding
 
 
-# ---- the agent loop and the reward, driven the way verl's V1 worker drives them ----
-
-class FakeServer:
-    """Stands in for the vLLM server: answers every request with fixed token ids (capped at
-    ``max_tokens``) and records what it was asked."""
-
-    def __init__(self, tokenizer, text: str):
-        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        self.requests: list[dict] = []
-
-    async def generate(self, request_id, prompt_ids, sampling_params, **kwargs):
-        from verl.workers.rollout.replica import TokenOutput
-
-        self.requests.append({"prompt_ids": list(prompt_ids), "max_tokens": sampling_params.get("max_tokens")})
-        return TokenOutput(token_ids=self.ids[: sampling_params.get("max_tokens", len(self.ids))])
-
-
-class RewardHandle:
-    """Stands in for the Ray handle of a reward-loop worker: ``compute_score.remote(data)`` runs
-    verl's ``RewardLoopWorker.compute_score`` in this process."""
-
-    def __init__(self, config):
-        from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-
-        worker = RewardLoopWorker(config)
-        self.compute_score = type("Method", (), {"remote": staticmethod(worker.compute_score)})()
-
-
-@pytest.fixture
-def loop():
-    """One event loop for the whole test, current while verl's objects are built (they keep the
-    loop they find, as in a Ray actor, whose methods all run on one loop)."""
-    event_loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(event_loop)
-    yield event_loop
-    asyncio.set_event_loop(None)
-    event_loop.close()
-
-
-@pytest.fixture
-def recorded_puts(monkeypatch, loop):
-    """TransferQueue's store runs as Ray actors: record the worker's puts instead."""
-    from verl.trainer.ppo.v1 import agent_loop_tq
-
-    puts = []
-
-    async def batch_put(keys, fields, tags, partition_id):
-        puts.append((list(keys), fields, tags))
-
-    async def put(**kwargs):
-        return None
-
-    monkeypatch.setattr(agent_loop_tq.tq, "async_kv_batch_put", batch_put)
-    monkeypatch.setattr(agent_loop_tq.tq, "async_kv_put", put)
-    return puts
-
-
-def v1_worker(config, server, reward_handle):
-    """verl's ``AgentLoopWorkerTQ`` (its methods, unchanged) without the Ray actor wrapper and
-    without connecting to TransferQueue."""
-    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
-    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
-
-    import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
-
-    cls = AgentLoopWorkerTQ.__ray_actor_class__
-    worker = cls.__new__(cls)
-    AgentLoopWorker.__init__(worker, config, server, None, [reward_handle])
-    worker.background_tasks = set()
-    return worker
-
-
-def run_prompts(worker, config, rows: pd.DataFrame, step: int = 1) -> None:
-    """What ``AgentLoopWorkerTQ.generate_sequences`` does per dataset row: one ``_run_prompt``
-    (rollout.n sessions) per prompt, with the row's fields as keyword arguments."""
-    rollout = config.actor_rollout_ref.rollout
-    params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, repetition_penalty=1.0,
-                  logprobs=rollout.calculate_log_probs)
-
-    async def go():
-        for i, row in enumerate(rows.to_dict(orient="records")):
-            prompt = {**row, "raw_prompt": list(row["prompt"]),
-                      "uid": f"u{i}", "index": row["extra_info"]["index"], "global_steps": step,
-                      "agent_name": rollout.agent.default_agent_loop}
-            trajectory = {"step": step, "sample_index": i, "rollout_n": 0, "validate": False}
-            await worker._run_prompt(prompt, params, trajectory=trajectory)
-
-    asyncio.get_event_loop().run_until_complete(go())
-
+# ---- the reward, called the way verl's reward-loop worker calls it ----
 
 def experiment(tiny_model_dir, data, tmp_path, **settings):
+    """A small verl experiment and its composed, validated ppo_trainer config."""
     cfg = resolve_train_config("exp", {}, {"engine": "verl", "n": 4, "max_response_tokens": 200,
                                            "micro_batch_tokens": 4096, "prompts_per_step": 2, "mini_batches": 1,
                                            **settings})
     runtime = VerlConfig(nnodes=1, gpus_per_node=1, rollout_tensor_parallel=1, max_prompt_tokens=512)
     job = job_for("exp", cfg, data, tiny_model_dir, tmp_path, runtime)
     return cfg, validated_ppo(VerlEngine().overrides(job)[1])
-
-
-ANSWER = "<think>\nsome steps\n</think>\nThe answer is \\boxed{7}."
-
-
-def rows_by_session(puts):
-    rows = {}
-    for keys, fields, tags in puts:
-        for key, i in zip(keys, range(len(keys))):
-            rows[key] = {name: fields[name][i] for name in fields.keys()}
-    return rows
-
-
-def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(tiny_model_dir, train_parquet,
-                                                                            tmp_path, recorded_puts):
-    from verl import DataProto
-    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
-
-    from luffy.data.templates import encode_traces, render_prompt
-    from luffy.data.training import load_train_data
-
-    data = train_parquet(4)
-    cfg, config = experiment(tiny_model_dir, data, tmp_path, algorithm="luffy")
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
-    server = FakeServer(tokenizer, ANSWER)
-    worker = v1_worker(config, server, RewardHandle(config))
-    frame = pd.read_parquet(data).iloc[:2]
-    run_prompts(worker, config, frame)
-    rows = rows_by_session(recorded_puts)
-    assert len(rows) == 2 * cfg.n  # every session of every prompt, one row each
-    expected = load_train_data(data, tokenizer)
-    for p in range(2):
-        trace = expected.trace_ids[p]
-        teacher = rows[f"u{p}_0_0"]
-        assert teacher["responses"].tolist() == trace  # the trace's tokens + EOS, not generated
-        assert teacher[OFF_POLICY_MASK].tolist() == [1] * len(trace)
-        assert teacher["response_mask"].tolist() == [1] * len(trace)
-        assert teacher["prompts"].tolist() == expected.prompt_ids[p]
-        for s in range(1, cfg.n):
-            member = rows[f"u{p}_{s}_0"]
-            assert member["responses"].tolist() == server.ids and member[OFF_POLICY_MASK].sum() == 0
-            assert str(member["uid"]) == f"u{p}"
-    assert len(server.requests) == 2 * (cfg.n - 1)  # the teacher members asked the server for nothing
-    assert all(r["max_tokens"] is None or r["max_tokens"] == config.actor_rollout_ref.rollout.response_length
-               for r in server.requests)
-
-    # verl's GRPO estimator over those rows, with their rewards from our reward function
-    keys = sorted(rows, key=lambda k: (k.split("_")[0], int(k.split("_")[1])))
-    rewards = torch.tensor([float(rows[k]["rm_scores"].sum()) for k in keys])
-    width = max(len(rows[k]["responses"]) for k in keys)
-    scores = torch.zeros(len(keys), width)
-    mask = torch.zeros(len(keys), width)
-    for i, k in enumerate(keys):
-        n = len(rows[k]["responses"])
-        scores[i, n - 1] = rewards[i]
-        mask[i, :n] = 1
-    batch = DataProto.from_dict(tensors={"token_level_rewards": scores, "response_mask": mask},
-                                non_tensors={"uid": np.array([k.split("_")[0] for k in keys], dtype=object)})
-    out = compute_advantage_for_multi_trajectories(batch, batch_keys=keys, adv_estimator="grpo", num_repeat=cfg.n,
-                                                   norm_adv_by_std_in_grpo=False, config=config.algorithm)
-    verl_advantages = out.batch["advantages"][:, 0]
-    ours = group_advantages(rewards.view(2, cfg.n)).reshape(-1)
-    torch.testing.assert_close(verl_advantages, ours)
-    assert rewards.view(2, cfg.n)[:, 0].tolist() == [1.0, 1.0]  # the traces are graded correct
-    assert set(rewards.view(2, cfg.n)[:, 1:].reshape(-1).tolist()) == {0.0}  # "7" is not the toy answers
-
-
-def test_partial_prefix_members_and_rl_sft_trace_rows(tiny_model_dir, train_parquet, tmp_path, recorded_puts):
-    from luffy.data.training import load_train_data
-
-    data = train_parquet(4)
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected = load_train_data(data, tokenizer)
-    frame = pd.read_parquet(data).iloc[:1]
-
-    cfg, config = experiment(tiny_model_dir, data, tmp_path / "prefix", algorithm="luffy", n_off=2,
-                             prefix_strategy="fixed", prefix_ratio_min=0.5, prefix_ratio_max=1.0)
-    server = FakeServer(tokenizer, ANSWER)
-    run_prompts(v1_worker(config, server, RewardHandle(config)), config, frame)
-    rows = rows_by_session(recorded_puts)
-    trace = expected.trace_ids[0]
-    full, partial = rows["u0_0_0"], rows["u0_1_0"]
-    assert full["responses"].tolist() == trace and int(full[OFF_POLICY_MASK].sum()) == len(trace)
-    k = (len(trace) - 1) // 2
-    assert partial["responses"].tolist() == trace[:k] + server.ids
-    assert partial[OFF_POLICY_MASK].tolist() == [1] * k + [0] * len(server.ids)
-    continuation = [r for r in server.requests if r["prompt_ids"][-k:] == trace[:k]]
-    assert continuation and continuation[0]["max_tokens"] == config.actor_rollout_ref.rollout.response_length - k
-
-    recorded_puts.clear()
-    cfg, config = experiment(tiny_model_dir, data, tmp_path / "rl_sft", algorithm="rl_sft")
-    assert config.actor_rollout_ref.rollout.n == cfg.n + 1
-    server = FakeServer(tokenizer, ANSWER)
-    run_prompts(v1_worker(config, server, RewardHandle(config)), config, frame)
-    rows = rows_by_session(recorded_puts)
-    trace_row = rows["u0_0_0"]
-    assert trace_row["responses"].tolist() == trace
-    assert trace_row["response_mask"].sum() == 0 and trace_row[SFT_MASK].tolist() == [1] * len(trace)
-    assert all(rows[f"u0_{s}_0"][SFT_MASK].sum() == 0 and rows[f"u0_{s}_0"]["response_mask"].sum() > 0
-               for s in range(1, cfg.n + 1))
-
-
-def test_teacher_log_probs_ride_on_the_teacher_tokens(tiny_model_dir, train_parquet, tmp_path, recorded_puts):
-    from luffy.data.training import load_train_data
-
-    data = train_parquet(4)
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected = load_train_data(data, tokenizer)
-    frame = pd.read_parquet(data).iloc[:1]
-    trace = expected.trace_ids[0]
-    values = [-0.01 * (i + 1) for i in range(len(trace) - 1)]  # scored without the EOS
-    frame = frame.assign(teacher_logprobs=[values])
-    scored = tmp_path / "scored.parquet"
-    frame.to_parquet(scored)
-    cfg, config = experiment(tiny_model_dir, str(scored), tmp_path, algorithm="luffy", teacher_logprobs=True)
-    run_prompts(v1_worker(config, FakeServer(tokenizer, ANSWER), RewardHandle(config)), config, frame)
-    rows = rows_by_session(recorded_puts)
-    assert rows["u0_0_0"][TEACHER_LOG_PROB].tolist() == pytest.approx(values + [0.0])
-    assert rows["u0_1_0"][TEACHER_LOG_PROB].abs().sum() == 0
 
 
 def test_reward_function_as_verl_calls_it_grades_and_keeps_its_time_limit(tiny_model_dir, train_parquet, tmp_path,

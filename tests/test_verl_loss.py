@@ -70,8 +70,8 @@ class Batch:
                 "input_ids": nested(tokens), "row_id": torch.arange(ROWS),
                 **{k: nested(v) for k, v in self.fields.items()}}
         data["loss_mask"] = data["response_mask"]
-        if totals is not None:
-            data[MINIBATCH_TOTALS] = torch.tensor(totals)
+        if totals is not None:  # as TransferQueue hands a per-row field over: nested
+            data[MINIBATCH_TOTALS] = nested(torch.tensor(row) for row in totals)
         td = tu.get_tensordict(data)
         batch_num_tokens = int(sum(int(t.sum()) for t in self.fields["response_mask"]))
         tu.assign_non_tensor(td, batch_num_tokens=batch_num_tokens, dp_size=dp_size, global_batch_size=ROWS)

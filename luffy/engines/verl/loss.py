@@ -122,7 +122,8 @@ def luffy_loss(model_output: dict[str, Any], data, dp_group=None, *, luffy: dict
 
     sft_tokens = None
     if MINIBATCH_TOTALS in data.keys():
-        rows = data[MINIBATCH_TOTALS].to(torch.float64)
+        totals_field = data[MINIBATCH_TOTALS]  # one (3,) row each; TransferQueue hands it over nested
+        rows = (torch.stack(totals_field.unbind()) if totals_field.is_nested else totals_field).to(torch.float64)
         policy_tokens, policy_sequences, sft_tokens = rows[0].tolist()
         if not bool((rows == rows[0]).all()) or abs(policy_tokens - float(data["batch_num_tokens"])) > 0.5:
             raise PartitionMismatch(
