@@ -10,7 +10,6 @@ the trainer's TransferQueue side).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import logging
-import math
 import random
 import shutil
 import time
