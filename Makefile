@@ -4,11 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the submitting side of a SLURM run (Snakemake + its SLURM executor; see envs/slurm.txt)
+SLURM_VENV ?= .venv-slurm
+SLURM_STAMP := $(SLURM_VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup demo test clean-results
 
-setup: $(STAMP)
+setup: $(STAMP) $(SLURM_STAMP)
+
+$(SLURM_STAMP): envs/slurm.txt pyproject.toml
+	test -x $(SLURM_VENV)/bin/python || $(PYTHON) -m venv $(SLURM_VENV)
+	$(SLURM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SLURM_VENV)/bin/python -m pip install --quiet -r envs/slurm.txt
+	$(SLURM_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(SLURM_STAMP)
 
 $(STAMP): envs/cpu.txt envs/verl-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--work-dir", required=True, help="resumable checkpoints (not a workflow output)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job's allocation")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs of the job's allocation, all nodes together")
 
     p = stage("convert", "export a training checkpoint as a verified HuggingFace directory", settings=False)
     p.add_argument("--checkpoint", required=True)
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--suite", action="append", required=True, help="NAME=PATH (repeatable)")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs of the job (vLLM's tensor parallelism when > 1)")
 
     p = stage("report", "results table (Markdown, CSV) and plots")
     p.add_argument("--eval-dir", required=True)
@@ -162,13 +165,14 @@ def run(args: argparse.Namespace) -> None:
         validation = raw.pop("validation", None)  # in-training validation rides along when on
         runtime = raw.pop("runtime", None)  # the verl engine's cluster layout
         settings = resolve_train_config(args.group, {}, raw)
-        stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics,
-                     args.work_dir, threads=args.threads, validation=validation, runtime=runtime, **common)
+        stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics, args.work_dir,
+                     threads=args.threads, validation=validation, runtime=runtime, nodes=args.nodes, gpus=args.gpus,
+                     **common)
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
         stages.evaluate(from_json(EvaluationConfig, args.settings), args.model, _pairs(args.suite, "--suite"),
-                        args.out_dir, threads=args.threads, **common)
+                        args.out_dir, threads=args.threads, gpus=args.gpus, **common)
     elif args.stage == "report":
         print(stages.report(from_json(ReportConfig, args.settings), args.eval_dir, args.models, args.suites,
                             _pairs(args.train_metrics, "--train-metrics"), args.out_dir,

@@ -299,10 +299,9 @@ ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa")
 
 @dataclass
 class VerlConfig:
-    """How the verl engine lays out its experiments on GPUs (none of this changes the math)."""
+    """How the verl engine lays out its experiments on GPUs (none of this changes the math); the
+    nodes and GPUs of a run are its train job's (``resources``)."""
 
-    nnodes: int = _help("nodes of the Ray cluster (>= 1)", 1)
-    gpus_per_node: int = _help("GPUs per node (>= 1)", 8)
     max_prompt_tokens: int = _help("longest prompt in tokens (verl's data.max_prompt_length; the paper: 1024); "
                                    "a longer training prompt is a preflight error", 1024)
     rollout_tensor_parallel: int = _help("vLLM tensor-parallel size of a rollout replica (divides the GPUs)", 2)
@@ -324,6 +323,31 @@ class VerlConfig:
                                  "composing it before the run); the settings this pipeline maps are refused", list)
 
 
+STAGES = ("make_toy_traces", "prepare_traces", "prepare_benchmark", "make_base_model", "prepare_base_model", "train",
+          "convert", "evaluate", "report")
+
+
+@dataclass
+class JobResources:
+    """What one job asks its scheduler for (null: the next level up decides)."""
+
+    cpus: Optional[int] = _help("CPU cores, also the job's threads (>= 1)", None)
+    mem_mb: Optional[int] = _help("memory in MB (>= 1)", None)
+    runtime: Optional[int] = _help("wall-clock limit in minutes (>= 1)", None)
+    gpus: Optional[int] = _help("GPUs per node (>= 0)", None)
+    nodes: Optional[int] = _help("nodes (>= 1; more than one only for training on the verl engine)", None)
+
+
+@dataclass
+class ResourcesConfig:
+    default: JobResources = _help("every job's resources unless its stage or experiment says otherwise",
+                                  lambda: JobResources(cpus=2, mem_mb=4000, runtime=60, gpus=0, nodes=1))
+    stages: dict[str, JobResources] = _help(f"stage (rule) -> its resources over `default`; stages: {STAGES}", dict)
+    experiments: dict[str, JobResources] = _help(
+        "experiment -> the resources of its train job over `stages.train` (an experiment with seeds: its "
+        "declared name)", dict)
+
+
 @dataclass
 class Config:
     results_dir: str = _help("where every output goes", "results")
@@ -339,6 +363,8 @@ class Config:
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
     verl: VerlConfig = _help("the verl engine's cluster layout (experiments with engine: verl)", VerlConfig)
+    resources: ResourcesConfig = _help("what each job asks its scheduler for (cores, memory, time, GPUs, nodes); "
+                                       "a laptop's run uses the cores only", ResourcesConfig)
 
 
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -471,18 +497,60 @@ def _expand_seeds(declared: dict[str, TrainConfig], seeds: list[int]) -> dict[st
     return expanded
 
 
+def job_resources(root: Config, stage: str, experiment: str | None = None) -> JobResources:
+    """A job's resources: ``default``, then its stage's, then (train) its experiment's settings
+    (an expanded ``<name>-seed<N>`` takes its declared experiment's)."""
+    layers = [root.resources.default, root.resources.stages.get(stage)]
+    if stage == "train" and experiment is not None:
+        layers.append(root.resources.experiments.get(experiment_family(experiment)))
+    out = JobResources()
+    for layer in layers:
+        for f in dataclasses.fields(JobResources):
+            value = getattr(layer, f.name) if layer is not None else None
+            if value is not None:
+                setattr(out, f.name, value)
+    return out
+
+
+def _check_resources(root: Config, experiments: dict[str, TrainConfig]) -> None:
+    res = root.resources
+    unknown = sorted(set(res.stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"config key 'resources.stages': {unknown} are not stages (expected some of {STAGES})")
+    declared = {experiment_family(name) for name in experiments}
+    unknown = sorted(set(res.experiments) - declared)
+    if unknown:
+        raise ConfigError(f"config key 'resources.experiments': {unknown} are not experiments")
+    missing = [f.name for f in dataclasses.fields(JobResources) if getattr(res.default, f.name) is None]
+    if missing:
+        raise ConfigError(f"config key 'resources.default': {missing} must be set (the other levels may leave "
+                          "them null)")
+    ranges = {"cpus": 1, "mem_mb": 1, "runtime": 1, "gpus": 0, "nodes": 1}
+    levels = [("default", res.default), *((f"stages.{k}", v) for k, v in res.stages.items()),
+              *((f"experiments.{k}", v) for k, v in res.experiments.items())]
+    for where, level in levels:
+        for key, lowest in ranges.items():
+            value = getattr(level, key)
+            if value is not None and value < lowest:
+                raise ConfigError(f"config key 'resources.{where}.{key}': must be >= {lowest}")
+    for stage in STAGES:
+        if stage != "train" and job_resources(root, stage).nodes != 1:
+            raise ConfigError(f"config key 'resources.stages.{stage}.nodes': only training runs over several nodes")
+    for name, cfg in experiments.items():
+        job = job_resources(root, "train", name)
+        if job.nodes > 1 and (cfg.engine != "verl" or job.gpus < 1):
+            raise ConfigError(f"config key 'resources.experiments.{experiment_family(name)}.nodes': several nodes "
+                              "need the verl engine and GPUs (gpus >= 1)")
+
+
 def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
     """The verl section's ranges, and what the verl engine needs of each experiment run on it."""
     from luffy.engines.verl.overrides import check_extra_overrides
 
     v = root.verl
-    gpus = v.nnodes * v.gpus_per_node
     checks = [
-        (v.nnodes < 1, "nnodes", "must be >= 1"),
-        (v.gpus_per_node < 1, "gpus_per_node", "must be >= 1"),
         (v.max_prompt_tokens < 1, "max_prompt_tokens", "must be >= 1"),
-        (v.rollout_tensor_parallel < 1 or gpus % v.rollout_tensor_parallel, "rollout_tensor_parallel",
-         f"must be >= 1 and divide the {gpus} GPUs (nnodes x gpus_per_node)"),
+        (v.rollout_tensor_parallel < 1, "rollout_tensor_parallel", "must be >= 1"),
         (not 0.0 < v.rollout_gpu_memory_utilization <= 1.0, "rollout_gpu_memory_utilization", "must be in (0, 1]"),
         (v.rollout_max_num_seqs < 1, "rollout_max_num_seqs", "must be >= 1"),
         (v.rollout_max_num_batched_tokens < 1, "rollout_max_num_batched_tokens", "must be >= 1"),
@@ -505,16 +573,21 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
         if cfg.engine != "verl":
             continue
         key = f"experiments.{name}"
+        job = job_resources(root, "train", name)
+        gpus = job.nodes * job.gpus
         rows = (cfg.prompts_per_step // cfg.mini_batches) * (1 if cfg.algorithm == "sft" else cfg.n + int(
             cfg.algorithm == "rl_sft"))
         checks = [
             (root.validation.every > 0, "engine", "in-training validation (validation.every > 0) is not available "
              "with engine verl; set validation.every: 0 or use engine local"),
+            (gpus < 1, "engine", "verl trains on GPUs: give its train job gpus >= 1 (resources)"),
             (cfg.algorithm != "sft" and cfg.micro_batch_tokens < v.max_prompt_tokens + cfg.max_response_tokens,
              "micro_batch_tokens", f"must hold one whole sequence on a GPU: >= verl.max_prompt_tokens + "
              f"max_response_tokens = {v.max_prompt_tokens + cfg.max_response_tokens}"),
-            (rows % gpus, "mini_batches", f"a mini-batch of {rows} sequences does not split evenly over the {gpus} "
-             "GPUs (verl splits every mini-batch over its data-parallel ranks)"),
+            (gpus >= 1 and rows % gpus, "mini_batches", f"a mini-batch of {rows} sequences does not split evenly "
+             f"over the {gpus} GPUs (verl splits every mini-batch over its data-parallel ranks)"),
+            (gpus >= 1 and gpus % v.rollout_tensor_parallel, "engine",
+             f"verl.rollout_tensor_parallel={v.rollout_tensor_parallel} does not divide its {gpus} GPUs"),
         ]
         for bad, setting, why in checks:
             if bad:
@@ -578,6 +651,7 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     if len(set(root.seeds)) != len(root.seeds):
         raise ConfigError(f"config key 'seeds': repeated seeds in {root.seeds}")
     experiments = _expand_seeds(experiments, list(root.seeds))
+    _check_resources(root, experiments)
     _check_verl(root, experiments)
     ev = root.evaluation
     if ev.backend not in BACKENDS:

@@ -121,7 +121,7 @@ def prepare_base_model(settings: BaseModelConfig, out_dir: str, group: str, rule
 
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
           group: str, rule: str, threads: int, validation: dict[str, Any] | None = None,
-          runtime: dict[str, Any] | None = None) -> None:
+          runtime: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 0) -> None:
     """Train one experiment with its engine, after a preflight that fails in seconds on data,
     template or grader problems that would otherwise show up hours later as zero reward."""
     from luffy.engines.base import TrainJob
@@ -133,7 +133,7 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     work_dir.mkdir(parents=True, exist_ok=True)
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
                    metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
-                   runtime=runtime)
+                   runtime=runtime, nodes=nodes, gpus=gpus)
     engine = make_engine(settings.engine)
     report = preflight(job, engine)
     params = {**to_dict(settings), **({"validation": validation} if validation else {}),
@@ -156,7 +156,7 @@ def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
 
 
 def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out_dir: str, group: str, rule: str,
-             threads: int) -> None:
+             threads: int, gpus: int = 0) -> None:
     import torch
 
     from luffy.evaluate.backends import make_backend
@@ -169,7 +169,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
     params = {**to_dict(settings), "model": model}
     with StageRun("evaluate", group, rule, params=params) as run:
         began = time.perf_counter()
-        backend = make_backend(model, settings)
+        backend = make_backend(model, settings, gpus=gpus)
         load_s = time.perf_counter() - began
         log.info("%s backend loaded %s in %.1fs", backend.name, model, load_s)
         results = evaluate_model(backend, model, {name: (path, settings.suites[name]) for name, path in suites.items()},

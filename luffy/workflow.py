@@ -7,10 +7,58 @@ This module imports only the config (no torch, no MLflow) so that building the D
 
 from __future__ import annotations
 
-from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, ResolvedConfig, is_glob, to_dict,
-                          to_json)
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, JobResources, ResolvedConfig,
+                          is_glob, job_resources, to_dict, to_json)
 
 SHIPPED_TOKENIZER = "shipped"
+
+
+LUFFY_COMMAND = "LUFFY_COMMAND"  # environment variable: the jobs' `luffy` executable
+
+
+def luffy_command(env: dict[str, str] | None = None) -> str:
+    """The jobs' ``luffy`` executable: ``$LUFFY_COMMAND`` (on a cluster, the job environment's,
+    when Snakemake runs from another environment), else the one beside the Python that runs
+    Snakemake (found also when it was started as ``.venv/bin/snakemake`` without the venv on
+    PATH), else ``luffy`` on PATH."""
+    import os
+    import shutil
+
+    env = os.environ if env is None else env
+    if env.get(LUFFY_COMMAND):
+        return env[LUFFY_COMMAND]
+    beside = Path(sys.executable).parent / "luffy"
+    return str(beside) if beside.exists() else (shutil.which("luffy") or "luffy")
+
+
+def _snakemake_resources(job: JobResources) -> dict[str, int]:
+    """A job's resources under the names Snakemake and its SLURM executor use: ``gpu`` is the
+    job's total (the executor asks for ``--gpus=<total>``), ``nodes`` its nodes."""
+    return {"mem_mb": job.mem_mb, "runtime": job.runtime, "gpu": job.gpus * job.nodes, "nodes": job.nodes}
+
+
+def stage_resources(cfg: ResolvedConfig, stage: str) -> dict[str, int]:
+    return _snakemake_resources(job_resources(cfg.root, stage))
+
+
+def stage_threads(cfg: ResolvedConfig, stage: str) -> int:
+    return job_resources(cfg.root, stage).cpus
+
+
+def train_resources(cfg: ResolvedConfig) -> dict[str, Callable[[Any], int]]:
+    """Per experiment (the ``experiment`` wildcard): its train job's resources."""
+    def one(key: str) -> Callable[[Any], int]:
+        return lambda w: _snakemake_resources(job_resources(cfg.root, "train", w.experiment))[key]
+
+    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes")}
+
+
+def train_threads(cfg: ResolvedConfig) -> Callable[[Any], int]:
+    return lambda w: job_resources(cfg.root, "train", w.experiment).cpus
 
 
 def _results(cfg: ResolvedConfig) -> str:
@@ -195,6 +243,9 @@ def report_inputs(cfg: ResolvedConfig) -> list[str]:
 
 
 def init_tracking(cfg: ResolvedConfig) -> None:
-    from luffy.stages import init_tracking as init
+    """The MLflow store and parent runs, made by the jobs' ``luffy`` (Snakemake's own
+    environment need not have MLflow)."""
+    import subprocess
 
-    init({**to_dict(cfg.root), "experiments": to_dict(cfg.experiments)})
+    resolved = to_json({**to_dict(cfg.root), "experiments": to_dict(cfg.experiments)})
+    subprocess.run([luffy_command(), "init-tracking", "--resolved-config", resolved], check=False)

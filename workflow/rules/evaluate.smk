@@ -10,9 +10,12 @@ rule evaluate:
         model=lambda w: wf.model_path(CFG, w.model),
         suites=wf.suite_args(CFG),
         out_dir=f"{RESULTS}/eval/{{model}}",
-    threads: 2
+    threads: wf.stage_threads(CFG, "evaluate")
+    resources:
+        **wf.stage_resources(CFG, "evaluate"),
     log:
         f"{RESULTS}/logs/evaluate/{{model}}.log",
     shell:
-        "luffy evaluate --settings {params.settings:q} --model {params.model:q} {params.suites}"
-        " --out-dir {params.out_dir} --threads {threads} --group {wildcards.model} --rule {rule} > {log} 2>&1"
+        "{LUFFY} evaluate --settings {params.settings:q} --model {params.model:q} {params.suites}"
+        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu}"
+        " --group {wildcards.model} --rule {rule} > {log} 2>&1"

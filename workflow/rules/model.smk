@@ -9,11 +9,13 @@ if wf.builds_base_model(CFG):
         params:
             settings=lambda w: wf.tiny_settings(CFG),
             system_prompt=lambda w: CFG.root.data.system_prompt,
-        threads: 2
+        threads: wf.stage_threads(CFG, "make_base_model")
+        resources:
+            **wf.stage_resources(CFG, "make_base_model"),
         log:
             f"{RESULTS}/logs/make_base_model.log",
         shell:
-            "luffy make-base-model --settings {params.settings:q} --system-prompt {params.system_prompt:q}"
+            "{LUFFY} make-base-model --settings {params.settings:q} --system-prompt {params.system_prompt:q}"
             " --corpus {input.corpus} --out-dir {output.model} --metrics {output.metrics}"
             " --threads {threads} --group base --rule {rule} > {log} 2>&1"
 
@@ -27,8 +29,11 @@ if wf.prepares_base_model(CFG):
             model=directory(f"{RESULTS}/models/base"),
         params:
             settings=lambda w: wf.prepare_settings(CFG),
+        threads: wf.stage_threads(CFG, "prepare_base_model")
+        resources:
+            **wf.stage_resources(CFG, "prepare_base_model"),
         log:
             f"{RESULTS}/logs/prepare_base_model.log",
         shell:
-            "luffy prepare-base-model --settings {params.settings:q} --out-dir {output.model}"
+            "{LUFFY} prepare-base-model --settings {params.settings:q} --out-dir {output.model}"
             " --group base --rule {rule} > {log} 2>&1"

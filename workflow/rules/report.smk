@@ -12,9 +12,12 @@ rule report:
         suites=SUITES,
         curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],
         out_dir=f"{RESULTS}/report",
+    threads: wf.stage_threads(CFG, "report")
+    resources:
+        **wf.stage_resources(CFG, "report"),
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "luffy report --settings {params.settings:q} --suite-meta {params.suite_meta:q} --eval-dir {RESULTS}/eval --models {params.models}"
+        "{LUFFY} report --settings {params.settings:q} --suite-meta {params.suite_meta:q} --eval-dir {RESULTS}/eval --models {params.models}"
         " --suites {params.suites} --train-metrics {params.curves} --out-dir {params.out_dir}"
         " --group report --rule {rule} > {log} 2>&1"

@@ -10,10 +10,13 @@ rule train:
         start_model=lambda w: wf.start_model(CFG, w.experiment),
         # Resumable checkpoints: deliberately not an output (Snakemake deletes outputs first).
         work_dir=f"{RESULTS}/train/{{experiment}}/work",
-    threads: 2
+    threads: wf.train_threads(CFG)
+    resources:
+        **wf.train_resources(CFG),
     log:
         f"{RESULTS}/logs/train/{{experiment}}.log",
     shell:
-        "luffy train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
+        "{LUFFY} train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
-        " --threads {threads} --group {wildcards.experiment} --rule {rule} > {log} 2>&1"
+        " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu}"
+        " --group {wildcards.experiment} --rule {rule} > {log} 2>&1"

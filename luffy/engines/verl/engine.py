@@ -99,11 +99,15 @@ class VerlEngine:
         """(entry module, Hydra overrides) of the job's verl run."""
         from luffy.tracking import experiment_name
 
+        if job.gpus < 1 or job.gpus % job.nodes:
+            raise VerlRunFailed(f"verl needs GPUs, the same number on every node: this job has {job.gpus} on "
+                                f"{job.nodes} node(s) (resources of its train job)")
         paths = self._paths(job.work_dir)
         verl_job = VerlJob(experiment=job.experiment, train_files=train_files or str(Path(job.data).resolve()),
                            model=job.base_model if not os.path.exists(job.base_model)
                            else str(Path(job.base_model).resolve()),
-                           checkpoint_dir=str(paths["checkpoints"]), project=experiment_name())
+                           checkpoint_dir=str(paths["checkpoints"]), project=experiment_name(), nnodes=job.nodes,
+                           gpus_per_node=job.gpus // job.nodes)
         runtime = runtime_of(job)
         if job.settings.algorithm == "sft":
             return SFT_ENTRY, sft_overrides(job.settings, runtime, verl_job)
@@ -145,7 +149,7 @@ class VerlEngine:
         entry, overrides = self.overrides(job, self._train_files(job, paths))
         attempt = paths["logs"] / f"attempt-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         env, env_overrides = self._environment(current_run, attempt)
-        status = self._launch([sys.executable, "-m", entry, *overrides, *env_overrides], env)
+        status = self._launch([sys.executable, "-m", entry, *overrides, *env_overrides], env, job.nodes, job.gpus)
         if status != 0:
             raise VerlRunFailed(f"{entry} exited with status {status} (its output is above in this log); "
                                 "rerun the job to resume from its last checkpoint")
@@ -162,10 +166,13 @@ class VerlEngine:
             shutil.copyfile(paths["metrics"], tmp)
 
     @staticmethod
-    def _launch(command: list[str], env: dict[str, str]) -> int:
-        """Run verl's entry point (its output goes to this job's log); returns its exit status."""
-        log.info("verl run: %s", " ".join(command))
-        return subprocess.run(command, env=env).returncode
+    def _launch(command: list[str], env: dict[str, str], nodes: int, gpus: int) -> int:
+        """Run verl's entry point (its output goes to this job's log), over a Ray cluster on the
+        allocation's nodes when there are several (``launcher``); returns its exit status."""
+        from luffy.engines.verl.launcher import run_on_ray
+
+        log.info("verl run on %d node(s), %d GPU(s): %s", nodes, gpus, " ".join(command))
+        return run_on_ray(command, env, nodes, gpus)
 
     def _latest_checkpoint(self, job: TrainJob, root: Path) -> tuple[int, Path]:
         tracker = root / TRACKER

@@ -70,6 +70,8 @@ class VerlJob:
     model: str
     checkpoint_dir: str
     project: str          # the MLflow experiment
+    nnodes: int = 1       # the job's nodes ...
+    gpus_per_node: int = 8  # ... and GPUs on each
     val_files: str | None = None
 
 
@@ -215,8 +217,8 @@ def _trainer(s: Any, r: Any, job: VerlJob) -> list[str]:
         f"trainer.project_name={hydra_value(job.project)}",
         f"trainer.experiment_name={hydra_value(job.experiment)}",
         "trainer.logger=[console,mlflow,file]",
-        f"trainer.nnodes={r.nnodes}",
-        f"trainer.n_gpus_per_node={r.gpus_per_node}",
+        f"trainer.nnodes={job.nnodes}",
+        f"trainer.n_gpus_per_node={job.gpus_per_node}",
         f"trainer.save_freq={s.checkpoint_every * (s.mini_batches if s.algorithm == 'sft' else 1)}",
         f"trainer.default_local_dir={hydra_value(job.checkpoint_dir)}",
         "trainer.resume_mode=auto",
