@@ -13,6 +13,10 @@ if not config:
 
 
 
+# `snakemake --report report.html`: the results tables and plots of the study in one file
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--group", default=name, help="MLflow parent run group (experiment name or shared group)")
         p.add_argument("--rule", default=None, help="the Snakemake rule (an MLflow tag)")
         p.add_argument("--log", default=None, help="also write the log to this file")
-        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--threads", type=int, default=2,
+                       help="threads (inside a SLURM job: its --cpus-per-task, SLURM_CPUS_PER_TASK)")
         return p
 
     p = stage("make-toy-traces", "synthetic task: raw traces (OpenR1 schema), eval suites, format corpus")
@@ -144,8 +146,19 @@ def _tokenizer_path(value: str) -> str:
     return value
 
 
+def allocated_threads(requested: int, env: dict[str, str] | None = None) -> int:
+    """The threads a stage uses: inside a SLURM job the cores it was given (Snakemake caps the
+    ``--threads`` it passes at its own ``--cores``), else what the workflow asked for."""
+    env = os.environ if env is None else env
+    cores = env.get("SLURM_CPUS_PER_TASK", "")
+    return int(cores) if cores.isdigit() and int(cores) > 0 else requested
+
+
 def run(args: argparse.Namespace) -> None:
     from luffy import stages
+
+    if hasattr(args, "threads"):
+        args.threads = allocated_threads(args.threads)
 
     common = {"group": getattr(args, "group", None), "rule": getattr(args, "rule", None) or args.stage}
     if args.stage == "make-toy-traces":

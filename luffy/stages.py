@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from luffy import io
+from luffy.algo import metrics as names
 from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig,
                           to_dict)
 from luffy.tracking import StageRun, config_hash
@@ -141,7 +142,23 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
         run.log_metrics({f"preflight/{k}": v for k, v in report.items()})
         engine.train(job, sink=run.log_metrics, run_id=lambda: run.run_id)
+        run.log_to_parent(final_training_figures(io.read_jsonl(metrics_out)))
         run.log_artifacts([metrics_out])
+
+
+HEADLINE_EVAL = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")  # a suite's figures on its model's parent run
+HEADLINE_TRAIN = (names.REWARD_ON_POLICY, names.ENTROPY, names.LOSS_SFT)
+
+
+def final_training_figures(lines: list[dict[str, Any]], last: int = 10) -> dict[str, float]:
+    """A training run's headline figures for its parent run: the mean of each headline metric
+    over its last ``last`` steps, as ``train/final_<metric>``."""
+    out = {}
+    for key in HEADLINE_TRAIN:
+        values = [line[key] for line in lines[-last:] if isinstance(line.get(key), (int, float))]
+        if values:
+            out[f"train/final_{key.replace('/', '_')}"] = sum(values) / len(values)
+    return out
 
 
 def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
@@ -181,6 +198,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
                                                  "settings": to_dict(settings.suites[name]), **result.metrics})
             run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_to_parent({f"{name}/{k}": result.metrics[k] for k in HEADLINE_EVAL})
         run.log_metrics({"engine_load_s": load_s})
         run.log_artifacts([str(out / f"{name}.json") for name in results])
 
@@ -189,6 +207,7 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
            train_metrics: dict[str, str], out_dir: str, group: str, rule: str,
            suite_meta: dict[str, dict[str, Any]] | None = None) -> str:
     from luffy.report.plots import results_bars, training_curves
+    from luffy.report.publish import html_page
     from luffy.report.tables import (combined, combined_intervals, paper_layout, per_seed, per_seed_table, summarize,
                                      titled)
 
@@ -199,11 +218,12 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
         out = Path(out_dir)
         markdown = f"## {settings.title}\n\n{body}"
         io.write_text(out / "results.md", markdown)
+        io.write_text(out / "results.html", html_page(settings.title, markdown))
         with io.atomic_path(out / "results.csv", suffix=".csv") as tmp:
             per_seed(table).join(combined_intervals(intervals)).round(4).to_csv(tmp)
         mean, std, _ = summarize(table)
         results_bars(titled(mean, meta), titled(std, meta), out / "results.png", settings.title)
-        paths = [str(out / n) for n in ("results.md", "results.csv", "results.png")]
+        paths = [str(out / n) for n in ("results.md", "results.html", "results.csv", "results.png")]
         if train_metrics:
             training_curves(train_metrics, out / "training_curves.png")
             paths.append(str(out / "training_curves.png"))

@@ -50,6 +50,11 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _metric_key(name: str) -> str:
+    """A metric name MLflow accepts (no '@': avg@32 -> avg_at_32)."""
+    return name.replace("@", "_at_")
+
+
 def config_hash(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -146,10 +151,26 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_at_"), float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None]
+        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         try:
             self.client.log_batch(self.run_id, metrics=items)
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)
+
+    def log_to_parent(self, metrics: dict[str, float]) -> None:
+        """Headline figures on the group's parent run, where the MLflow UI's runs table and
+        charts compare experiments without opening their child runs."""
+        if self.client is None or self.run_id is None:
+            return
+        try:
+            parent = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+            if parent is None:
+                return
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(parent, metrics=[Metric(_metric_key(k), float(v), now, 0)
+                                                   for k, v in metrics.items() if v is not None])
         except Exception as err:  # noqa: BLE001
             self._disable(err)
 

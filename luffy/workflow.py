@@ -37,8 +37,11 @@ def luffy_command(env: dict[str, str] | None = None) -> str:
 
 def _snakemake_resources(job: JobResources) -> dict[str, int]:
     """A job's resources under the names Snakemake and its SLURM executor use: ``gpu`` is the
-    job's total (the executor asks for ``--gpus=<total>``), ``nodes`` its nodes."""
-    return {"mem_mb": job.mem_mb, "runtime": job.runtime, "gpu": job.gpus * job.nodes, "nodes": job.nodes}
+    job's total (the executor asks for ``--gpus=<total>``), ``nodes`` its nodes, and
+    ``cpus_per_task`` its cores (the executor's ``--cpus-per-task``: Snakemake caps a rule's
+    threads at the run's ``--cores``, which the local default profile sets to 2)."""
+    return {"mem_mb": job.mem_mb, "runtime": job.runtime, "gpu": job.gpus * job.nodes, "nodes": job.nodes,
+            "cpus_per_task": job.cpus}
 
 
 def stage_resources(cfg: ResolvedConfig, stage: str) -> dict[str, int]:
@@ -54,7 +57,7 @@ def train_resources(cfg: ResolvedConfig) -> dict[str, Callable[[Any], int]]:
     def one(key: str) -> Callable[[Any], int]:
         return lambda w: _snakemake_resources(job_resources(cfg.root, "train", w.experiment))[key]
 
-    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes")}
+    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes", "cpus_per_task")}
 
 
 def train_threads(cfg: ResolvedConfig) -> Callable[[Any], int]:
@@ -220,10 +223,27 @@ def suite_meta(cfg: ResolvedConfig) -> str:
     return to_json(meta)
 
 
-def report_outputs(cfg: ResolvedConfig) -> list[str]:
+REPORT_ITEMS = {  # report outputs shown in `snakemake --report`: caption file, category
+    "results.html": ("results_table.rst", "Results"),
+    "results.csv": ("results_csv.rst", "Results"),
+    "results.png": ("results_bars.rst", "Results"),
+    "training_curves.png": ("training_curves.rst", "Training"),
+}
+
+
+def report_outputs(cfg: ResolvedConfig, mark: Callable[..., Any] | None = None) -> list[Any]:
+    """The report stage's outputs; ``mark`` (Snakemake's ``report``) registers the tables and
+    plots as items of Snakemake's HTML report, with their captions (workflow/report/)."""
     out = f"{_results(cfg)}/report"
-    files = [f"{out}/results.md", f"{out}/results.csv", f"{out}/results.png"]
-    files += [f"{out}/training_curves.png"] if cfg.experiments else []
+    names = ["results.md", "results.html", "results.csv", "results.png"]
+    names += ["training_curves.png"] if cfg.experiments else []
+    files: list[Any] = []
+    for name in names:
+        if mark is not None and name in REPORT_ITEMS:
+            caption, category = REPORT_ITEMS[name]
+            files.append(mark(f"{out}/{name}", caption=f"../report/{caption}", category=category))
+        else:
+            files.append(f"{out}/{name}")
     return files + published_files(cfg)
 
 

@@ -43,3 +43,11 @@ def test_generate_answers_one_question(tmp_path, tiny_model_dir):
     assert result.stdout.count("--- sample ") == 2
     empty = luffy("generate", "--model", tiny_model_dir, "--backend", "hf", " ", cwd=tmp_path)
     assert empty.returncode == 2 and "the question is empty" in empty.stderr
+
+
+def test_threads_follow_the_slurm_allocation():
+    from luffy.cli import allocated_threads
+
+    assert allocated_threads(2, {}) == 2
+    assert allocated_threads(2, {"SLURM_CPUS_PER_TASK": "64"}) == 64
+    assert allocated_threads(2, {"SLURM_CPUS_PER_TASK": ""}) == 2

@@ -28,12 +28,10 @@ def slurm_running() -> bool:
     return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (slurm_running() and SUBMITTER.exists()),
-                       reason="needs a running SLURM and .venv-slurm: run `.ci/slurm_setup.sh start` (as root) and "
-                              "`make setup`, as .ci/run does"),
-]
+needs_submitter = pytest.mark.skipif(not SUBMITTER.exists(), reason="needs .venv-slurm: run `make setup`")
+needs_slurm = pytest.mark.skipif(not (slurm_running() and SUBMITTER.exists()),
+                                 reason="needs a running SLURM and .venv-slurm: run `.ci/slurm_setup.sh start` (as "
+                                        "root) and `make setup`, as .ci/run does")
 
 
 def jobs_in(workdir: Path) -> dict[int, dict[str, str]]:
@@ -56,6 +54,27 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
                            *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
 
 
+@needs_submitter
+def test_the_paper_runs_plan_shows_each_train_jobs_gpus_nodes_and_time(tmp_path):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    dry = subprocess.run([str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm", "-n", "--configfile",
+                          "config/experiments/paper_qwen2.5_math_7b.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    out = dry.stdout + dry.stderr
+    jobs = re.findall(r"rule train:.*?wildcards: experiment=(\S+).*?resources: ([^\n]+)", out, flags=re.S)
+    requests = {name: dict(re.findall(r"(\w+)=([^,]+)", line)) for name, line in jobs}
+    assert sorted(requests) == ["grpo", "luffy", "rl_sft", "sft", "sft_half", "sft_rl"]
+    for name, request in requests.items():
+        assert (request["gpu"], request["nodes"], request["cpus_per_task"]) == ("8", "1", "64"), name
+    assert requests["luffy"]["runtime"] == "4320" and requests["sft"]["runtime"] == "1440"
+    assert "gpu=4" in re.search(r"rule evaluate:.*?resources: ([^\n]+)", out, flags=re.S).group(1)
+
+
+@pytest.mark.slow
+@needs_slurm
 def test_micro_pipeline_through_slurm_then_one_stage_by_its_target(tmp_path):
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")  # `--profile slurm` as typed in the repository root
     shutil.copy(MICRO, tmp_path / "micro.yaml")

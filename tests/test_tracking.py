@@ -24,3 +24,69 @@ def test_unreachable_store_warns_and_the_stage_still_completes(tmp_path, monkeyp
     with StageRun("x", "g") as run:
         run.log_metrics({"a": 1.0}, step=0)  # a no-op, not an error
         assert run.run_id is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sixteen_concurrent_stages_log_every_run_and_metric_through_a_tracking_server(tmp_path):
+    """Jobs on several nodes share one store through an MLflow tracking server (a SQLite file
+    written by many processes at once is not safe); every run and every metric arrives."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from luffy.tracking import init_tracking
+
+    port = _free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/store.db",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the tracking server did not start"
+                time.sleep(0.5)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "concurrent"}
+        os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="concurrent")
+        try:
+            init_tracking({f"g{g}": {"group": g} for g in range(4)})
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_EXPERIMENT_NAME"]
+        code = ("import sys\nfrom luffy.tracking import StageRun\ni = int(sys.argv[1])\n"
+                "with StageRun('stage', f'g{i % 4}', params={'job': i}) as run:\n"
+                "    for step in range(25):\n"
+                "        run.log_metrics({'value': float(step), 'job': float(i)}, step)\n"
+                "    assert run.client is not None, 'logging was disabled'\n")
+        jobs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stderr=subprocess.PIPE, text=True)
+                for i in range(16)]
+        for job in jobs:
+            _, err = job.communicate(timeout=600)
+            assert job.returncode == 0 and "MLflow logging disabled" not in err, err[-2000:]
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id],
+                                  filter_string="tags.`luffy.role` = 'stage'")
+        assert sorted(int(r.data.params["job"]) for r in runs) == list(range(16))
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert [m.value for m in client.get_metric_history(run.info.run_id, "value")] == [float(s) for s in range(25)]
+            parent = run.data.tags["mlflow.parentRunId"]
+            assert client.get_run(parent).data.tags["luffy.group"] == run.data.tags["luffy.group"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

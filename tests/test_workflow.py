@@ -40,6 +40,20 @@ def planned_jobs(dry_run_output: str) -> dict[str, int]:
     return out
 
 
+def embedded_files(report_html: str) -> dict[str, bytes]:
+    """The files a Snakemake HTML report embeds: output path -> content."""
+    import base64
+    import re
+
+    keys = [(m.start(), m.group(1)) for m in re.finditer(r'"(results/[^"]+)": \{', report_html)]
+    out = {}
+    for uri in re.finditer(r'"data_uri": "data:[^"]*?;base64,([^"]+)"', report_html):
+        owner = [path for start, path in keys if start < uri.start()]
+        if owner:
+            out[owner[-1]] = base64.b64decode(uri.group(1))
+    return out
+
+
 @pytest.mark.slow
 def test_micro_pipeline_end_to_end(tmp_path):
     (tmp_path / "discussion.md").write_text("## Discussion\n\nHand-written words.\n")
@@ -88,6 +102,25 @@ def test_micro_pipeline_end_to_end(tmp_path):
                    "response_length/on_policy"):
         history = client.get_metric_history(luffy_train.info.run_id, metric)
         assert sorted(m.step for m in history) == [0, 1], metric
+    # the parents carry the headline figures (the UI's runs table compares experiments at a glance)
+    for group in ("base", "grpo", "sft", "luffy"):
+        headline = client.get_run(parents[group]).data.metrics
+        for suite in ("toy_id", "toy_ood"):
+            assert 0.0 <= headline[f"{suite}/accuracy_ci_low"] <= headline[f"{suite}/accuracy"] \
+                <= headline[f"{suite}/accuracy_ci_high"] <= 1.0, (group, suite)
+    assert "train/final_reward_on_policy_mean" in client.get_run(parents["luffy"]).data.metrics
+    assert "train/final_loss_sft" in client.get_run(parents["sft"]).data.metrics
+
+    # Snakemake's HTML report: the results table and the plots, in one file
+    report = snakemake(tmp_path, "--configfile", config, "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    embedded = embedded_files((tmp_path / "report.html").read_text())
+    table = embedded["results/report/results.html"].decode()
+    for model in ("base", "grpo", "sft", "luffy"):
+        assert f"<td>{model}</td>" in table
+    for plot in ("results.png", "training_curves.png"):
+        assert embedded[f"results/report/{plot}"] == (results / "report" / plot).read_bytes()
+    assert embedded["results/report/results.csv"] == (results / "report" / "results.csv").read_bytes()
 
     # nothing to do on a second run
     began = time.perf_counter()

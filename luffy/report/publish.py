@@ -43,3 +43,14 @@ def publish(doc: str | Path, title: str, summary: str, per_seed: str, report_dir
         parts += [discussion.strip(), ""]
     io.write_text(doc, "\n".join(parts))
 
+
+def html_page(title: str, markdown: str) -> str:
+    """The results tables (Markdown) as a standalone HTML page, for Snakemake's report."""
+    from html import escape
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")

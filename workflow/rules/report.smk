@@ -4,7 +4,7 @@ rule report:
         curves=expand(f"{RESULTS}/train/{{experiment}}/metrics.jsonl", experiment=EXPERIMENTS),
         discussion=wf.report_inputs(CFG),
     output:
-        wf.report_outputs(CFG),
+        wf.report_outputs(CFG, report),
     params:
         settings=lambda w: wf.report_settings(CFG),
         suite_meta=lambda w: wf.suite_meta(CFG),
