@@ -182,3 +182,18 @@ def test_paper_run_plans_data_training_conversion_evaluation_and_report(tmp_path
         assert f"experiment={experiment}" in output and f"model={experiment}" in output
     assert "--base-model results/paper_7b/models/sft_half " in output  # SFT then RL
     assert '"engine":"verl"' in output and '"runtime":{' in output
+
+
+def test_jobs_find_luffy_when_snakemake_runs_without_the_venv_on_path(tmp_path):
+    """`.venv/bin/snakemake` typed without activating the venv: the rules still run `luffy`."""
+    import sys
+
+    shutil.copy(MICRO, tmp_path / "micro.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}
+    env["PATH"] = "/usr/bin:/bin"
+    snakemake_bin = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run([str(snakemake_bin), "results/data/toy/raw_traces.parquet", "-s", str(REPO / "Snakefile"),
+                             "--configfile", "micro.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results" / "data" / "toy" / "raw_traces.parquet").exists()
+    assert f"{Path(sys.executable).parent / 'luffy'} make-toy-traces" in result.stdout + result.stderr
