@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from luffy.config import (BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, from_json,
-                          resolve_train_config)
+from luffy.config import (GE0, GE1, GREEDY_OK, SHARE, BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig,
+                          EvaluationConfig, ReportConfig, TinyModelConfig, Valid, from_json, resolve_train_config)
 
 log = logging.getLogger("luffy")
 
@@ -42,6 +42,20 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def _ranged(tp: type, valid: Valid):
+    """An argparse type: a number of type ``tp`` within ``valid`` (else a usage error naming the range)."""
+    def parse(text: str):
+        try:
+            value = tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if tp is int else 'a number'}") from None
+        if not valid.admits(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {valid.describe()}")
+        return value
+    parse.__name__ = tp.__name__
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luffy", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -53,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--group", default=name, help="MLflow parent run group (experiment name or shared group)")
         p.add_argument("--rule", default=None, help="the Snakemake rule (an MLflow tag)")
         p.add_argument("--log", default=None, help="also write the log to this file")
-        p.add_argument("--threads", type=int, default=2,
+        p.add_argument("--threads", type=_ranged(int, GE1), default=2,
                        help="threads (inside a SLURM job: its --cpus-per-task, SLURM_CPUS_PER_TASK)")
         return p
 
@@ -86,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--work-dir", required=True, help="resumable checkpoints (not a workflow output)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes of the job's allocation")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs of the job's allocation, all nodes together")
+    p.add_argument("--nodes", type=_ranged(int, GE1), default=1, help="nodes of the job's allocation")
+    p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job's allocation, all nodes together")
 
     p = stage("convert", "export a training checkpoint as a verified HuggingFace directory", settings=False)
     p.add_argument("--checkpoint", required=True)
@@ -97,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--suite", action="append", required=True, help="NAME=PATH (repeatable)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--gpus", type=int, default=0, help="GPUs of the job (vLLM's tensor parallelism when > 1)")
+    p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job (vLLM's tensor parallelism when > 1)")
 
     p = stage("report", "results table (Markdown, CSV) and plots")
     p.add_argument("--eval-dir", required=True)
@@ -112,11 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--model", required=True, help="HF id or directory")
     p.add_argument("--system", default=None, help="system prompt (default: none, the model's template decides)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=_ranged(float, GREEDY_OK), default=0.6)
+    p.add_argument("--top-p", type=_ranged(float, SHARE), default=1.0)
+    p.add_argument("--max-tokens", type=_ranged(int, GE1), default=8192)
+    p.add_argument("--n", type=_ranged(int, GE1), default=1)
+    p.add_argument("--seed", type=_ranged(int, GE0), default=0)
     p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"))
 
     p = sub.add_parser("score-traces", help="add per-token teacher log-probs (teacher_logprobs) to a training "
@@ -125,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="the policy's tokenizer (must share the teacher's vocabulary)")
     p.add_argument("--data", required=True, help="training parquet in the LUFFY schema")
     p.add_argument("--out", required=True)
-    p.add_argument("--micro-batch-tokens", type=int, default=8192)
+    p.add_argument("--micro-batch-tokens", type=_ranged(int, GE0), default=8192)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
     p = sub.add_parser("init-tracking", help="create the MLflow store and parent runs (once, before jobs)")
@@ -135,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("configfile")
 
     sub.add_parser("schema", help="print the config JSON schema (workflow/schemas/config.schema.yaml)")
+    p = sub.add_parser("settings", help="print the settings reference of config/README.md (every setting, its "
+                                        "type, default and valid values)")
+    p.add_argument("--update", default=None, metavar="README", help="rewrite the reference block of this file")
     return parser
 
 
@@ -143,7 +160,9 @@ def _tokenizer_path(value: str) -> str:
         from luffy.models.tokenizer import SHIPPED_DIR
 
         return str(SHIPPED_DIR)
-    return value
+    from luffy.models import model_source
+
+    return model_source(value, "tokenizer")
 
 
 def allocated_threads(requested: int, env: dict[str, str] | None = None) -> int:
@@ -217,6 +236,13 @@ def run(args: argparse.Namespace) -> None:
         from luffy.config import json_schema
 
         print(yaml.safe_dump(json_schema(), sort_keys=False, width=100), end="")
+    elif args.stage == "settings":
+        from luffy.config import settings_reference, update_settings_block
+
+        if args.update:
+            update_settings_block(args.update)
+        else:
+            print(settings_reference(), end="")
 
 
 def main(argv: list[str] | None = None) -> int:

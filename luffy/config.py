@@ -12,10 +12,12 @@ The JSON schema in ``workflow/schemas/config.schema.yaml`` is generated from the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -51,6 +53,7 @@ GRADERS_FOR = {"math": ("math_verify", "boxed"), "choice": ("choice",)}  # the f
 BENCHMARK_FORMATS = ("math", "choices", "arc", "gpqa")
 SUITE_GROUPS = ("math", "ood")
 PROMPT_TEMPLATES = ("luffy", "qwen_math_boxed", "none")
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_PREFIX = "hub:"  # data.traces read from the HuggingFace hub
 
 
@@ -63,163 +66,227 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending key or file named in the message."""
 
 
-def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
-    """A dataclass field with a one-line help string (kept in the field metadata)."""
+@dataclass(frozen=True)
+class Valid:
+    """A setting's valid values, stated once: the loader enforces them, the JSON schema and
+    config/README.md show them. Numbers: an interval (``low``/``high``, open or closed);
+    text: ``choices``, or a description (``text``) and whether it may be empty."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    text: str | None = None
+    nonempty: bool = False
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.text is not None:
+            return self.text
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, str):
+            return (self.choices is None or value in self.choices) and not (self.nonempty and not value.strip())
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+                return False
+            return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+        return True
+
+
+GE0, GE1, GT0 = Valid(low=0), Valid(low=1), Valid(low=0, low_open=True)
+UNIT = Valid(low=0, high=1)                          # [0, 1]
+SHARE = Valid(low=0, high=1, low_open=True)          # (0, 1]
+GREEDY_OK = Valid(low=0, text=">= 0 (0: greedy decoding, only with n: 1)")
+TEXT = Valid(text="any text")
+NAME = Valid(text="a non-empty name", nonempty=True)
+BOOL = "true or false"
+
+
+def _help(text: str, default: Any = MISSING, valid: Valid | None = None, **kw: Any) -> Any:
+    """A dataclass field with a one-line help string and its valid values (field metadata)."""
+    metadata = {"help": text, **({"valid": valid} if valid is not None else {})}
     if callable(default) and not isinstance(default, (int, float, str, bool)):
-        return field(default_factory=default, metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=default, metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
 class TrackingConfig:
     uri: str = _help("MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins",
-                     "sqlite:///mlflow.db")
-    experiment: str = _help("MLflow experiment name", "luffy")
+                     "sqlite:///mlflow.db",
+                     valid=Valid(text="an MLflow tracking URI: sqlite:///<file>, http(s)://<host>:<port>, a directory",
+                                 nonempty=True))
+    experiment: str = _help("MLflow experiment name", "luffy", valid=NAME)
 
 
 @dataclass
 class ToyTaskConfig:
-    seed: int = _help("seed of the synthetic task generator", 0)
-    n_train: int = _help("training problems (each with teacher traces)", 1000)
-    n_pretrain: int = _help("problems in the format corpus used to pre-train the tiny base model", 2000)
-    n_eval_id: int = _help("held-out in-distribution evaluation problems", 100)
-    n_eval_ood: int = _help("harder out-of-distribution evaluation problems", 100)
-    min_ops: int = _help("fewest operations in an in-distribution problem", 1)
-    max_ops: int = _help("most operations in an in-distribution problem", 3)
-    max_operand: int = _help("largest operand in an in-distribution problem", 20)
-    ood_min_ops: int = _help("fewest operations in an OOD problem", 3)
-    ood_max_ops: int = _help("most operations in an OOD problem", 4)
-    ood_max_operand: int = _help("largest operand in an OOD problem", 40)
-    generations_min: int = _help("fewest teacher traces per training problem", 2)
-    generations_max: int = _help("most teacher traces per training problem", 4)
-    wrong_rate: float = _help("share of traces with an arithmetic slip (wrong answer)", 0.25)
-    incomplete_rate: float = _help("share of traces cut off before </think>", 0.15)
-    verbose_rate: float = _help("share of traces padded with re-checks (often too long)", 0.15)
+    seed: int = _help("seed of the synthetic task generator", 0, valid=GE0)
+    n_train: int = _help("training problems (each with teacher traces)", 1000, valid=GE1)
+    n_pretrain: int = _help("problems in the format corpus used to pre-train the tiny base model", 2000, valid=GE1)
+    n_eval_id: int = _help("held-out in-distribution evaluation problems", 100, valid=GE1)
+    n_eval_ood: int = _help("harder out-of-distribution evaluation problems", 100, valid=GE1)
+    min_ops: int = _help("fewest operations in an in-distribution problem", 1, valid=GE1)
+    max_ops: int = _help("most operations in an in-distribution problem", 3, valid=GE1)
+    max_operand: int = _help("largest operand in an in-distribution problem", 20, valid=GE1)
+    ood_min_ops: int = _help("fewest operations in an OOD problem", 3, valid=GE1)
+    ood_max_ops: int = _help("most operations in an OOD problem", 4, valid=GE1)
+    ood_max_operand: int = _help("largest operand in an OOD problem", 40, valid=GE1)
+    generations_min: int = _help("fewest teacher traces per training problem", 2, valid=GE1)
+    generations_max: int = _help("most teacher traces per training problem", 4, valid=GE1)
+    wrong_rate: float = _help("share of traces with an arithmetic slip (wrong answer)", 0.25, valid=UNIT)
+    incomplete_rate: float = _help("share of traces cut off before </think>", 0.15, valid=UNIT)
+    verbose_rate: float = _help("share of traces padded with re-checks (often too long)", 0.15, valid=UNIT)
 
 
 @dataclass
 class DataConfig:
     traces: str = _help("'toy' (synthetic task); 'hub:open-r1/OpenR1-Math-220k' (read from the HuggingFace hub); "
                         "or local parquet: a file, a directory or a glob. OpenR1-Math-220k schema, or the LUFFY "
-                        "schema of an already-filtered set (validated)", "toy")
-    traces_config: str = _help("hub inputs: the dataset's config", "default")
-    traces_split: str = _help("hub inputs: the dataset's split", "train")
-    batch_rows: int = _help("rows per record batch while filtering (memory is flat in the input size)", 1024)
-    max_trace_tokens: int = _help("longest teacher trace kept, in policy-tokenizer tokens", 8192)
+                        "schema of an already-filtered set (validated)", "toy",
+                        valid=Valid(text="toy, hub:<dataset id>, or a parquet file, directory or glob", nonempty=True))
+    traces_config: str = _help("hub inputs: the dataset's config", "default", valid=NAME)
+    traces_split: str = _help("hub inputs: the dataset's split", "train", valid=NAME)
+    batch_rows: int = _help("rows per record batch while filtering (memory is flat in the input size)", 1024, valid=GE1)
+    max_trace_tokens: int = _help("longest teacher trace kept, in policy-tokenizer tokens", 8192, valid=GE1)
     template: str = _help("training prompts: luffy (system_prompt + problem, the reference) | qwen_math_boxed "
-                          "(problem + the Qwen2.5-Math boxed instruction) | none (the problem alone)", "luffy")
-    system_prompt: str = _help("system prompt of the luffy template ('' for none)", REFERENCE_SYSTEM_PROMPT)
+                          "(problem + the Qwen2.5-Math boxed instruction) | none (the problem alone)", "luffy",
+                          valid=Valid(choices=PROMPT_TEMPLATES))
+    system_prompt: str = _help("system prompt of the luffy template ('' for none)", REFERENCE_SYSTEM_PROMPT,
+                               valid=Valid(text="any text ('' for none)"))
     validation_fraction: float = _help("share of the filtered training problems held out (by a hash of the "
-                                       "problem) as a validation split, never the test suites", 0.0)
-    data_source: str = _help("data_source value written to the training parquet", "openr1_math")
+                                       "problem) as a validation split, never the test suites", 0.0,
+                                       valid=Valid(low=0, high=1, high_open=True))
+    data_source: str = _help("data_source value written to the training parquet", "openr1_math", valid=NAME)
     toy: ToyTaskConfig = _help("synthetic task settings (used when traces == 'toy')", ToyTaskConfig)
 
 
 @dataclass
 class ValidationConfig:
     every: int = _help("validate every K training steps and at the end, on data.validation_fraction's "
-                       "held-out problems (0: off)", 0)
-    n: int = _help("samples per validation problem", 1)
-    temperature: float = _help("validation sampling temperature (the eval protocol's)", 0.6)
-    max_problems: Optional[int] = _help("first N validation problems (null: all)", 256)
+                       "held-out problems (0: off)", 0, valid=GE0)
+    n: int = _help("samples per validation problem", 1, valid=GE1)
+    temperature: float = _help("validation sampling temperature (the eval protocol's)", 0.6, valid=GREEDY_OK)
+    max_problems: Optional[int] = _help("first N validation problems (null: all)", 256, valid=GE1)
     select: str = _help("exported model: last (the final step) | best (the step with the best validation "
-                        "accuracy)", "last")
+                        "accuracy)", "last", valid=Valid(choices=("last", "best")))
 
 
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = _help("hidden size of the tiny Qwen2 model", 128)
-    num_layers: int = _help("transformer layers", 2)
-    num_heads: int = _help("attention heads", 4)
-    num_kv_heads: int = _help("key/value heads", 2)
-    intermediate_size: int = _help("MLP width", 256)
-    max_position_embeddings: int = _help("context length", 512)
-    pretrain_steps: int = _help("pre-training steps on the format corpus", 300)
-    batch_size: int = _help("pre-training batch size (sequences)", 32)
-    lr: float = _help("pre-training learning rate", 3.0e-3)
-    seed: int = _help("initialisation and data-order seed", 0)
+    hidden_size: int = _help("hidden size of the tiny Qwen2 model", 128, valid=GE1)
+    num_layers: int = _help("transformer layers", 2, valid=GE1)
+    num_heads: int = _help("attention heads", 4, valid=GE1)
+    num_kv_heads: int = _help("key/value heads", 2, valid=GE1)
+    intermediate_size: int = _help("MLP width", 256, valid=GE1)
+    max_position_embeddings: int = _help("context length", 512, valid=GE1)
+    pretrain_steps: int = _help("pre-training steps on the format corpus", 300, valid=GE0)
+    batch_size: int = _help("pre-training batch size (sequences)", 32, valid=GE1)
+    lr: float = _help("pre-training learning rate", 3.0e-3, valid=GT0)
+    seed: int = _help("initialisation and data-order seed", 0, valid=GE0)
 
 
 @dataclass
 class BaseModelConfig:
     path: Optional[str] = _help(
-        "HuggingFace model id or local directory of the policy; null builds the tiny demo model", None)
+        "HuggingFace model id or local directory of the policy; null builds the tiny demo model", None,
+        valid=Valid(text="a HuggingFace model id or a local model directory", nonempty=True))
     config_overrides: dict[str, Any] = _help(
         "keys of the model's config.json to change in a prepared copy (results/models/base), e.g. the "
-        "paper's {max_position_embeddings: 16384, rope_theta: 40000.0}", dict)
+        "paper's {max_position_embeddings: 16384, rope_theta: 40000.0}", dict,
+        valid=Valid(text="a mapping of config.json keys to their new values"))
     chat_template: Optional[str] = _help(
-        "a Jinja chat template file that replaces the tokenizer's in the prepared copy (null: keep it)", None)
+        "a Jinja chat template file that replaces the tokenizer's in the prepared copy (null: keep it)", None,
+        valid=Valid(text="a Jinja chat template file", nonempty=True))
     tiny: TinyModelConfig = _help("the tiny demo model (when path is null)", TinyModelConfig)
 
 
 @dataclass
 class TrainConfig:
-    algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy")
+    algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy",
+                           valid=Valid(choices=ALGORITHMS))
     engine: str = _help("training engine: local (one process, CPU or one GPU, HF generate rollouts) | verl "
-                        "(verl 0.9.1 on GPU nodes, vLLM rollouts; the `verl` section sets its cluster layout)", "local")
-    steps: int = _help("training steps (one batch of prompts each)", 500)
-    prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128)
-    n: int = _help("responses per prompt (group size)", 8)
-    n_off: Optional[int] = _help("off-policy members per group (null: luffy 1, grpo 0)", None)
+                        "(verl 0.9.1 on GPU nodes, vLLM rollouts; the `verl` section sets its cluster layout)", "local",
+                        valid=Valid(choices=ENGINE_NAMES))
+    steps: int = _help("training steps (one batch of prompts each)", 500, valid=GE1)
+    prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128, valid=GE1)
+    n: int = _help("responses per prompt (group size)", 8, valid=GE1)
+    n_off: Optional[int] = _help("off-policy members per group (null: luffy 1, grpo 0)", None, valid=GE0)
     prefix_strategy: str = _help("teacher prefix ratio per off-policy member: random U[min,max] | fixed "
-                                 "(evenly spaced) | linear (decays from max to min over the steps)", "random")
-    prefix_ratio_min: float = _help("smallest share of the teacher trace given as prefix", 1.0)
-    prefix_ratio_max: float = _help("largest share of the teacher trace (1.0 = full trace, the paper)", 1.0)
-    temperature: float = _help("rollout sampling temperature", 1.0)
-    max_response_tokens: int = _help("longest sampled response", 8192)
-    lr: float = _help("AdamW learning rate", 1.0e-6)
-    warmup_steps: int = _help("linear warm-up steps (the first step already has lr > 0)", 0)
-    weight_decay: float = _help("AdamW weight decay", 0.01)
-    beta1: float = _help("AdamW beta1", 0.9)
-    beta2: float = _help("AdamW beta2", 0.999)
-    grad_clip: float = _help("gradient-norm clip", 1.0)
-    mini_batches: int = _help("optimizer updates per step (PPO mini-batches)", 2)
-    ppo_epochs: int = _help("passes over each step's batch", 1)
+                                 "(evenly spaced) | linear (decays from max to min over the steps)", "random",
+                                 valid=Valid(choices=("random", "fixed", "linear")))
+    prefix_ratio_min: float = _help("smallest share of the teacher trace given as prefix", 1.0, valid=UNIT)
+    prefix_ratio_max: float = _help("largest share of the teacher trace (1.0 = full trace, the paper)", 1.0, valid=UNIT)
+    temperature: float = _help("rollout sampling temperature", 1.0, valid=GT0)
+    max_response_tokens: int = _help("longest sampled response", 8192, valid=GE1)
+    lr: float = _help("AdamW learning rate", 1.0e-6, valid=GT0)
+    warmup_steps: int = _help("linear warm-up steps (the first step already has lr > 0)", 0, valid=GE0)
+    weight_decay: float = _help("AdamW weight decay", 0.01, valid=GE0)
+    beta1: float = _help("AdamW beta1", 0.9, valid=Valid(low=0, high=1, high_open=True))
+    beta2: float = _help("AdamW beta2", 0.999, valid=Valid(low=0, high=1, high_open=True))
+    grad_clip: float = _help("gradient-norm clip", 1.0, valid=GT0)
+    mini_batches: int = _help("optimizer updates per step (PPO mini-batches)", 2, valid=GE1)
+    ppo_epochs: int = _help("passes over each step's batch", 1, valid=GE1)
     micro_batch_tokens: int = _help("padded tokens per forward/backward (length-sorted micro-batches with "
-                                    "gradient accumulation; 0 = the whole mini-batch at once)", 8192)
+                                    "gradient accumulation; 0 = the whole mini-batch at once)", 8192, valid=GE0)
     clip: Optional[bool] = _help("PPO-clip the on-policy ratio (null: grpo yes, luffy no)", None)
-    clip_ratio: float = _help("PPO clip epsilon (the lower one under clip-higher)", 0.2)
-    clip_ratio_high: Optional[float] = _help("clip-higher: upper PPO epsilon (null: = clip_ratio)", None)
+    clip_ratio: float = _help("PPO clip epsilon (the lower one under clip-higher)", 0.2,
+                              valid=Valid(low=0, high=1, low_open=True, high_open=True))
+    clip_ratio_high: Optional[float] = _help("clip-higher: upper PPO epsilon (null: = clip_ratio)", None, valid=GT0)
     std_normalize: bool = _help("divide group advantages by the group std", False)
     advantage_baseline: Optional[str] = _help(
-        "mixed (the whole group) | on_policy (on-policy members only); null: rl_sft on_policy, others mixed", None)
+        "mixed (the whole group) | on_policy (on-policy members only); null: rl_sft on_policy, others mixed", None,
+        valid=Valid(choices=("mixed", "on_policy")))
     filter_groups: bool = _help("drop groups whose rewards are all equal before the update", False)
     shaping: str = _help("off-policy f(p): luffy p/(p+gamma) | none p | logp w*log p | p_logp p+w*log p | "
-                         "sqrt | pow p^alpha", "luffy")
-    shaping_gamma: float = _help("gamma of f(p) = p/(p+gamma)", 0.1)
-    shaping_weight: float = _help("w of the logp and p_logp shapings", 0.1)
-    shaping_power: float = _help("alpha of the pow shaping", 0.5)
+                         "sqrt | pow p^alpha", "luffy", valid=Valid(choices=SHAPING_NAMES))
+    shaping_gamma: float = _help("gamma of f(p) = p/(p+gamma)", 0.1, valid=GT0)
+    shaping_weight: float = _help("w of the logp and p_logp shapings", 0.1, valid=GE0)
+    shaping_power: float = _help("alpha of the pow shaping", 0.5, valid=GT0)
     teacher_logprobs: bool = _help("off-policy weight pi_theta/pi_phi with pi_phi from the data's teacher_logprobs "
                                    "column (`luffy score-traces`) instead of f(pi_theta) with pi_phi = 1", False)
-    off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None)
-    off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None)
+    off_clip_min: Optional[float] = _help("lower clip of the off-policy weight (null: none)", None, valid=GE0)
+    off_clip_max: Optional[float] = _help("upper clip of the off-policy weight (null: none)", None, valid=GT0)
     on_policy_shaping: str = _help("on-policy ratio: none e^d | logp d | p_logp e^d+w*d | sqrt | pow e^(alpha d) | "
-                                   "luffy f(p)/f(p_old), with d = log pi - log pi_old", "none")
-    on_policy_weight: float = _help("w of the p_logp on-policy ratio", 1.0)
-    on_policy_power: float = _help("alpha of the pow on-policy ratio", 0.5)
-    on_policy_gamma: float = _help("gamma of the luffy on-policy ratio", 0.1)
-    token_prob_max: Optional[float] = _help("tokens with pi above this add nothing to the loss (null: off)", None)
-    kl_coef: float = _help("KL penalty to the base model (k3 estimator); 0 = off, as in the paper", 0.0)
-    sft_coef: float = _help("rl_sft: weight of the trace NLL added to the on-policy loss", 1.0)
+                                   "luffy f(p)/f(p_old), with d = log pi - log pi_old", "none",
+                                   valid=Valid(choices=ON_POLICY_SHAPING_NAMES))
+    on_policy_weight: float = _help("w of the p_logp on-policy ratio", 1.0, valid=GE0)
+    on_policy_power: float = _help("alpha of the pow on-policy ratio", 0.5, valid=GT0)
+    on_policy_gamma: float = _help("gamma of the luffy on-policy ratio", 0.1, valid=GT0)
+    token_prob_max: Optional[float] = _help("tokens with pi above this add nothing to the loss (null: off)", None,
+                                            valid=SHARE)
+    kl_coef: float = _help("KL penalty to the base model (k3 estimator); 0 = off, as in the paper", 0.0, valid=GE0)
+    sft_coef: float = _help("rl_sft: weight of the trace NLL added to the on-policy loss", 1.0, valid=GE0)
     loss_agg: str = _help("token_mean | seq_mean_token_mean | constant (sum / loss_constant, Dr.GRPO)",
-                          "constant")
-    loss_constant: Optional[float] = _help("normaliser of loss_agg=constant (null: max_response_tokens)", None)
-    entropy_coef: float = _help("entropy bonus coefficient", 0.001)
-    checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50)
-    seed: int = _help("seed of sampling and data order", 0)
-    device: str = _help("auto | cpu | cuda", "auto")
+                          "constant", valid=Valid(choices=AGGREGATION_NAMES))
+    loss_constant: Optional[float] = _help("normaliser of loss_agg=constant (null: max_response_tokens)", None,
+                                           valid=GT0)
+    entropy_coef: float = _help("entropy bonus coefficient", 0.001, valid=GE0)
+    checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50, valid=GE1)
+    seed: int = _help("seed of sampling and data order", 0, valid=GE0)
+    device: str = _help("auto | cpu | cuda", "auto", valid=Valid(choices=("auto", "cpu", "cuda")))
     init_from: Optional[str] = _help("start from another experiment's trained model (SFT then RL); "
-                                     "null: the base model", None)
-    data_start: float = _help("first fraction of the training rows used (complementary problem sets)", 0.0)
-    data_end: float = _help("end fraction of the training rows used", 1.0)
+                                     "null: the base model", None,
+                                     valid=Valid(text="another experiment of the config", nonempty=True))
+    data_start: float = _help("first fraction of the training rows used (complementary problem sets)", 0.0,
+                              valid=Valid(low=0, high=1, high_open=True))
+    data_end: float = _help("end fraction of the training rows used", 1.0, valid=SHARE)
 
 
 @dataclass
 class VllmConfig:
-    gpu_memory_utilization: float = _help("vLLM memory share (on CPU: of host RAM for the KV cache)", 0.9)
-    dtype: str = _help("vLLM dtype", "auto")
+    gpu_memory_utilization: float = _help("vLLM memory share (on CPU: of host RAM for the KV cache)", 0.9, valid=SHARE)
+    dtype: str = _help("vLLM dtype", "auto", valid=Valid(choices=VLLM_DTYPES))
     enforce_eager: bool = _help("disable CUDA graphs / compilation", False)
-    max_model_len: Optional[int] = _help("context limit (null: the model's)", None)
+    max_model_len: Optional[int] = _help("context limit (null: the model's)", None, valid=GE1)
     enable_prefix_caching: bool = _help("share prompt KV across the n samples", True)
 
 
@@ -227,69 +294,82 @@ class VllmConfig:
 class BenchmarkSpec:
     """One entry of the benchmark registry (``config/benchmarks.yaml``)."""
 
-    title: str = _help("the suite's name in tables", "")
-    group: str = _help("the table it belongs to: math | ood", "math")
-    hub_id: str = _help("public dataset id on the HuggingFace hub", "")
-    hub_config: Optional[str] = _help("the dataset's config (subset); null: default", None)
-    split: str = _help("the dataset's split", "test")
+    title: str = _help("the suite's name in tables", "", valid=TEXT)
+    group: str = _help("the table it belongs to: math | ood", "math", valid=Valid(choices=SUITE_GROUPS))
+    hub_id: str = _help("public dataset id on the HuggingFace hub", "",
+                        valid=Valid(text="a HuggingFace dataset id ('' with a local file)"))
+    hub_config: Optional[str] = _help("the dataset's config (subset); null: default", None, valid=NAME)
+    split: str = _help("the dataset's split", "test", valid=NAME)
     format: str = _help("row layout: math (problem, answer) | choices (question, options list, answer letter) | "
                         "arc (question, choices{text,label}, answerKey) | gpqa (question, correct + 3 incorrect "
-                        "answers, shuffled with a fixed seed)", "math")
+                        "answers, shuffled with a fixed seed)", "math", valid=Valid(choices=BENCHMARK_FORMATS))
     columns: dict[str, str] = _help("role -> column of the public dataset (problem, answer, options, correct, "
-                                    "incorrect_1..3)", dict)
+                                    "incorrect_1..3)", dict, valid=Valid(text="a mapping of roles to column names"))
     instruction: Optional[str] = _help("appended to the user turn of public-schema rows; {letters} = the option "
-                                       "letters (e.g. ABCD)", None)
-    answer_type: str = _help("math | choice", "math")
-    n: int = _help("samples per problem (the paper: 32 for AIME24, AIME25, AMC; 1 otherwise)", 1)
+                                       "letters (e.g. ABCD)", None, valid=TEXT)
+    answer_type: str = _help("math | choice", "math", valid=Valid(choices=ANSWER_TYPES))
+    n: int = _help("samples per problem (the paper: 32 for AIME24, AIME25, AMC; 1 otherwise)", 1, valid=GE1)
     local: Optional[str] = _help("local parquet used instead of the hub: the reference's eval schema (rows of "
-                                 "data_source, 32x copies de-duplicated) or the public dataset's columns", None)
-    data_source: Optional[str] = _help("data_source of this suite's rows in a reference-schema file", None)
-    problems: Optional[int] = _help("expected number of distinct problems (checked; null: not checked)", None)
+                                 "data_source, 32x copies de-duplicated) or the public dataset's columns", None,
+                                 valid=Valid(text="a local parquet or JSON-lines file", nonempty=True))
+    data_source: Optional[str] = _help("data_source of this suite's rows in a reference-schema file", None, valid=NAME)
+    problems: Optional[int] = _help("expected number of distinct problems (checked; null: not checked)", None,
+                                    valid=GE1)
 
 
 @dataclass
 class SuiteConfig:
     source: str = _help("'toy:id' / 'toy:ood' (synthetic suites), 'benchmark:<name>' (the registry) or a parquet "
-                        "in the benchmark schema")
-    local: Optional[str] = _help("benchmark sources: a local file replacing the registry's hub / local source", None)
-    n: Optional[int] = _help("samples per problem, the engine's n (null: the registry's, else 1)", None)
-    temperature: float = _help("sampling temperature", 0.6)
-    top_p: float = _help("nucleus sampling", 1.0)
-    max_tokens: int = _help("most new tokens per sample", 8192)
+                        "in the benchmark schema",
+                        valid=Valid(text="toy:id, toy:ood, benchmark:<name> or a parquet file", nonempty=True))
+    local: Optional[str] = _help("benchmark sources: a local file replacing the registry's hub / local source", None,
+                                 valid=Valid(text="a local parquet or JSON-lines file", nonempty=True))
+    n: Optional[int] = _help("samples per problem, the engine's n (null: the registry's, else 1)", None, valid=GE1)
+    temperature: float = _help("sampling temperature", 0.6, valid=GREEDY_OK)
+    top_p: float = _help("nucleus sampling", 1.0, valid=SHARE)
+    max_tokens: int = _help("most new tokens per sample", 8192, valid=GE1)
     system_prompt: Optional[str] = _help("drop (the paper's protocol: the model's own chat template on the user "
                                          "turn) | keep (the file's system message); null: keep for toy suites (the "
-                                         "tiny model learns with it), drop otherwise", None)
-    answer_type: Optional[str] = _help("math | choice (null: the registry's, else math)", None)
+                                         "tiny model learns with it), drop otherwise", None,
+                                         valid=Valid(choices=("drop", "keep")))
+    answer_type: Optional[str] = _help("math | choice (null: the registry's, else math)", None,
+                                       valid=Valid(choices=ANSWER_TYPES))
     grader: Optional[str] = _help("the verdict that counts; math: math_verify | boxed, choice: choice; every "
-                                  "grader of the answer type is stored per sample (null: the first)", None)
-    group: Optional[str] = _help("results table: math | ood (null: the registry's, else math)", None)
-    title: Optional[str] = _help("name in tables (null: the registry's title, else the suite's name)", None)
+                                  "grader of the answer type is stored per sample (null: the first)", None,
+                                  valid=Valid(choices=("math_verify", "boxed", "choice")))
+    group: Optional[str] = _help("results table: math | ood (null: the registry's, else math)", None,
+                                 valid=Valid(choices=SUITE_GROUPS))
+    title: Optional[str] = _help("name in tables (null: the registry's title, else the suite's name)", None, valid=TEXT)
 
 
 @dataclass
 class GradingConfig:
-    workers: Optional[int] = _help("grader processes (null: the job's threads)", None)
-    timeout_s: float = _help("time limit per answer, all its graders together (a stuck worker is killed)", 5.0)
-    memory_mb: int = _help("address-space cap of a grader process (0: none)", 4096)
+    workers: Optional[int] = _help("grader processes (null: the job's threads)", None, valid=GE1)
+    timeout_s: float = _help("time limit per answer, all its graders together (a stuck worker is killed)", 5.0,
+                             valid=GT0)
+    memory_mb: int = _help("address-space cap of a grader process (0: none)", 4096, valid=GE0)
 
 
 @dataclass
 class EvaluationConfig:
-    backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto")
-    seed: int = _help("sampling seed", 0)
-    hf_batch_size: int = _help("prompts per HF generate call", 64)
+    backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto", valid=Valid(choices=BACKENDS))
+    seed: int = _help("sampling seed", 0, valid=GE0)
+    hf_batch_size: int = _help("prompts per HF generate call", 64, valid=GE1)
     vllm: VllmConfig = _help("vLLM engine settings", VllmConfig)
     grading: GradingConfig = _help("the grader pool", GradingConfig)
-    suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict)
+    suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict,
+                                           valid=Valid(text="a mapping of suite names to suite settings"))
 
 
 @dataclass
 class ReportConfig:
-    title: str = _help("heading of the results table", "Results")
-    decimals: int = _help("decimals of accuracies (in percent)", 1)
+    title: str = _help("heading of the results table", "Results", valid=TEXT)
+    decimals: int = _help("decimals of accuracies (in percent)", 1, valid=Valid(low=0, high=6))
     publish: Optional[str] = _help("Markdown file the report (re)generates with the tables, the plots and the "
-                                   "discussion, e.g. docs/toy-reproduction.md (null: none)", None)
-    discussion: Optional[str] = _help("hand-written Markdown appended to the published file", None)
+                                   "discussion, e.g. docs/toy-reproduction.md (null: none)", None,
+                                   valid=Valid(text="a Markdown (.md) file path", nonempty=True))
+    discussion: Optional[str] = _help("hand-written Markdown appended to the published file", None,
+                                      valid=Valid(text="a Markdown file", nonempty=True))
     published: bool = _help("show the LUFFY paper's reported rows, marked (reported), under tables whose suites "
                             "are its benchmarks", True)
 
@@ -303,24 +383,28 @@ class VerlConfig:
     nodes and GPUs of a run are its train job's (``resources``)."""
 
     max_prompt_tokens: int = _help("longest prompt in tokens (verl's data.max_prompt_length; the paper: 1024); "
-                                   "a longer training prompt is a preflight error", 1024)
-    rollout_tensor_parallel: int = _help("vLLM tensor-parallel size of a rollout replica (divides the GPUs)", 2)
+                                   "a longer training prompt is a preflight error", 1024, valid=GE1)
+    rollout_tensor_parallel: int = _help("vLLM tensor-parallel size of a rollout replica (divides the GPUs)", 2,
+                                         valid=GE1)
     rollout_gpu_memory_utilization: float = _help("share of GPU memory vLLM may take while rolling out, in (0, 1]",
-                                                  0.6)
-    rollout_max_num_seqs: int = _help("most sequences a vLLM replica decodes at once (>= 1)", 256)
-    rollout_max_num_batched_tokens: int = _help("vLLM's token budget per scheduler step (>= 1)", 16384)
+                                                  0.6, valid=SHARE)
+    rollout_max_num_seqs: int = _help("most sequences a vLLM replica decodes at once (>= 1)", 256, valid=GE1)
+    rollout_max_num_batched_tokens: int = _help("vLLM's token budget per scheduler step (>= 1)", 16384, valid=GE1)
     attn_implementation: str = _help("actor attention: flash_attention_2 (needs flash-attn; verl packs sequences) | "
-                                     "sdpa (no packing: slower, same math)", "flash_attention_2")
+                                     "sdpa (no packing: slower, same math)", "flash_attention_2",
+                                     valid=Valid(choices=ATTENTION_IMPLEMENTATIONS))
     gradient_checkpointing: bool = _help("recompute activations in the backward pass (memory for time)", True)
     param_offload: bool = _help("FSDP: keep parameters on the CPU between uses", False)
     optimizer_offload: bool = _help("FSDP: keep optimizer states on the CPU between uses", False)
-    agent_workers: int = _help("agent-loop workers that drive the rollouts (>= 1)", 8)
-    reward_workers: int = _help("reward-loop workers that grade (>= 1)", 8)
-    grader_processes: int = _help("grader processes per reward worker (>= 1)", 2)
-    grader_timeout_s: float = _help("time limit per graded answer (> 0); a stuck grader process is killed", 5.0)
-    max_checkpoints: int = _help("checkpoints kept in the work directory (>= 1; the newest are kept)", 2)
+    agent_workers: int = _help("agent-loop workers that drive the rollouts (>= 1)", 8, valid=GE1)
+    reward_workers: int = _help("reward-loop workers that grade (>= 1)", 8, valid=GE1)
+    grader_processes: int = _help("grader processes per reward worker (>= 1)", 2, valid=GE1)
+    grader_timeout_s: float = _help("time limit per graded answer (> 0); a stuck grader process is killed", 5.0,
+                                    valid=GT0)
+    max_checkpoints: int = _help("checkpoints kept in the work directory (>= 1; the newest are kept)", 2, valid=GE1)
     overrides: list[str] = _help("extra Hydra overrides for verl's ppo_trainer config (key=value; checked by "
-                                 "composing it before the run); the settings this pipeline maps are refused", list)
+                                 "composing it before the run); the settings this pipeline maps are refused", list,
+                                 valid=Valid(text="a list of key=value Hydra overrides"))
 
 
 STAGES = ("make_toy_traces", "prepare_traces", "prepare_benchmark", "make_base_model", "prepare_base_model", "train",
@@ -331,35 +415,39 @@ STAGES = ("make_toy_traces", "prepare_traces", "prepare_benchmark", "make_base_m
 class JobResources:
     """What one job asks its scheduler for (null: the next level up decides)."""
 
-    cpus: Optional[int] = _help("CPU cores, also the job's threads (>= 1)", None)
-    mem_mb: Optional[int] = _help("memory in MB (>= 1)", None)
-    runtime: Optional[int] = _help("wall-clock limit in minutes (>= 1)", None)
-    gpus: Optional[int] = _help("GPUs per node (>= 0)", None)
-    nodes: Optional[int] = _help("nodes (>= 1; more than one only for training on the verl engine)", None)
+    cpus: Optional[int] = _help("CPU cores, also the job's threads (>= 1)", None, valid=GE1)
+    mem_mb: Optional[int] = _help("memory in MB (>= 1)", None, valid=GE1)
+    runtime: Optional[int] = _help("wall-clock limit in minutes (>= 1)", None, valid=GE1)
+    gpus: Optional[int] = _help("GPUs per node (>= 0)", None, valid=GE0)
+    nodes: Optional[int] = _help("nodes (>= 1; more than one only for training on the verl engine)", None, valid=GE1)
 
 
 @dataclass
 class ResourcesConfig:
     default: JobResources = _help("every job's resources unless its stage or experiment says otherwise",
                                   lambda: JobResources(cpus=2, mem_mb=4000, runtime=60, gpus=0, nodes=1))
-    stages: dict[str, JobResources] = _help(f"stage (rule) -> its resources over `default`; stages: {STAGES}", dict)
+    stages: dict[str, JobResources] = _help(f"stage (rule) -> its resources over `default`; stages: {STAGES}", dict,
+                                            valid=Valid(text="a mapping of stage names to job resources"))
     experiments: dict[str, JobResources] = _help(
         "experiment -> the resources of its train job over `stages.train` (an experiment with seeds: its "
-        "declared name)", dict)
+        "declared name)", dict, valid=Valid(text="a mapping of experiment names to job resources"))
 
 
 @dataclass
 class Config:
-    results_dir: str = _help("where every output goes", "results")
+    results_dir: str = _help("where every output goes", "results", valid=Valid(text="a directory", nonempty=True))
     tracking: TrackingConfig = _help("MLflow", TrackingConfig)
     data: DataConfig = _help("training data", DataConfig)
     base_model: BaseModelConfig = _help("the policy's starting point", BaseModelConfig)
-    train_defaults: dict[str, Any] = _help("settings shared by every experiment (TrainConfig keys)", dict)
-    experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict)
+    train_defaults: dict[str, Any] = _help("settings shared by every experiment (TrainConfig keys)", dict,
+                                           valid=Valid(text="a mapping of experiment settings"))
+    experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict,
+                                        valid=Valid(text="a mapping of experiment names to settings"))
     seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
-                             list)
+                             list, valid=GE0)
     validation: ValidationConfig = _help("in-training validation and checkpoint selection", ValidationConfig)
-    benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml")
+    benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml",
+                            valid=Valid(text="a YAML file", nonempty=True))
     evaluation: EvaluationConfig = _help("evaluation protocol", EvaluationConfig)
     report: ReportConfig = _help("tables and plots", ReportConfig)
     verl: VerlConfig = _help("the verl engine's cluster layout (experiments with engine: verl)", VerlConfig)
@@ -383,24 +471,104 @@ def _describe(err: OmegaConfBaseException, prefix: str) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of settings"
+    origin = typing.get_origin(tp)
+    return {dict: "a mapping", list: "a list"}.get(origin, str(tp))
+
+
+def _check_raw(schema: type, raw: Any, prefix: str) -> None:
+    """The raw (YAML or JSON) values against the dataclass: unknown keys name the closest
+    known one; a value of the wrong type is an error, never converted ('5' is not 5)."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping of settings, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for name, value in raw.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"config key '{_key(prefix, name)}': unknown setting{hint}")
+        _check_value(hints[name], value, _key(prefix, name))
+
+
+def _check_value(tp: Any, value: Any, key: str) -> None:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return
+    if dataclasses.is_dataclass(tp):
+        _check_raw(tp, value, key)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+        for name, item in value.items():
+            _check_value(args[1] if len(args) == 2 else Any, item, _key(key, str(name)))
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+        for i, item in enumerate(value):
+            _check_value(args[0] if args else Any, item, f"{key}[{i}]")
+        return
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}.get(tp, lambda v: True)
+    if not ok(value):
+        hint = " (YAML reads 1e-4 as a string: write 1.0e-4)" if tp is float and isinstance(value, str) else ""
+        raise ConfigError(f"config key '{key}': {value!r} ({type(value).__name__}) is not {_type_name(tp)}{hint}")
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    """Every set value of a (nested) settings object within its field's stated valid range."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _key(prefix, f.name)
+        valid: Valid | None = f.metadata.get("valid")
+        values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key)
+        elif values is not None:
+            for name, item in values:
+                if dataclasses.is_dataclass(item):
+                    _check_ranges(item, _key(key, str(name)))
+                elif valid is not None and not valid.admits(item):
+                    raise ConfigError(f"config key '{key}': {item!r} is not {valid.describe()}")
+        elif value is not None and valid is not None and not valid.admits(value):
+            raise ConfigError(f"config key '{key}': {value!r} is not {valid.describe()}")
+
+
 def _merge(schema: type, *layers: Any, prefix: str = "") -> Any:
+    for layer in layers:
+        _check_raw(schema, layer, prefix)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
-        return OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, prefix)) from None
+    _check_ranges(obj, prefix)
+    return obj
 
 
 def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     """Merge an experiment over ``train_defaults`` and fill the algorithm's own defaults."""
     prefix = f"experiments.{name}"
-    for key in list(defaults) + list(overrides or {}):
-        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            where = prefix if key in (overrides or {}) else "train_defaults"
-            raise ConfigError(f"config key '{where}.{key}': unknown setting (expected one of TrainConfig's keys)")
+    _merge(TrainConfig, defaults, prefix="train_defaults")  # a shared value out of range is named where it is set
     cfg: TrainConfig = _merge(TrainConfig, defaults, overrides or {}, prefix=prefix)
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError(f"config key '{prefix}.algorithm': '{cfg.algorithm}' is not one of {ALGORITHMS}")
     for key, value in {"advantage_baseline": "mixed", **ALGORITHM_DEFAULTS[cfg.algorithm]}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -411,38 +579,19 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
          f"{cfg.algorithm} groups are on-policy only: n_off must be 0"),
         (cfg.algorithm == "luffy" and not 0 <= cfg.n_off < cfg.n, "n_off",
          f"must be in [0, n={cfg.n}) so the group has on-policy members"),
-        (cfg.engine not in ENGINE_NAMES, "engine", f"'{cfg.engine}' is not one of {ENGINE_NAMES}"),
-        (cfg.shaping not in SHAPING_NAMES, "shaping", f"'{cfg.shaping}' is not one of {SHAPING_NAMES}"),
-        (cfg.on_policy_shaping not in ON_POLICY_SHAPING_NAMES, "on_policy_shaping",
-         f"'{cfg.on_policy_shaping}' is not one of {ON_POLICY_SHAPING_NAMES}"),
-        (cfg.token_prob_max is not None and not 0 < cfg.token_prob_max <= 1, "token_prob_max", "must be in (0, 1]"),
-        (cfg.loss_agg not in AGGREGATION_NAMES, "loss_agg", f"'{cfg.loss_agg}' is not one of {AGGREGATION_NAMES}"),
-        (cfg.advantage_baseline not in ("mixed", "on_policy"), "advantage_baseline",
-         f"'{cfg.advantage_baseline}' is not one of ('mixed', 'on_policy')"),
         (cfg.advantage_baseline == "on_policy" and cfg.n_off >= cfg.n, "advantage_baseline",
          "needs on-policy members (n_off < n)"),
         (cfg.clip_ratio_high is not None and cfg.clip_ratio_high < cfg.clip_ratio, "clip_ratio_high",
          "must be >= clip_ratio"),
         (cfg.off_clip_min is not None and cfg.off_clip_max is not None and cfg.off_clip_min > cfg.off_clip_max,
          "off_clip_min", "must be <= off_clip_max"),
-        (cfg.kl_coef < 0, "kl_coef", "must be >= 0"),
         (cfg.teacher_logprobs and (cfg.algorithm != "luffy" or cfg.n_off == 0), "teacher_logprobs",
          "needs off-policy members (algorithm luffy, n_off >= 1)"),
-        (not 0.0 <= cfg.data_start < cfg.data_end <= 1.0, "data_start", "need 0 <= data_start < data_end <= 1"),
-        (cfg.prefix_strategy not in ("random", "fixed", "linear"), "prefix_strategy",
-         f"'{cfg.prefix_strategy}' is not one of ('random', 'fixed', 'linear')"),
-        (not 0.0 <= cfg.prefix_ratio_min <= cfg.prefix_ratio_max <= 1.0, "prefix_ratio_min",
-         "need 0 <= prefix_ratio_min <= prefix_ratio_max <= 1"),
-        (cfg.steps < 1, "steps", "must be >= 1"),
-        (cfg.n < 1, "n", "must be >= 1"),
-        (cfg.prompts_per_step < 1, "prompts_per_step", "must be >= 1"),
-        (cfg.mini_batches < 1 or cfg.prompts_per_step % cfg.mini_batches, "mini_batches",
+        (cfg.data_start >= cfg.data_end, "data_start", f"must be < data_end={cfg.data_end}"),
+        (cfg.prefix_ratio_min > cfg.prefix_ratio_max, "prefix_ratio_min",
+         f"must be <= prefix_ratio_max={cfg.prefix_ratio_max}"),
+        (cfg.prompts_per_step % cfg.mini_batches, "mini_batches",
          f"must divide prompts_per_step={cfg.prompts_per_step}"),
-        (cfg.checkpoint_every < 1, "checkpoint_every", "must be >= 1"),
-        (cfg.micro_batch_tokens < 0, "micro_batch_tokens", "must be >= 0"),
-        (cfg.lr <= 0, "lr", "must be > 0"),
-        (cfg.shaping_gamma <= 0, "shaping_gamma", "must be > 0"),
-        (cfg.device not in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' is not one of auto, cpu, cuda"),
     ]
     for bad, key, why in checks:
         if bad:
@@ -525,14 +674,6 @@ def _check_resources(root: Config, experiments: dict[str, TrainConfig]) -> None:
     if missing:
         raise ConfigError(f"config key 'resources.default': {missing} must be set (the other levels may leave "
                           "them null)")
-    ranges = {"cpus": 1, "mem_mb": 1, "runtime": 1, "gpus": 0, "nodes": 1}
-    levels = [("default", res.default), *((f"stages.{k}", v) for k, v in res.stages.items()),
-              *((f"experiments.{k}", v) for k, v in res.experiments.items())]
-    for where, level in levels:
-        for key, lowest in ranges.items():
-            value = getattr(level, key)
-            if value is not None and value < lowest:
-                raise ConfigError(f"config key 'resources.{where}.{key}': must be >= {lowest}")
     for stage in STAGES:
         if stage != "train" and job_resources(root, stage).nodes != 1:
             raise ConfigError(f"config key 'resources.stages.{stage}.nodes': only training runs over several nodes")
@@ -548,23 +689,6 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
     from luffy.engines.verl.overrides import check_extra_overrides
 
     v = root.verl
-    checks = [
-        (v.max_prompt_tokens < 1, "max_prompt_tokens", "must be >= 1"),
-        (v.rollout_tensor_parallel < 1, "rollout_tensor_parallel", "must be >= 1"),
-        (not 0.0 < v.rollout_gpu_memory_utilization <= 1.0, "rollout_gpu_memory_utilization", "must be in (0, 1]"),
-        (v.rollout_max_num_seqs < 1, "rollout_max_num_seqs", "must be >= 1"),
-        (v.rollout_max_num_batched_tokens < 1, "rollout_max_num_batched_tokens", "must be >= 1"),
-        (v.attn_implementation not in ATTENTION_IMPLEMENTATIONS, "attn_implementation",
-         f"'{v.attn_implementation}' is not one of {ATTENTION_IMPLEMENTATIONS}"),
-        (v.agent_workers < 1, "agent_workers", "must be >= 1"),
-        (v.reward_workers < 1, "reward_workers", "must be >= 1"),
-        (v.grader_processes < 1, "grader_processes", "must be >= 1"),
-        (v.grader_timeout_s <= 0, "grader_timeout_s", "must be > 0"),
-        (v.max_checkpoints < 1, "max_checkpoints", "must be >= 1"),
-    ]
-    for bad, key, why in checks:
-        if bad:
-            raise ConfigError(f"config key 'verl.{key}': {why}")
     try:
         check_extra_overrides(v.overrides)
     except ValueError as err:
@@ -613,21 +737,19 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     traces = root.data.traces
     if traces != "toy" and not traces.startswith(HUB_PREFIX) and not is_glob(traces):
         _check_file(traces, "data.traces")
-    if root.data.template not in PROMPT_TEMPLATES:
-        raise ConfigError(f"config key 'data.template': '{root.data.template}' is not one of {PROMPT_TEMPLATES}")
-    if root.data.batch_rows < 1:
-        raise ConfigError("config key 'data.batch_rows': must be >= 1")
-    if not 0.0 <= root.data.validation_fraction < 1.0:
-        raise ConfigError("config key 'data.validation_fraction': must be in [0, 1)")
     val = root.validation
-    if val.every < 0 or val.n < 1 or (val.max_problems is not None and val.max_problems < 1):
-        raise ConfigError("config key 'validation': need every >= 0, n >= 1, max_problems >= 1 (or null)")
-    if val.select not in ("last", "best"):
-        raise ConfigError(f"config key 'validation.select': '{val.select}' is not one of ('last', 'best')")
+    if val.temperature == 0 and val.n > 1:
+        raise ConfigError(f"config key 'validation.temperature': 0 (greedy) gives {val.n} identical samples; "
+                          "use n: 1 or a temperature > 0")
     if val.every > 0 and root.data.validation_fraction <= 0:
         raise ConfigError("config key 'validation.every': needs data.validation_fraction > 0 (a held-out split)")
-    if toy.generations_min < 1 or toy.generations_max < toy.generations_min:
-        raise ConfigError("config key 'data.toy.generations_min': need 1 <= generations_min <= generations_max")
+    for low, high in (("min_ops", "max_ops"), ("ood_min_ops", "ood_max_ops"), ("generations_min", "generations_max")):
+        if getattr(toy, low) > getattr(toy, high):
+            raise ConfigError(f"config key 'data.toy.{low}': {getattr(toy, low)} is not <= {high}={getattr(toy, high)}")
+    rates = toy.wrong_rate + toy.incomplete_rate + toy.verbose_rate
+    if rates > 1:
+        raise ConfigError(f"config key 'data.toy.verbose_rate': wrong_rate + incomplete_rate + verbose_rate = "
+                          f"{rates:g} is not <= 1 (shares of the same traces)")
     tiny = root.base_model.tiny
     if tiny.hidden_size % tiny.num_heads or tiny.num_heads % tiny.num_kv_heads:
         raise ConfigError("config key 'base_model.tiny': hidden_size must be a multiple of num_heads and "
@@ -654,14 +776,8 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     _check_resources(root, experiments)
     _check_verl(root, experiments)
     ev = root.evaluation
-    if ev.backend not in BACKENDS:
-        raise ConfigError(f"config key 'evaluation.backend': '{ev.backend}' is not one of {BACKENDS}")
     if not ev.suites:
         raise ConfigError("config key 'evaluation.suites': at least one suite is required")
-    if ev.grading.workers is not None and ev.grading.workers < 1:
-        raise ConfigError("config key 'evaluation.grading.workers': must be >= 1 (or null)")
-    if ev.grading.timeout_s <= 0:
-        raise ConfigError("config key 'evaluation.grading.timeout_s': must be > 0")
     benchmarks = {}
     registry: dict[str, BenchmarkSpec] | None = None  # read once, when a suite names a benchmark
     for name, suite in ev.suites.items():
@@ -701,15 +817,12 @@ def load_registry(path: str) -> dict[str, BenchmarkSpec]:
             continue
         if not isinstance(entry, dict):
             raise ConfigError(f"benchmark registry {path}: '{name}': expected a mapping of settings")
-        spec: BenchmarkSpec = _merge(BenchmarkSpec, entry, prefix=f"{path}: {name}")
-        checks = [(spec.format not in BENCHMARK_FORMATS, "format", f"'{spec.format}' is not one of {BENCHMARK_FORMATS}"),
-                  (spec.answer_type not in ANSWER_TYPES, "answer_type", f"'{spec.answer_type}' is not one of {ANSWER_TYPES}"),
-                  (spec.group not in SUITE_GROUPS, "group", f"'{spec.group}' is not one of {SUITE_GROUPS}"),
-                  (not spec.hub_id and not spec.local, "hub_id", "a benchmark needs a hub_id or a local file"),
-                  (spec.n < 1, "n", "must be >= 1")]
-        for bad, key, why in checks:
-            if bad:
-                raise ConfigError(f"benchmark registry {path}: '{name}.{key}': {why}")
+        try:
+            spec: BenchmarkSpec = _merge(BenchmarkSpec, entry, prefix=str(name))
+        except ConfigError as err:
+            raise ConfigError(f"benchmark registry {path}: {err}") from None
+        if not spec.hub_id and not spec.local:
+            raise ConfigError(f"benchmark registry {path}: '{name}.hub_id': a benchmark needs a hub_id or a local file")
         out[name] = spec
     return out
 
@@ -740,20 +853,15 @@ def resolve_suite(suite: SuiteConfig, spec: BenchmarkSpec | None, key: str) -> N
         suite.title = spec.title
     if suite.local is not None and spec is None:
         raise ConfigError(f"config key '{key}.local': only 'benchmark:<name>' sources take a local file")
-    if suite.answer_type not in ANSWER_TYPES:
-        raise ConfigError(f"config key '{key}.answer_type': '{suite.answer_type}' is not one of {ANSWER_TYPES}")
     graders = GRADERS_FOR[suite.answer_type]
     if suite.grader is None:
         suite.grader = graders[0]
     if suite.grader not in graders:
         raise ConfigError(f"config key '{key}.grader': '{suite.grader}' does not grade {suite.answer_type} answers "
                           f"(one of {graders})")
-    if suite.group not in SUITE_GROUPS:
-        raise ConfigError(f"config key '{key}.group': '{suite.group}' is not one of {SUITE_GROUPS}")
-    if suite.system_prompt not in ("drop", "keep"):
-        raise ConfigError(f"config key '{key}.system_prompt': '{suite.system_prompt}' is not one of ('drop', 'keep')")
-    if suite.n < 1 or suite.max_tokens < 1:
-        raise ConfigError(f"config key '{key}': n and max_tokens must be >= 1")
+    if suite.temperature == 0 and suite.n > 1:
+        raise ConfigError(f"config key '{key}.temperature': 0 (greedy) gives {suite.n} identical samples; use n: 1 "
+                          "or a temperature > 0")
 
 
 def to_dict(obj: Any) -> Any:
@@ -809,13 +917,30 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     return {}
 
 
+def _schema_range(prop: dict[str, Any], valid: Valid) -> None:
+    """A field's ``Valid`` as JSON-schema keywords (which pass a null where null is allowed)."""
+    types = prop.get("type")
+    nullable = isinstance(types, list) and "null" in types
+    if valid.choices is not None:
+        prop["enum"] = [*valid.choices, *([None] if nullable else [])]
+    if valid.nonempty:
+        prop["pattern"] = r"\S"  # some non-blank text
+    if valid.low is not None:
+        prop["exclusiveMinimum" if valid.low_open else "minimum"] = valid.low
+    if valid.high is not None:
+        prop["exclusiveMaximum" if valid.high_open else "maximum"] = valid.high
+
+
 def dataclass_schema(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     props = {}
     for f in dataclasses.fields(cls):
         prop = _type_schema(hints[f.name])
+        valid: Valid | None = f.metadata.get("valid")
+        if valid is not None:
+            _schema_range(prop["items"] if prop.get("type") == "array" else prop, valid)
         if "help" in f.metadata:
-            prop["description"] = f.metadata["help"]
+            prop["description"] = f.metadata["help"] + (f" (valid: {valid.describe()})" if valid else "")
         props[f.name] = prop
     return {"type": "object", "additionalProperties": False, "properties": props}
 
@@ -828,3 +953,84 @@ def json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "description": "LUFFY pipeline configuration (generated from luffy/config.py by `luffy schema`)",
             **schema}
+
+
+SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin (generated by `luffy settings`) -->", "<!-- settings:end -->"
+
+
+def _type_words(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return _type_words(next(a for a in args if a is not type(None))) + " or null"
+    if origin is list:
+        return f"list of {_type_words(args[0])}" if args and args[0] is not Any else "list"
+    if origin is dict:
+        return "mapping"
+    return {int: "integer", float: "number", bool: "boolean", str: "text"}.get(tp, "any")
+
+
+def _default_words(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING and f.default != MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = to_dict(f.default_factory())
+    else:
+        return "required"
+    text = json.dumps(value) if not isinstance(value, str) else f"'{value}'"
+    return f"`{text}`" if len(text) <= 40 else f"`{text[:36]}...`"
+
+
+SETTING_SECTIONS: list[tuple[str, type]] = []  # filled below: (key path, settings class)
+
+
+def settings_rows(cls: type, path: str) -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, valid values, meaning) of every plain setting of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue
+        valid: Valid | None = f.metadata.get("valid")
+        words = BOOL if tp is bool or typing.get_args(tp) == (bool, type(None)) else (
+            valid.describe() if valid else "")
+        if tp is not bool and typing.get_args(tp) and type(None) in typing.get_args(tp) and words:
+            words += ", or null"
+        rows.append((_key(path, f.name), _type_words(tp), _default_words(f), words, f.metadata.get("help", "")))
+    return rows
+
+
+def settings_reference() -> str:
+    """config/README.md's settings reference: every setting, its type, default and valid values."""
+    out = []
+    for path, cls in SETTING_SECTIONS:
+        out += [f"**`{path or '(top level)'}`**", "", "| key | type | default | valid | meaning |",
+                "|---|---|---|---|---|"]
+        for key, type_words, default, valid, meaning in settings_rows(cls, ""):
+            cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+            out.append(f"| `{key}` | {type_words} | {cell(default)} | {cell(valid)} | {cell(meaning)} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_settings_block(path: str) -> None:
+    """Rewrite the generated block (between the settings markers) of a Markdown file."""
+    from luffy.io import atomic_path
+
+    text = Path(path).read_text()
+    if SETTINGS_BEGIN not in text or SETTINGS_END not in text:
+        raise ConfigError(f"{path}: no settings block ({SETTINGS_BEGIN} ... {SETTINGS_END})")
+    head, rest = text.split(SETTINGS_BEGIN, 1)
+    tail = rest.split(SETTINGS_END, 1)[1]
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"{head}{SETTINGS_BEGIN}\n\n{settings_reference()}\n{SETTINGS_END}{tail}")
+
+
+SETTING_SECTIONS += [("", Config), ("tracking", TrackingConfig), ("data", DataConfig), ("data.toy", ToyTaskConfig),
+                     ("validation", ValidationConfig), ("base_model", BaseModelConfig),
+                     ("base_model.tiny", TinyModelConfig), ("train_defaults, experiments.<name>", TrainConfig),
+                     ("resources", ResourcesConfig),
+                     ("resources.default, resources.stages.<stage>, resources.experiments.<name>", JobResources),
+                     ("verl", VerlConfig), ("evaluation", EvaluationConfig), ("evaluation.vllm", VllmConfig),
+                     ("evaluation.grading", GradingConfig), ("evaluation.suites.<name>", SuiteConfig),
+                     ("report", ReportConfig), ("benchmark registry (config/benchmarks.yaml): <name>", BenchmarkSpec)]

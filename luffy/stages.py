@@ -127,8 +127,10 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     template or grader problems that would otherwise show up hours later as zero reward."""
     from luffy.engines.base import TrainJob
     from luffy.engines.registry import make_engine
+    from luffy.models import model_source
     from luffy.preflight import preflight
 
+    model_source(base_model, "base model")
     key = {"settings": to_dict(settings), "data": data, "base": base_model}
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,9 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
 
     from luffy.evaluate.backends import make_backend
     from luffy.evaluate.runner import evaluate_model
+    from luffy.models import model_source
 
+    model_source(model)
     torch.set_num_threads(threads)
     unknown = set(suites) - set(settings.suites)
     if unknown:

@@ -1,3 +1,5 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,113 @@ def test_validation_rides_in_the_train_settings_only_when_on():
 def test_experiments_may_be_empty_to_evaluate_the_base_model_only():
     cfg = load_config({**minimal(), "experiments": {}})
     assert cfg.models == ["base"]
+
+
+def _sections():
+    """(a raw-config path prefix, its settings class) for every section a config can hold."""
+    from luffy.config import Config, EvaluationConfig, JobResources, SuiteConfig, TrainConfig
+    out = [("train_defaults", TrainConfig), ("experiments.x", TrainConfig), ("resources.default", JobResources),
+           ("resources.stages.train", JobResources), ("resources.experiments.x", JobResources),
+           ("evaluation.suites.s", SuiteConfig)]
+    stack = [("", Config)]
+    while stack:
+        prefix, cls = stack.pop()
+        out.append((prefix, cls))
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint) and hint is not JobResources:  # resources.default: listed above
+                stack.append((f"{prefix}.{name}".lstrip("."), hint))
+    assert EvaluationConfig in {cls for _, cls in out}
+    return out
+
+
+def _outside(valid, kind):
+    """A value just outside a field's valid values (None where every value of the type is valid)."""
+    if valid.choices is not None:
+        return "bogus"
+    if valid.nonempty:
+        return " "
+    if valid.low is not None:
+        return valid.low - 1 if kind is int else valid.low - (0 if valid.low_open else 0.5)
+    if valid.high is not None:
+        return valid.high + 1 if kind is int else valid.high + (0 if valid.high_open else 0.5)
+    return None
+
+
+def _cases():
+    cases = []
+    for prefix, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            valid = f.metadata.get("valid")
+            kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+            value = _outside(valid, kind) if valid is not None and typing.get_origin(kind) is not dict else None
+            if value is not None:
+                cases.append(pytest.param(f"{prefix}.{f.name}".lstrip("."), [value] if f.name == "seeds" else value,
+                                          id=f"{prefix}.{f.name}"))
+    return cases
+
+
+def _set(raw, key, value):
+    *parents, last = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+    raw[last] = value
+
+
+@pytest.mark.parametrize("key, value", _cases())
+def test_every_range_is_enforced_alike_by_the_loader_and_the_schema(key, value):
+    """Each setting just outside its stated valid values: the loader names the key, the value
+    and the range in one line, and the published JSON schema (Snakemake's check) refuses it too."""
+    import jsonschema
+
+    raw = minimal(resources={"experiments": {"x": {}}})
+    _set(raw, key, value)
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    message = str(err.value)
+    assert f"'{key}'" in message and "\n" not in message
+    assert "is not" in message and repr(value if key != "seeds" else value[0]) in message
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, json_schema())
+
+
+def test_every_setting_states_its_valid_values():
+    from luffy.config import SETTING_SECTIONS, BenchmarkSpec
+
+    classes = {cls for _, cls in _sections()} | {BenchmarkSpec}
+    assert classes == {cls for _, cls in SETTING_SECTIONS}, "add the section to SETTING_SECTIONS"
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] not in (bool, typing.Optional[bool]) and not dataclasses.is_dataclass(hints[f.name]):
+                assert "valid" in f.metadata, f"{cls.__name__}.{f.name} states no valid values"
+
+
+def test_config_readme_holds_the_generated_settings_reference():
+    from luffy.config import SETTINGS_BEGIN, SETTINGS_END, settings_reference
+
+    text = (REPO / "config" / "README.md").read_text()
+    block = text[text.index(SETTINGS_BEGIN) + len(SETTINGS_BEGIN):text.index(SETTINGS_END)]
+    assert block.strip() == settings_reference().strip(), "regenerate with: luffy settings --update config/README.md"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (minimal(train_defaults={"steps": "5"}), "'train_defaults.steps': '5' (str) is not an integer"),
+    (minimal(train_defaults={"lr": "1e-4"}), "YAML reads 1e-4 as a string"),
+    (minimal(train_defaults={"std_normalize": "yes"}), "'train_defaults.std_normalize': 'yes' (str) is not true or false"),
+    (minimal(experiments={"x": {"lrr": 1.0}}), "'experiments.x.lrr': unknown setting; did you mean 'lr'?"),
+    (minimal(evaluation={"suites": {"s": {"source": "toy:id", "temperature": 0.0, "n": 4}}}),
+     "'evaluation.suites.s.temperature': 0 (greedy) gives 4 identical samples"),
+    (minimal(data={"toy": {"min_ops": 3, "max_ops": 2}}), "'data.toy.min_ops': 3 is not <= max_ops=2"),
+    (minimal(data={"toy": {"wrong_rate": 0.5, "incomplete_rate": 0.5, "verbose_rate": 0.5}}),
+     "'data.toy.verbose_rate': wrong_rate + incomplete_rate + verbose_rate = 1.5 is not <= 1"),
+])
+def test_malformed_values_are_refused_never_coerced(raw, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    assert message in str(err.value)
+
+
+def test_greedy_evaluation_with_one_sample_is_valid():
+    cfg = load_config(minimal(evaluation={"suites": {"s": {"source": "toy:id", "temperature": 0.0, "n": 1}}}))
+    assert cfg.root.evaluation.suites["s"].temperature == 0.0

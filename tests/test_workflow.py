@@ -143,8 +143,14 @@ def test_micro_pipeline_end_to_end(tmp_path):
     (lambda c: c["train_defaults"].update(steps="many"), "steps"),
     (lambda c: c["evaluation"]["suites"]["toy_id"].update(source="/no/such/aime.parquet"), "/no/such/aime.parquet"),
     (lambda c: c["data"].update(traces="missing_openr1.parquet"), "missing_openr1.parquet"),
+    (lambda c: c["experiments"]["luffy"].update(lrr=1.0), "'experiments.luffy.lrr': unknown setting; did you mean 'lr'?"),
+    (lambda c: c["train_defaults"].update(grad_clip=-1.0), "'train_defaults.grad_clip': -1.0 is not > 0"),
+    (lambda c: c["train_defaults"].update(warmup_steps=-2), "'train_defaults.warmup_steps': -2 is not >= 0"),
+    (lambda c: c["report"].update(decimals=-1), "'report.decimals': -1 is not in [0, 6]"),
+    (lambda c: c["evaluation"]["suites"]["toy_id"].update(top_p=1.5), "'evaluation.suites.toy_id.top_p': 1.5 is not in (0, 1]"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
+    """Snakemake stops with one line naming the key (no schema dump), and `luffy check-config` agrees."""
     cfg = yaml.safe_load(MICRO.read_text())
     cfg["report"]["publish"] = "docs/micro.md"  # nothing may be written there either
     mutate(cfg)
@@ -152,6 +158,9 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
     result = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+    assert len((result.stdout + result.stderr).splitlines()) < 10
+    check = subprocess.run(["luffy", "check-config", "bad.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 2 and expected in check.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "docs").exists()
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from luffy.config import ConfigError, EvaluationConfig, VllmConfig
 from luffy.data.templates import encode_prompts
 from luffy.evaluate.backends import Sampling, make_backend
+from luffy.models import model_source
 
 
 def generate_answers(model: str, question: str, system: str | None = None, temperature: float = 0.6,
@@ -18,6 +19,9 @@ def generate_answers(model: str, question: str, system: str | None = None, tempe
                      backend: str = "auto", vllm: VllmConfig | None = None) -> list[str]:
     if not question.strip():
         raise ConfigError("the question is empty")
+    if temperature == 0 and n > 1:
+        raise ConfigError(f"temperature 0 (greedy) gives {n} identical samples; use n 1 or a temperature > 0")
+    model = model_source(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     _, (prompt_ids,) = encode_prompts(tokenizer, [messages])

@@ -44,7 +44,10 @@ def trace_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], trace_id
 def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro_batch_tokens: int = 8192,
                  device: str = "auto") -> int:
     """Write ``data`` with a ``teacher_logprobs`` column computed by ``teacher``; returns rows."""
-    tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer)
+    from luffy.models import model_source
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source(policy_tokenizer, "policy tokenizer"))
+    teacher = model_source(teacher, "teacher")
     teacher_vocab = AutoTokenizer.from_pretrained(teacher).get_vocab()
     if teacher_vocab != tokenizer.get_vocab():
         raise DataError(f"teacher {teacher} and policy tokenizer {policy_tokenizer} differ in vocabulary; "

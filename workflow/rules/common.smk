@@ -1,14 +1,18 @@
 # Config validation, paths and input functions. Imported first by the Snakefile.
 import os
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from luffy import workflow as wf
-from luffy.config import load_config
+from luffy.config import ConfigError, load_config
 
 
-validate(config, schema="../schemas/config.schema.yaml")
-CFG = load_config(config)
+try:  # first: a bad setting is one line naming the key, its value and its valid range
+    CFG = load_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+validate(config, schema="../schemas/config.schema.yaml")  # the same rules, as the published JSON schema
 RESULTS = CFG.root.results_dir
 EXPERIMENTS = list(CFG.experiments)
 MODELS = CFG.models
