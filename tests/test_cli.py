@@ -51,3 +51,59 @@ def test_threads_follow_the_slurm_allocation():
     assert allocated_threads(2, {}) == 2
     assert allocated_threads(2, {"SLURM_CPUS_PER_TASK": "64"}) == 64
     assert allocated_threads(2, {"SLURM_CPUS_PER_TASK": ""}) == 2
+
+
+def _openr1_table(rows, flags_type):
+    import pyarrow as pa
+
+    columns = list(zip(*rows))
+    return pa.table({"problem": pa.array(columns[0], pa.binary()).view(pa.string()),  # may hold invalid UTF-8
+                     "answer": pa.array(columns[1]), "generations": pa.array(columns[2]),
+                     "correctness_math_verify": pa.array(columns[3], pa.list_(flags_type)),
+                     "is_reasoning_complete": pa.array(columns[4], pa.list_(flags_type))})
+
+
+def test_flags_that_are_not_booleans_and_invalid_utf8_are_counted_never_used(tmp_path):
+    """Correctness flags stored as strings ('False'), numbers or nulls, and text that is not
+    valid UTF-8: each row is malformed, counted per reason, and not used; the rest goes on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = (b"good", "1", ["<think>t</think> \\boxed{1}"])
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    pq.write_table(_openr1_table([(*good, ["True"], ["True"]), (b"p1", "1", ["g"], ["False"], ["True"]),
+                                  (b"p2", "1", ["g"], ["True"], ["False"])], pa.string()), traces / "a.parquet")
+    pq.write_table(_openr1_table([(*good, [1], [1]), (b"p3", "1", ["g"], [0], [1])], pa.int64()),
+                   traces / "b.parquet")
+    pq.write_table(_openr1_table([(*good, [True], [True]), (b"p4", "1", ["g", "h"], [True, None], [True, True]),
+                                  (b"bad \xff\xfe text", "1", ["g"], [True], [True])], pa.bool_()),
+                   traces / "c.parquet")
+    result = luffy("prepare-traces", "--settings", json.dumps({"max_trace_tokens": 1000}), "--traces", str(traces),
+                   "--tokenizer", "shipped", "--out", str(tmp_path / "o.parquet"), "--report", str(tmp_path / "r.json"),
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["malformed"] == {"a correctness_math_verify flag that is not a boolean": 6,
+                                   "text that is not valid UTF-8": 1}
+    assert report["rows_in"] == 8 and report["rows_out"] == 1  # the good problem, once (the others repeat it)
+    assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values()) + sum(report["malformed"].values())
+    out = pd.read_parquet(tmp_path / "o.parquet")
+    assert out["prompt"].map(lambda p: p[-1]["content"]).tolist() == ["good"]
+
+
+def test_invalid_utf8_in_a_training_file_is_named(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"data_source": ["s", "s"], "ability": ["math", "math"],
+                      "prompt": [[{"role": "user", "content": "q"}]] * 2,
+                      "target": pa.array([b"[]", b"\xff"], pa.binary()).view(pa.string()),
+                      "reward_model": [{"ground_truth": "1", "style": "rule"}] * 2,
+                      "extra_info": [{"index": 0}, {"index": 1}]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    result = luffy("train", "--settings", json.dumps({"steps": 1}), "--data", str(tmp_path / "train.parquet"),
+                   "--base-model", tiny_model_dir, "--out-dir", str(tmp_path / "o"), "--metrics",
+                   str(tmp_path / "m.jsonl"), "--work-dir", str(tmp_path / "w"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "text that is not valid UTF-8: 1 row(s) [1]" in result.stderr and "Traceback" not in result.stderr

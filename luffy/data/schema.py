@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 OPENR1_REQUIRED = ("problem", "answer", "generations", "correctness_math_verify", "is_reasoning_complete")
 LUFFY_REQUIRED = ("data_source", "prompt", "target", "ability", "reward_model", "extra_info")
@@ -22,13 +24,72 @@ class DataError(ValueError):
     """A dataset that does not match its schema; the message names the column or rows."""
 
 
-def read_parquet(path: str, what: str) -> pd.DataFrame:
+INVALID_UTF8 = "text that is not valid UTF-8"
+INVALID_UTF8_COLUMN = "_invalid_utf8"  # per row, added by ``decode_batch`` when a text is not valid UTF-8
+
+
+def _as_binary(tp: pa.DataType) -> pa.DataType:
+    """``tp`` with every (nested) string type replaced by binary, which reads any bytes."""
+    if pa.types.is_string(tp) or pa.types.is_large_string(tp):
+        return pa.binary()
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        return pa.list_(_as_binary(tp.value_type))
+    if pa.types.is_struct(tp):
+        return pa.struct([pa.field(f.name, _as_binary(f.type)) for f in tp])
+    return tp
+
+
+def _decode(value: Any, bad: list[bool]) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            bad[0] = True
+            return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_decode(v, bad) for v in value]
+    if isinstance(value, dict):
+        return {k: _decode(v, bad) for k, v in value.items()}
+    return value
+
+
+def decode_batch(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
+    """A record batch as a frame. When one of its texts is not valid UTF-8 (which Arrow
+    refuses for the whole batch, or pandas for the whole column), its text columns are read as bytes and decoded value by value, and the rows
+    with invalid text are flagged in ``INVALID_UTF8_COLUMN`` (the text is kept, with U+FFFD
+    in place of the bad bytes), so the caller can count them instead of failing."""
     try:
-        return pd.read_parquet(path)
+        batch.validate(full=True)  # checks UTF-8 (to_pandas may not: pandas can keep Arrow strings)
+        return batch.to_pandas()
+    except pa.ArrowException:
+        pass
+    schema = batch.schema
+    text_columns = [f.name for f in schema if _as_binary(f.type) != f.type]
+    raw = batch.cast(pa.schema([pa.field(f.name, _as_binary(f.type)) for f in schema])).to_pylist()
+    flags = []
+    for record in raw:
+        bad = [False]
+        for name in text_columns:
+            record[name] = _decode(record[name], bad)
+        flags.append(bad[0])
+    frame = pd.DataFrame(raw, columns=schema.names)
+    frame[INVALID_UTF8_COLUMN] = flags
+    return frame
+
+
+def read_parquet(path: str, what: str) -> pd.DataFrame:
+    """A whole parquet file as a frame; a missing or unreadable file, or text that is not
+    valid UTF-8 (its column and rows named), is a ``DataError``."""
+    try:
+        frame = decode_batch(pq.read_table(path))
     except FileNotFoundError:
         raise DataError(f"{what}: file not found: {path}") from None
     except Exception as err:  # pyarrow raises several unrelated types for a non-parquet file
         raise DataError(f"{what}: cannot read {path} as parquet ({type(err).__name__}: {err})") from None
+    if INVALID_UTF8_COLUMN in frame.columns:
+        rows = np.flatnonzero(frame.pop(INVALID_UTF8_COLUMN).to_numpy()).tolist()
+        raise_bad_rows({INVALID_UTF8: rows} if rows else {}, f"{what} ({path})")
+    return frame
 
 
 def require_columns(frame: pd.DataFrame, required: Iterable[str], what: str) -> None:
@@ -74,6 +135,9 @@ def check_openr1_row(row: dict[str, Any]) -> str | None:
         return "generations, correctness_math_verify and is_reasoning_complete differ in length"
     if not all(isinstance(g, str) for g in row["generations"]):
         return "a generation is not a string"
+    for column in ("correctness_math_verify", "is_reasoning_complete"):
+        if not all(isinstance(flag, (bool, np.bool_)) for flag in row[column]):
+            return f"a {column} flag that is not a boolean"
     return None
 
 

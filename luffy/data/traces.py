@@ -37,8 +37,9 @@ import pyarrow.parquet as pq
 
 from luffy.config import HUB_PREFIX, PROMPT_TEMPLATES, is_glob
 from luffy.data.hub import open_file, parquet_files
-from luffy.data.schema import (LUFFY_REQUIRED, OPENR1_REQUIRED, DataError, chat_messages, check_luffy_row,
-                               check_openr1_row, ground_truth_of, luffy_rows, require_columns)
+from luffy.data.schema import (INVALID_UTF8, INVALID_UTF8_COLUMN, LUFFY_REQUIRED, OPENR1_REQUIRED, DataError,
+                               chat_messages, check_luffy_row, check_openr1_row, decode_batch, ground_truth_of,
+                               luffy_rows, require_columns)
 
 DROP_REASONS = ("no_correct_trace", "no_complete_correct_trace", "all_correct_traces_too_long")
 QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -161,7 +162,7 @@ class TraceFilter:
         self.report.rows_in += len(frame)
         problems, answers, candidates, reasons = [], [], [], []
         for row in frame.to_dict("records"):
-            reason = check_openr1_row(row)
+            reason = INVALID_UTF8 if row.get(INVALID_UTF8_COLUMN) else check_openr1_row(row)
             if reason:
                 self._malformed(reason)
                 continue
@@ -191,6 +192,7 @@ class TraceFilter:
             messages = chat_messages(row["prompt"])
             users = [m["content"] for m in messages or [] if m["role"] == "user"]
             reason = check_luffy_row(row) if users and users[-1].strip() else "prompt without a non-empty user turn"
+            reason = INVALID_UTF8 if row.get(INVALID_UTF8_COLUMN) else reason
             if reason:
                 self._malformed(reason)
                 continue
@@ -245,7 +247,7 @@ def iter_batches(sources: Iterable[str], batch_rows: int) -> Iterator[tuple[str,
                 names = parquet.schema_arrow.names
                 wanted = [c for c in (*OPENR1_REQUIRED, *LUFFY_REQUIRED) if c in names]
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
-                    yield source, batch.to_pandas()
+                    yield source, decode_batch(batch)
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"trace file {source}: cannot read as parquet ({type(err).__name__}: {err})") from None
 
