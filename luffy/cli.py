@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "log", None))
     from luffy.data.schema import DataError
     from luffy.engines.base import EngineError
+    from luffy.io import Busy, DiskFull
     from luffy.models.export import ExportMismatch
 
     try:
         run(args)
-    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError) as err:
+    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError, Busy,
+            DiskFull) as err:
         log.error("%s", err)
         print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
         return 2

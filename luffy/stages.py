@@ -120,6 +120,9 @@ def prepare_base_model(settings: BaseModelConfig, out_dir: str, group: str, rule
         run.log_metrics({"changed_keys": len(changed)})
 
 
+WRITER_LOCK = "writer.lock"  # in a training work directory: the process that writes it
+
+
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
           group: str, rule: str, threads: int, validation: dict[str, Any] | None = None,
           runtime: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 0) -> None:
@@ -133,19 +136,21 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     model_source(base_model, "base model")
     key = {"settings": to_dict(settings), "data": data, "base": base_model}
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
-    work_dir.mkdir(parents=True, exist_ok=True)
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
                    metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
                    runtime=runtime, nodes=nodes, gpus=gpus)
-    engine = make_engine(settings.engine)
-    report = preflight(job, engine)
-    params = {**to_dict(settings), **({"validation": validation} if validation else {}),
-              **({"runtime": runtime} if runtime else {})}
-    with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
-        run.log_metrics({f"preflight/{k}": v for k, v in report.items()})
-        engine.train(job, sink=run.log_metrics, run_id=lambda: run.run_id)
-        run.log_to_parent(final_training_figures(io.read_jsonl(metrics_out)))
-        run.log_artifacts([metrics_out])
+    # one writer per work directory for the job's life: a second trainer (e.g. rerun after a killed
+    # Snakemake left this one running) fails at once, naming the process that holds it
+    with io.exclusive(work_dir / WRITER_LOCK, f"training work directory {work_dir}"):
+        engine = make_engine(settings.engine)
+        report = preflight(job, engine)
+        params = {**to_dict(settings), **({"validation": validation} if validation else {}),
+                  **({"runtime": runtime} if runtime else {})}
+        with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
+            run.log_metrics({f"preflight/{k}": v for k, v in report.items()})
+            engine.train(job, sink=run.log_metrics, run_id=lambda: run.run_id)
+            run.log_to_parent(final_training_figures(io.read_jsonl(metrics_out)))
+            run.log_artifacts([metrics_out])
 
 
 HEADLINE_EVAL = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")  # a suite's figures on its model's parent run

@@ -1,20 +1,24 @@
 """MLflow tracking: one parent run per run group (an experiment, or a shared group such as
 ``data``), each stage a child run tagged with its stage and Snakemake rule.
 
-The store is initialised once (``init_tracking``, called by the workflow's ``onstart``) so
-that parallel jobs never race to create a fresh SQLite database. Each stage opens a
-``StageRun``; if the store cannot be reached, the stage goes on, its metrics still land in
-the files next to its outputs, and a warning says so.
+The store is initialised once (``init_tracking``, called by the workflow's ``onstart``); a
+SQLite store is also created and migrated under a lock file, so stages started at once on a
+store that was never initialised (jobs on a cluster, stages run by hand) never race. Each
+stage opens a ``StageRun``; if the store cannot be reached, the stage goes on, its metrics
+still land in the files next to its outputs, and a warning says so. A resumed training run
+logs each step once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,68 @@ def _client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+STORE_LOCK_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def _store_lock() -> Iterator[None]:
+    """For a SQLite store, a lock file next to the database while it is created or migrated
+    and while experiments and parent runs are looked up or made: stages started at once on a
+    store that was never initialised (cluster jobs, stages run by hand) would otherwise race to
+    create its tables and leave it broken. A server store needs none."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from luffy.io import exclusive
+
+    database = Path(uri[len("sqlite:///"):])
+    with exclusive(database.with_name(database.name + ".lock"), f"MLflow store {database}", wait_s=STORE_LOCK_WAIT_S):
+        yield
+
+
+def logged_through(run_id: str | None) -> int | None:
+    """The last step an MLflow run holds any metric of (None: no run, no metrics, or no store)."""
+    if not run_id:
+        return None
+    try:
+        client = _client()
+        keys = list(client.get_run(run_id).data.metrics)
+        steps = [m.step for key in keys for m in client.get_metric_history(run_id, key)]
+        return max(steps) if steps else None
+    except Exception as err:  # noqa: BLE001 - tracking is best-effort
+        log.warning("MLflow run %s: cannot read its logged steps (%s); steps may be logged twice", run_id, err)
+        return None
+
+
+class OnceLogger:
+    """A metrics logger (``log(data, step)``) that passes over the steps through ``through``,
+    which its run already holds (a resumed run repeats the steps after its checkpoint)."""
+
+    def __init__(self, inner: Any, through: int | None):
+        self.inner, self.through = inner, through
+
+    def log(self, data: dict[str, Any], step: int, *args: Any, **kwargs: Any) -> Any:
+        if self.through is not None and step <= self.through:
+            return None
+        return self.inner.log(data, step, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def _experiment_id(client) -> str:
     name = experiment_name()
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - made meanwhile by another stage (a server store takes no lock)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _latest_parent(client, experiment_id: str, group: str):
@@ -98,15 +160,20 @@ def init_tracking(groups: dict[str, dict[str, Any]]) -> None:
     """Create the store, the experiment and a parent run per group (a new parent when the
     group's resolved settings changed). Never raises: tracking is best-effort."""
     try:
-        client = _client()
-        experiment_id = _experiment_id(client)
-        for group, settings in groups.items():
-            parent = _latest_parent(client, experiment_id, group)
-            if parent is None or parent.data.tags.get(HASH_TAG) != config_hash(settings):
-                _create_parent(client, experiment_id, group, settings)
+        with _store_lock():
+            _init_groups(groups)
         log.info("MLflow tracking ready at %s (experiment %s)", tracking_uri(), experiment_name())
     except Exception as err:  # noqa: BLE001 - any store failure means "run without MLflow"
         log.warning("MLflow store %s not usable (%s); stages will write local metrics only", tracking_uri(), err)
+
+
+def _init_groups(groups: dict[str, dict[str, Any]]) -> None:
+    client = _client()
+    experiment_id = _experiment_id(client)
+    for group, settings in groups.items():
+        parent = _latest_parent(client, experiment_id, group)
+        if parent is None or parent.data.tags.get(HASH_TAG) != config_hash(settings):
+            _create_parent(client, experiment_id, group, settings)
 
 
 class StageRun:
@@ -120,6 +187,7 @@ class StageRun:
         self.resume_run_id = resume_run_id
         self.client = None
         self.run_id: str | None = None
+        self.logged_through: int | None = None  # a resumed run: the last step it already holds
 
     def _disable(self, err: Exception) -> None:
         log.warning("MLflow logging disabled for stage %s (%s: %s); metrics are kept next to the outputs",
@@ -128,14 +196,17 @@ class StageRun:
 
     def __enter__(self) -> "StageRun":
         try:
-            self.client = _client()
-            if self.resume_run_id:
-                self.client.update_run(self.resume_run_id, status="RUNNING")
-                self.run_id = self.resume_run_id
-                return self
-            experiment_id = _experiment_id(self.client)
-            parent = _latest_parent(self.client, experiment_id, self.group)
-            parent_id = parent.info.run_id if parent else _create_parent(self.client, experiment_id, self.group, {})
+            with _store_lock():
+                self.client = _client()
+                if self.resume_run_id:
+                    self.client.update_run(self.resume_run_id, status="RUNNING")
+                    self.run_id = self.resume_run_id
+                    self.logged_through = logged_through(self.run_id)
+                    return self
+                experiment_id = _experiment_id(self.client)
+                parent = _latest_parent(self.client, experiment_id, self.group)
+                parent_id = parent.info.run_id if parent else _create_parent(self.client, experiment_id, self.group,
+                                                                             {})
             run = self.client.create_run(experiment_id, run_name=f"{self.group}/{self.stage}", tags={
                 "mlflow.parentRunId": parent_id, GROUP_TAG: self.group, ROLE_TAG: "stage",
                 STAGE_TAG: self.stage, RULE_TAG: self.rule})
@@ -146,7 +217,9 @@ class StageRun:
         return self
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.client is None:
+        """Metrics at ``step`` (None: 0); a resumed run passes over the steps it already holds,
+        so each step is logged once."""
+        if self.client is None or (self.logged_through is not None and (step or 0) <= self.logged_through):
             return
         from mlflow.entities import Metric
 

@@ -107,3 +107,27 @@ def test_invalid_utf8_in_a_training_file_is_named(tmp_path, tiny_model_dir):
                    str(tmp_path / "m.jsonl"), "--work-dir", str(tmp_path / "w"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "text that is not valid UTF-8: 1 row(s) [1]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path):
+    """Not transformers' 75-line traceback about hub repo ids: one line that names the path."""
+    missing = str(tmp_path / "models" / "nope")
+    for args in (["generate", "--model", missing, "--backend", "hf", "What is 2 + 3?"],
+                 ["train", "--settings", json.dumps({"steps": 1}), "--data", str(tmp_path / "d.parquet"),
+                  "--base-model", missing, "--out-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.jsonl"),
+                  "--work-dir", str(tmp_path / "w")]):
+        result = luffy(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"'{missing}': the path does not exist" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 3
+    relative = luffy("generate", "--model", "results/models/luffy", "1 + 1?", cwd=tmp_path)
+    assert relative.returncode == 2 and "'results/models/luffy': the path does not exist" in relative.stderr
+
+
+def test_command_line_numbers_outside_their_range_are_refused(tmp_path):
+    for flag, value, valid in (("--top-p", "0", "in (0, 1]"), ("--temperature", "-1", ">= 0"), ("--n", "0", ">= 1"),
+                               ("--max-tokens", "0", ">= 1")):
+        result = luffy("generate", "--model", "m", flag, value, "q", cwd=tmp_path)
+        assert result.returncode == 2 and f"argument {flag}: {value} is not {valid}" in result.stderr
+    greedy = luffy("generate", "--model", str(tmp_path), "--temperature", "0", "--n", "4", "q", cwd=tmp_path)
+    assert greedy.returncode == 2 and "temperature 0 (greedy) gives 4 identical samples" in greedy.stderr

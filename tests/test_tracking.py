@@ -90,3 +90,52 @@ def test_sixteen_concurrent_stages_log_every_run_and_metric_through_a_tracking_s
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_stages_started_at_once_on_an_uninitialised_store_keep_every_run(tmp_path):
+    """Eight `luffy make-toy-traces` started together on a SQLite store nobody initialised: each
+    logs its run (no lost runs, no 'MLflow logging disabled') and the store stays usable."""
+    import json
+    import os
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "race"}
+    settings = json.dumps({"toy": {"n_train": 5, "n_pretrain": 5, "n_eval_id": 2, "n_eval_ood": 2}})
+    jobs = [subprocess.Popen(["luffy", "make-toy-traces", "--settings", settings, "--out-dir", str(tmp_path / f"o{i}"),
+                              "--group", f"g{i % 3}"], env=env, stderr=subprocess.PIPE, text=True)
+            for i in range(8)]
+    for job in jobs:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0 and "MLflow logging disabled" not in err and "not usable" not in err, err[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id],
+                              filter_string="tags.`luffy.role` = 'stage'")
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    parents = client.search_runs([client.get_experiment_by_name("race").experiment_id],
+                                 filter_string="tags.`luffy.role` = 'parent'")
+    assert sorted(p.data.tags["luffy.group"] for p in parents) == ["g0", "g1", "g2"]  # one parent per group
+
+
+def test_verl_logger_of_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+    """verl's own Tracking (MLflow backend) behind the LUFFY trainer's ``logger``: a resumed run
+    repeats the steps after its checkpoint, and MLflow gets each step once."""
+    from mlflow.tracking import MlflowClient
+    from verl.utils.tracking import Tracking
+
+    from luffy.engines.verl.trainer import LuffyTrainer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/verl.db")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("verl")).info.run_id
+    for attempt, steps in enumerate(((1, 2, 3), (3, 4, 5))):  # killed after step 3, resumed from checkpoint 2
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # as the engine sets it for each attempt (end_run unsets it)
+        trainer = LuffyTrainer.__new__(LuffyTrainer)  # the attribute alone: no GPUs, no workers here
+        trainer.logger = Tracking(project_name="verl", experiment_name="run", default_backend=["mlflow"])
+        for step in steps:
+            trainer.logger.log(data={"reward/mean": float(attempt)}, step=step)
+        trainer.logger.finish()
+    history = client.get_metric_history(run_id, "reward/mean")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0), (5, 1.0)]

@@ -1,4 +1,6 @@
-"""Kill a training run after its first checkpoint; rerunning resumes and ends where an uninterrupted run ends."""
+"""Faults during training, through `luffy train`: a run killed after a checkpoint (with a metrics
+line cut off mid-write) resumes and ends where an uninterrupted run ends, logging each step
+once; a work directory has one writer at a time; a full disk is named."""
 
 import json
 import os
@@ -12,7 +14,7 @@ import torch
 
 
 SETTINGS = {"algorithm": "luffy", "steps": 12, "prompts_per_step": 4, "n": 4, "max_response_tokens": 96,
-            "checkpoint_every": 2, "mini_batches": 2, "lr": 1.0e-3, "loss_agg": "token_mean"}
+            "checkpoint_every": 3, "mini_batches": 2, "lr": 1.0e-3, "loss_agg": "token_mean"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, train_data, t
     proc = subprocess.Popen(train_command(tiny_model_dir, train_data, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((killed / "work").glob("*/latest")):
+    while logged_steps(killed) <= SETTINGS["checkpoint_every"]:  # a step after the first checkpoint is logged
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -48,11 +50,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, train_data, t
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     (latest,) = (killed / "work").glob("*/latest")
     checkpoint_step = int(latest.read_text().split("_")[1])
-    assert 2 <= checkpoint_step < SETTINGS["steps"]
+    assert SETTINGS["checkpoint_every"] <= checkpoint_step < SETTINGS["steps"]
+    assert logged_steps(killed) >= checkpoint_step, "killed right at a checkpoint: no step to repeat"
+    (work_metrics,) = (killed / "work").glob("*/metrics.jsonl")
+    with open(work_metrics, "a") as fh:  # a crash in the middle of a write
+        fh.write('{"step": 7, "reward/me')
 
     resumed = subprocess.run(train_command(tiny_model_dir, train_data, killed), env=env, capture_output=True,
-                             text=True, check=True)
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {checkpoint_step}" in resumed.stderr
+    assert f"{work_metrics}: dropped its last line, cut off by an interrupted write" in resumed.stderr
 
     a = torch.load(straight / "final" / "model.pt")
     b = torch.load(killed / "final" / "model.pt")
@@ -70,6 +78,61 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, train_data, t
                               filter_string="tags.`luffy.stage` = 'train'")
     assert len(runs) == 2
     for run in runs:
-        history = client.get_metric_history(run.info.run_id, "reward/mean")
-        assert sorted(m.step for m in history) == list(range(SETTINGS["steps"]))
+        for key in ("reward/mean", "lr", "preflight/rows"):
+            history = client.get_metric_history(run.info.run_id, key)
+            expected = [0] if key.startswith("preflight/") else list(range(SETTINGS["steps"]))
+            assert sorted(m.step for m in history) == expected, key
         assert run.info.status == "FINISHED"
+
+
+def logged_steps(root: Path) -> int:
+    """How many steps the run in ``root`` has logged to its work directory's metrics file."""
+    files = list((root / "work").glob("*/metrics.jsonl"))
+    return len(files[0].read_text().splitlines()) if files else 0
+
+
+@pytest.mark.slow
+def test_a_work_directory_has_one_writer(tiny_model_dir, train_data, tmp_path):
+    """A second trainer on the same work directory (e.g. after a killed Snakemake left the first
+    running and `--unlock` was used) fails at once, naming the process that writes it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    root = tmp_path / "run"
+    long = [arg if arg != json.dumps(SETTINGS) else json.dumps({**SETTINGS, "steps": 100_000})
+            for arg in train_command(tiny_model_dir, train_data, root)]
+    first = subprocess.Popen(long, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while logged_steps(root) < 1:
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        second = subprocess.run(long, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "is in use by process " + str(first.pid) in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None, "the first trainer must go on"
+        steps = [json.loads(line)["step"] for line in next((root / "work").glob("*/metrics.jsonl")).read_text().splitlines()]
+        assert steps == list(range(len(steps)))
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_full_disk_names_the_path(tiny_model_dir, train_data, tmp_path):
+    """The work directory on a 300 KiB file system (a private mount): the first checkpoint does
+    not fit, and the error says which path and that space ran out (not an iostream error)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    settings = {**SETTINGS, "steps": 2, "checkpoint_every": 1, "prompts_per_step": 2, "n": 2, "mini_batches": 1}
+    command = [arg if arg != json.dumps(SETTINGS) else json.dumps(settings)
+               for arg in train_command(tiny_model_dir, train_data, disk)]
+    unshare = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    probe = subprocess.run([*unshare, "mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {probe.stderr.strip()}")
+    script = f"mount -t tmpfs -o size=300k tmpfs {disk} && exec " + " ".join(f"'{a}'" for a in command)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    result = subprocess.run([*unshare, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("luffy train: error: no space left on the device of " + str(disk / "work")), error
+    assert "MiB free" in error

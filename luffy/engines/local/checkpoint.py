@@ -67,10 +67,3 @@ def load_latest(work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = latest_state(work_dir)
     return Resumed(step=int(state["step"]), state=state)
 
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines of steps after ``last_step`` (logged after the checkpoint we resume)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    write_text(path, "".join(line + "\n" for line in keep))

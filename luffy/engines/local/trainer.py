@@ -35,6 +35,7 @@ from luffy.data.templates import encode_prompts
 from luffy.data.training import load_train_data
 from luffy.engines.base import MetricsSink, write_manifest
 from luffy.engines.local import checkpoint
+from luffy import io
 from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.generation import sample
 from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, pick_device, select_rows,
@@ -317,7 +318,8 @@ class LocalTrainer:
         start = resumed.step if resumed else 0
         if resumed:
             log.info("resuming from %s at step %d", self.work_dir, start)
-            checkpoint.truncate_metrics(self.metrics_path, start - 1)
+        # the steps after the checkpoint (or all, without one) run again: drop their old lines
+        io.truncate_jsonl(self.metrics_path, lambda record: record["step"] < start)
         step_fn = self.sft_step if cfg.algorithm == "sft" else self.rl_step
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train[{cfg.algorithm}]",
                    mininterval=5.0)
@@ -330,8 +332,7 @@ class LocalTrainer:
                 metrics[names.VAL_ACCURACY] = self.validate()
                 if self.validation["select"] == "best":
                     self._track_best(step, metrics[names.VAL_ACCURACY])
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps({"step": step, **metrics}) + "\n")
+            io.append_jsonl(self.metrics_path, {"step": step, **metrics})
             if self.sink:
                 self.sink(metrics, step)
             bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
@@ -353,8 +354,8 @@ class LocalTrainer:
             torch.save(state, tmp / WEIGHTS)
             write_manifest(tmp, engine="local", base_model=self.base_model, steps=self.cfg.steps, selected=selected,
                            settings=to_dict(self.cfg), weights=WEIGHTS)
-        metrics_out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.metrics_path, metrics_out)
+        with atomic_path(metrics_out) as tmp:
+            shutil.copyfile(self.metrics_path, tmp)
 
 
 

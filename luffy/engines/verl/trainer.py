@@ -14,7 +14,6 @@ plain lists, tested on the CPU; the rest moves data between verl's TransferQueue
 
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from typing import Any, Sequence
@@ -28,11 +27,13 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
+from luffy import io
 from luffy.algo import metrics as names
 from luffy.algo.advantages import group_advantages
 from luffy.algo.metrics import rollout_metrics
 from luffy.engines.verl.loss import MINIBATCH_TOTALS, OFF_POLICY_MASK, SFT_MASK, luffy_loss
 from luffy.engines.verl.overrides import TRAINER_MODE
+from luffy.tracking import OnceLogger, logged_through
 
 RENAMED = {"actor/grad_norm": names.GRAD_NORM, "actor/lr": names.LR, "timing_s/step": names.STEP_TIME}
 
@@ -109,18 +110,19 @@ class LuffyTrainer(PPOTrainerSync):
     def on_init_end(self):
         self.luffy = OmegaConf.to_container(self.config.luffy, resolve=True)
         self.actor_rollout_wg.set_loss_fn(partial(luffy_loss, luffy=self.luffy))
-        self._truncate_metrics(self.global_steps)
+        # a resumed run repeats the steps after its checkpoint (all, without one): drop their old lines
+        io.truncate_jsonl(self.luffy["metrics_path"], lambda record: record["step"] < self.global_steps)
         super().on_init_end()
 
-    def _truncate_metrics(self, last_step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
-        path = self.luffy["metrics_path"]
-        if not os.path.exists(path):
-            return
-        with open(path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["step"] < last_step]
-        with open(path, "w") as fh:
-            fh.writelines(keep)
+    @property
+    def logger(self):
+        return self._luffy_logger
+
+    @logger.setter
+    def logger(self, tracking) -> None:
+        """verl's ``Tracking`` (set in ``fit``), minus the steps the MLflow run already holds: a
+        resumed run repeats the steps after its checkpoint, and each step is logged once."""
+        self._luffy_logger = OnceLogger(tracking, logged_through(os.environ.get("MLFLOW_RUN_ID")))
 
     def _rows(self, batch, fields: list[str]) -> TensorDict:
         return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -172,5 +174,4 @@ class LuffyTrainer(PPOTrainerSync):
             [bool((extra[i] or {}).get("reward_extra_info", {}).get("no_think_end", 0.0)) for i in rows])
         ours.update(our_names(metrics))
         metrics.update(ours)
-        with open(self.luffy["metrics_path"], "a") as fh:
-            fh.write(json.dumps({"step": global_steps - 1, **ours}) + "\n")
+        io.append_jsonl(self.luffy["metrics_path"], {"step": global_steps - 1, **ours})
