@@ -113,11 +113,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job (vLLM's tensor parallelism when > 1)")
 
+    p = stage("teacher-traces", "how probable the teacher's tokens are under a model (training traces, "
+                                "teacher-forced)", settings=False)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="training parquet (LUFFY schema)")
+    p.add_argument("--traces", type=_ranged(int, GE1), required=True, help="the first N traces")
+    p.add_argument("--out", required=True)
+
     p = stage("report", "results table (Markdown, CSV) and plots")
     p.add_argument("--eval-dir", required=True)
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--suites", nargs="+", required=True)
     p.add_argument("--train-metrics", nargs="*", default=[], help="EXPERIMENT=metrics.jsonl")
+    p.add_argument("--teacher-traces", nargs="*", default=[], help="MODEL=teacher_traces.json")
     p.add_argument("--suite-meta", default="{}", help="JSON: suite -> {group, title, benchmark} (the table layout)")
     p.add_argument("--out-dir", required=True)
 
@@ -205,10 +213,13 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "evaluate":
         stages.evaluate(from_json(EvaluationConfig, args.settings), args.model, _pairs(args.suite, "--suite"),
                         args.out_dir, threads=args.threads, gpus=args.gpus, **common)
+    elif args.stage == "teacher-traces":
+        stages.teacher_traces(args.model, args.data, args.traces, args.out, threads=args.threads, **common)
     elif args.stage == "report":
         print(stages.report(from_json(ReportConfig, args.settings), args.eval_dir, args.models, args.suites,
                             _pairs(args.train_metrics, "--train-metrics"), args.out_dir,
-                            suite_meta=json.loads(args.suite_meta), **common))
+                            suite_meta=json.loads(args.suite_meta),
+                            teacher_traces=_pairs(args.teacher_traces, "--teacher-traces"), **common))
     elif args.stage == "generate":
         from luffy.evaluate.generate import generate_answers
 

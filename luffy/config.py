@@ -127,6 +127,9 @@ class TrackingConfig:
     experiment: str = _help("MLflow experiment name", "luffy", valid=NAME)
 
 
+PRETRAIN_FORMATS = ("trace", "words", "direct")
+
+
 @dataclass
 class ToyTaskConfig:
     seed: int = _help("seed of the synthetic task generator", 0, valid=GE0)
@@ -145,6 +148,12 @@ class ToyTaskConfig:
     wrong_rate: float = _help("share of traces with an arithmetic slip (wrong answer)", 0.25, valid=UNIT)
     incomplete_rate: float = _help("share of traces cut off before </think>", 0.15, valid=UNIT)
     verbose_rate: float = _help("share of traces padded with re-checks (often too long)", 0.15, valid=UNIT)
+    pretrain_format: str = _help(
+        "what the tiny base model is pre-trained on: trace (concise traces in the teacher's own format: a base "
+        "close to its teacher) | words (the same steps in words of its own, 'I take 12 and add 7, which gives "
+        "19.', ending 'So the result is \\boxed{..}.': a base that reasons, never in the teacher's notation) | "
+        "direct (the answer alone, in those words: a base that does not reason)", "trace",
+        valid=Valid(choices=PRETRAIN_FORMATS))
 
 
 @dataclass
@@ -372,6 +381,13 @@ class ReportConfig:
                                       valid=Valid(text="a Markdown file", nonempty=True))
     published: bool = _help("show the LUFFY paper's reported rows, marked (reported), under tables whose suites "
                             "are its benchmarks", True)
+    compare: list[str] = _help(
+        "paired comparisons over seeds, each '<experiment> vs <experiment>' (or base): per suite the mean "
+        "difference, its std over seeds and a paired t-test (seeds pair runs that share a base model and seed)",
+        list, valid=Valid(text="'<experiment> vs <experiment>'", nonempty=True))
+    teacher_traces: int = _help(
+        "score the first N training traces, teacher-forced, under every evaluated model and show the mean "
+        "probability of the teacher's tokens (how far each model is from its teacher; 0: off)", 0, valid=GE0)
 
 
 ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa")
@@ -408,7 +424,7 @@ class VerlConfig:
 
 
 STAGES = ("make_toy_traces", "prepare_traces", "prepare_benchmark", "make_base_model", "prepare_base_model", "train",
-          "convert", "evaluate", "report")
+          "convert", "evaluate", "teacher_traces", "report")
 
 
 @dataclass
@@ -433,6 +449,9 @@ class ResourcesConfig:
         "declared name)", dict, valid=Valid(text="a mapping of experiment names to job resources"))
 
 
+SEED_SCOPES = ("base", "training")
+
+
 @dataclass
 class Config:
     results_dir: str = _help("where every output goes", "results", valid=Valid(text="a directory", nonempty=True))
@@ -445,6 +464,11 @@ class Config:
                                         valid=Valid(text="a mapping of experiment names to settings"))
     seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
                              list, valid=GE0)
+    seed_scope: Optional[str] = _help(
+        "what a seed varies: base (also the tiny base model's pre-training: one base model per seed, "
+        "base-seed<N>, pre-trained with base_model.tiny.seed = N, and each seed's runs start from it) | training "
+        "(the training runs only, from one base model); null: base when the workflow builds the tiny base model, "
+        "training for a given base_model.path", None, valid=Valid(choices=SEED_SCOPES))
     validation: ValidationConfig = _help("in-training validation and checkpoint selection", ValidationConfig)
     benchmarks: str = _help("the benchmark registry ('benchmark:<name>' suite sources)", "config/benchmarks.yaml",
                             valid=Valid(text="a YAML file", nonempty=True))
@@ -610,9 +634,24 @@ class ResolvedConfig:
     benchmarks: dict[str, BenchmarkSpec] = field(default_factory=dict)  # suite name -> its registry entry
 
     @property
+    def seeded_base(self) -> bool:
+        """Each seed pre-trains its own base model (``seed_scope: base`` with seeds)."""
+        return bool(self.root.seeds) and self.root.seed_scope == "base"
+
+    @property
+    def base_models(self) -> list[str]:
+        """'base', or one 'base-seed<N>' per seed when the seeds vary the base model too."""
+        return [f"base-seed{seed}" for seed in self.root.seeds] if self.seeded_base else ["base"]
+
+    def base_of(self, experiment: str) -> str:
+        """The base model an (expanded) experiment's lineage starts from."""
+        match = SEED_SUFFIX.match(experiment)
+        return f"base-seed{match.group('seed')}" if self.seeded_base and match else "base"
+
+    @property
     def models(self) -> list[str]:
-        """Evaluated models: the base model, then every (expanded) experiment."""
-        return ["base", *self.experiments]
+        """Evaluated models: the base model(s), then every (expanded) experiment."""
+        return [*self.base_models, *self.experiments]
 
 
 SEED_SUFFIX = re.compile(r"^(?P<family>.+)-seed(?P<seed>\d+)$")
@@ -772,6 +811,12 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
         experiments[name] = resolve_train_config(name, root.train_defaults or {}, overrides or {})
     if len(set(root.seeds)) != len(root.seeds):
         raise ConfigError(f"config key 'seeds': repeated seeds in {root.seeds}")
+    if root.seed_scope is None:
+        root.seed_scope = "base" if root.base_model.path is None else "training"
+    if root.seed_scope == "base" and root.base_model.path is not None and root.seeds:
+        raise ConfigError("config key 'seed_scope': 'base' re-seeds the pre-training of the tiny base model, but "
+                          f"base_model.path ({root.base_model.path}) is a given model; use seed_scope: training")
+    experiments_declared = list(experiments)
     experiments = _expand_seeds(experiments, list(root.seeds))
     _check_resources(root, experiments)
     _check_verl(root, experiments)
@@ -795,6 +840,12 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     rep = root.report
     if rep.publish is not None and not rep.publish.endswith(".md"):
         raise ConfigError(f"config key 'report.publish': '{rep.publish}' is not a Markdown (.md) file")
+    families = ["base", *experiments_declared]
+    for i, pair in enumerate(rep.compare):
+        parts = [part.strip() for part in pair.split(" vs ")]
+        if len(parts) != 2 or any(part not in families for part in parts) or parts[0] == parts[1]:
+            raise ConfigError(f"config key 'report.compare[{i}]': '{pair}' is not '<a> vs <b>' with two different "
+                              f"experiments (or base) of this config: {families}")
     if rep.discussion is not None:
         if rep.publish is None:
             raise ConfigError("config key 'report.discussion': needs report.publish")

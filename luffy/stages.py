@@ -214,15 +214,18 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
 
 def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: list[str],
            train_metrics: dict[str, str], out_dir: str, group: str, rule: str,
-           suite_meta: dict[str, dict[str, Any]] | None = None) -> str:
+           suite_meta: dict[str, dict[str, Any]] | None = None, teacher_traces: dict[str, str] | None = None) -> str:
     from luffy.report.plots import results_bars, training_curves
     from luffy.report.publish import html_page
-    from luffy.report.tables import (combined, combined_intervals, paper_layout, per_seed, per_seed_table, summarize,
-                                     titled)
+    from luffy.report.tables import (combined, combined_intervals, comparison_figures, paired_differences,
+                                     paper_layout, per_seed, per_seed_table, summarize, teacher_table, titled)
 
     meta = suite_meta or {}
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
-        body, frames, intervals = paper_layout(eval_dir, models, suites, meta, settings.decimals, settings.published)
+        body, frames, intervals = paper_layout(eval_dir, models, suites, meta, settings.decimals, settings.published,
+                                               settings.compare)
+        teacher = teacher_table(teacher_traces or {})
+        body += f"\n{teacher}" if teacher else ""
         table = combined(frames)
         out = Path(out_dir)
         markdown = f"## {settings.title}\n\n{body}"
@@ -244,18 +247,43 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
                     out, source=str(out), discussion=discussion, curves=bool(train_metrics))
             paths.append(settings.publish)
         run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
+        for pair in settings.compare:
+            a, b, diffs = paired_differences(table, pair)
+            if len(diffs) >= 2:
+                figures = comparison_figures(diffs)
+                run.log_metrics({f"compare/{a}_vs_{b}/{s}/{k}": float(figures.loc[s, k])
+                                 for s in figures.index for k in ("diff", "p")})
         run.log_artifacts(paths)
     return markdown
 
 
+def teacher_traces(model: str, data: str, traces: int, out: str, group: str, rule: str, threads: int) -> None:
+    """The teacher-token probabilities of the first ``traces`` training traces under ``model``."""
+    import torch
+
+    from luffy.models.scoring import teacher_token_probability
+
+    torch.set_num_threads(threads)
+    with StageRun("teacher_traces", group, rule, params={"model": model, "traces": traces}) as run:
+        figures = teacher_token_probability(model, data, traces)
+        io.write_json(out, {"model": model, **figures})
+        run.log_metrics({f"teacher_traces/{k}": v for k, v in figures.items()})
+    log.info("teacher tokens under %s: mean probability %.3f over %d tokens", model, figures["token_prob_mean"],
+             figures["tokens"])
+
+
 def init_tracking(resolved_config: dict[str, Any]) -> None:
-    """Parent runs: one per experiment, plus 'data' (shared stages), 'base' and 'report'."""
+    """Parent runs: one per experiment, plus 'data' (shared stages), 'report' and 'base' (or one per
+    'base-seed<N>' when the seeds vary the base model)."""
     from luffy.tracking import init_tracking as init
 
     shared = {k: v for k, v in resolved_config.items() if k not in ("experiments", "train_defaults")}
+    shared = {k: v for k, v in shared.items() if k != "base_models"}
     groups = {"data": {"data": resolved_config["data"], "base_model": resolved_config["base_model"]},
-              "base": {"base_model": resolved_config["base_model"], "evaluation": resolved_config["evaluation"]},
               "report": shared}
+    for base in resolved_config.get("base_models", ["base"]):
+        groups[base] = {"base_model": resolved_config["base_model"], "evaluation": resolved_config["evaluation"],
+                        **({"seed": int(base.rsplit("seed", 1)[1])} if base != "base" else {})}
     for name, settings in resolved_config["experiments"].items():
         groups[name] = {"experiment": name, "train": settings, **shared}
     init(groups)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -55,8 +56,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _metric_key(name: str) -> str:
-    """A metric name MLflow accepts (no '@': avg@32 -> avg_at_32)."""
-    return name.replace("@", "_at_")
+    """A metric name MLflow accepts: avg@32 -> avg_at_32, then any character MLflow refuses
+    (it takes letters, digits, _ - . / : and spaces) -> '_', e.g. 'Avg (math)' -> 'Avg _math_'."""
+    return re.sub(r"[^\w.\-/: ]", "_", name.replace("@", "_at_"))
 
 
 def config_hash(settings: Any) -> str:

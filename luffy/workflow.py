@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, JobResources, ResolvedConfig,
-                          is_glob, job_resources, to_dict, to_json)
+from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, SEED_SUFFIX, TOY_SOURCE_PREFIX, JobResources,
+                          ResolvedConfig, is_glob, job_resources, to_dict, to_json)
 
 SHIPPED_TOKENIZER = "shipped"
 
@@ -80,19 +80,19 @@ def prepares_base_model(cfg: ResolvedConfig) -> bool:
 
 
 def model_path(cfg: ResolvedConfig, model: str) -> str:
-    if model == "base":
+    if model in cfg.base_models:
         made = builds_base_model(cfg) or prepares_base_model(cfg)
-        return f"{_results(cfg)}/models/base" if made else str(cfg.root.base_model.path)
+        return f"{_results(cfg)}/models/{model}" if made else str(cfg.root.base_model.path)
     return f"{_results(cfg)}/models/{model}"
 
 
 def model_inputs(cfg: ResolvedConfig, model: str) -> list[str]:
     """File inputs of an evaluation: the model directory when the workflow produces it."""
-    return base_model_inputs(cfg) if model == "base" else [model_path(cfg, model)]
+    return base_model_inputs(cfg, model) if model in cfg.base_models else [model_path(cfg, model)]
 
 
-def base_model_inputs(cfg: ResolvedConfig) -> list[str]:
-    return [model_path(cfg, "base")] if builds_base_model(cfg) or prepares_base_model(cfg) else []
+def base_model_inputs(cfg: ResolvedConfig, base: str = "base") -> list[str]:
+    return [model_path(cfg, base)] if builds_base_model(cfg) or prepares_base_model(cfg) else []
 
 
 def prepare_settings(cfg: ResolvedConfig) -> str:
@@ -109,12 +109,12 @@ def prepare_inputs(cfg: ResolvedConfig) -> list[str]:
 def start_model(cfg: ResolvedConfig, experiment: str) -> str:
     """Where an experiment's training starts: the base model, or another experiment's model."""
     init = cfg.experiments[experiment].init_from
-    return model_path(cfg, init) if init else model_path(cfg, "base")
+    return model_path(cfg, init) if init else model_path(cfg, cfg.base_of(experiment))
 
 
 def start_model_inputs(cfg: ResolvedConfig, experiment: str) -> list[str]:
     init = cfg.experiments[experiment].init_from
-    return [model_path(cfg, init)] if init else base_model_inputs(cfg)
+    return [model_path(cfg, init)] if init else base_model_inputs(cfg, cfg.base_of(experiment))
 
 
 def tokenizer(cfg: ResolvedConfig) -> str:
@@ -167,8 +167,13 @@ def benchmark_inputs(cfg: ResolvedConfig, suite: str) -> list[str]:
 
 
 def toy_settings(cfg: ResolvedConfig) -> str:
+    """The toy task's settings (``pretrain_format`` only when not the default, so that studies
+    made before it existed keep exactly their settings)."""
     data = cfg.root.data
-    return to_json({"toy": data.toy, "system_prompt": data.system_prompt})
+    toy = to_dict(data.toy)
+    if toy["pretrain_format"] == "trace":
+        del toy["pretrain_format"]
+    return to_json({"toy": toy, "system_prompt": data.system_prompt})
 
 
 def filter_settings(cfg: ResolvedConfig) -> str:
@@ -179,8 +184,22 @@ def filter_settings(cfg: ResolvedConfig) -> str:
                     "validation_fraction": data.validation_fraction})
 
 
-def tiny_settings(cfg: ResolvedConfig) -> str:
-    return to_json(cfg.root.base_model.tiny)
+def tiny_settings(cfg: ResolvedConfig, base: str = "base") -> str:
+    """The tiny base model's settings; a per-seed base ('base-seed<N>') is pre-trained with seed N."""
+    tiny = to_dict(cfg.root.base_model.tiny)
+    match = SEED_SUFFIX.match(base)
+    if match:
+        tiny["seed"] = int(match.group("seed"))
+    return to_json(tiny)
+
+
+def teacher_traces_file(cfg: ResolvedConfig, model: str) -> str:
+    return f"{_results(cfg)}/eval/{model}/teacher_traces.json"
+
+
+def teacher_traces_outputs(cfg: ResolvedConfig) -> list[str]:
+    """Per evaluated model, the teacher-token probabilities of the training traces (report.teacher_traces)."""
+    return [teacher_traces_file(cfg, m) for m in cfg.models] if cfg.root.report.teacher_traces > 0 else []
 
 
 def validation_file(cfg: ResolvedConfig) -> str:
@@ -267,5 +286,5 @@ def init_tracking(cfg: ResolvedConfig) -> None:
     environment need not have MLflow)."""
     import subprocess
 
-    resolved = to_json({**to_dict(cfg.root), "experiments": to_dict(cfg.experiments)})
+    resolved = to_json({**to_dict(cfg.root), "experiments": to_dict(cfg.experiments), "base_models": cfg.base_models})
     subprocess.run([luffy_command(), "init-tracking", "--resolved-config", resolved], check=False)

@@ -131,3 +131,16 @@ def test_command_line_numbers_outside_their_range_are_refused(tmp_path):
         assert result.returncode == 2 and f"argument {flag}: {value} is not {valid}" in result.stderr
     greedy = luffy("generate", "--model", str(tmp_path), "--temperature", "0", "--n", "4", "q", cwd=tmp_path)
     assert greedy.returncode == 2 and "temperature 0 (greedy) gives 4 identical samples" in greedy.stderr
+
+
+def test_teacher_traces_measures_the_teacher_token_probability(tmp_path, tiny_model_dir, train_parquet):
+    data = train_parquet(12)
+    out = tmp_path / "eval" / "base" / "teacher_traces.json"
+    result = luffy("teacher-traces", "--model", tiny_model_dir, "--data", data, "--traces", "8", "--out", str(out),
+                   "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["traces"] == 8 and figures["tokens"] > 8 * 10
+    assert 0 < figures["token_prob_median"] < 1 and 0 <= figures["share_below_0.1"] <= 1
+    # an untrained model over a 261-token vocabulary: about 1/261 per token
+    assert abs(figures["token_prob_mean"] - 1 / 261) < 0.01 and figures["logprob_mean"] < -4

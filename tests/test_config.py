@@ -210,3 +210,24 @@ def test_malformed_values_are_refused_never_coerced(raw, message):
 def test_greedy_evaluation_with_one_sample_is_valid():
     cfg = load_config(minimal(evaluation={"suites": {"s": {"source": "toy:id", "temperature": 0.0, "n": 1}}}))
     assert cfg.root.evaluation.suites["s"].temperature == 0.0
+
+
+def test_seeds_vary_the_built_base_model_unless_told_otherwise():
+    cfg = load_config(minimal(seeds=[0, 3]))
+    assert cfg.root.seed_scope == "base" and cfg.base_models == ["base-seed0", "base-seed3"]
+    assert cfg.models == ["base-seed0", "base-seed3", "x-seed0", "x-seed3"]
+    assert cfg.base_of("x-seed3") == "base-seed3"
+    fixed = load_config(minimal(seeds=[0, 3], seed_scope="training"))
+    assert fixed.base_models == ["base"] and fixed.base_of("x-seed3") == "base"
+    given = load_config(minimal(seeds=[0, 3], base_model={"path": "Qwen/Qwen2.5-Math-7B"}))
+    assert given.root.seed_scope == "training" and given.base_models == ["base"]
+    with pytest.raises(ConfigError, match="'seed_scope': 'base' re-seeds the pre-training of the tiny base model"):
+        load_config(minimal(seeds=[0], seed_scope="base", base_model={"path": "Qwen/Qwen2.5-Math-7B"}))
+    assert load_config(minimal()).base_models == ["base"]  # no seeds: one base model
+
+
+@pytest.mark.parametrize("pair", ["x vs y", "x - base", "x vs x", "x vs base vs x"])
+def test_report_comparisons_name_two_experiments(pair):
+    with pytest.raises(ConfigError, match=r"'report.compare\[0\]'"):
+        load_config(minimal(report={"compare": [pair]}))
+    assert load_config(minimal(report={"compare": ["x vs base"]})).root.report.compare == ["x vs base"]

@@ -198,3 +198,21 @@ def test_validation_split_is_stable_and_counted(tmp_path):
     valid = pd.read_parquet(tmp_path / "v.parquet")
     assert len(valid) == held and "target" not in valid.columns
     assert report.kept_trace_tokens_mean == 2.0  # every kept trace "ok", held out or not
+
+
+@pytest.mark.parametrize("fmt", ["direct", "words"])
+def test_a_far_teacher_base_is_pre_trained_in_a_format_of_its_own(fmt):
+    """pretrain_format direct / words: the base's corpus never uses the teacher's notation
+    (``12+7=19`` lines, ``The answer is``); the task, the suites and the teacher traces are
+    those of the default format."""
+    near = make_toy_data(ToyTaskConfig(n_train=20, n_pretrain=30, n_eval_id=5, n_eval_ood=5), "SYS")
+    far = make_toy_data(ToyTaskConfig(n_train=20, n_pretrain=30, n_eval_id=5, n_eval_ood=5,
+                                      pretrain_format=fmt), "SYS")
+    assert far.raw_traces.equals(near.raw_traces) and far.pretrain["problem"].equals(near.pretrain["problem"])
+    assert all(s.equals(near.suites[k]) for k, s in far.suites.items())
+    for problem, trace, answer in zip(far.pretrain["problem"], far.pretrain["trace"], far.pretrain["answer"]):
+        assert trace.endswith(f"</think>\nSo the result is \\boxed{{{answer}}}.")
+        assert "=" not in trace and "The answer is" not in trace
+        steps = trace.count("I take ")
+        assert steps == (0 if fmt == "direct" else problem.count("+") + problem.count("-"))
+    assert all("=" in t and "The answer is" in t for t in near.pretrain["trace"])

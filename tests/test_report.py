@@ -91,3 +91,38 @@ def test_paper_layout_math_and_ood_tables_with_reported_rows(tmp_path):
     assert "(reported)" not in body and "### " not in body
     body, _, _ = paper_layout(tmp_path, ["base"], suites, meta, decimals=1, show_published=False)
     assert "(reported)" not in body
+
+
+def test_paired_comparisons_over_seeds_match_scipy(tmp_path):
+    """'a vs b': per-seed differences of runs that share a seed, their mean +- std and the
+    paired t-test p (scipy's ttest_rel on the same numbers); base seeds pair like experiments."""
+    from scipy import stats
+
+    from luffy.report.tables import comparison_table, paired_differences
+
+    luffy, grpo, base = [20.0, 24.0, 19.0, 23.0], [18.0, 21.0, 18.5, 19.0], [10.0, 12.0, 9.0, 11.0]
+    frame = pd.DataFrame({"id": base + luffy + grpo + [30.0]},
+                         index=[f"base-seed{s}" for s in range(4)] + [f"luffy-seed{s}" for s in range(4)]
+                         + [f"grpo-seed{s}" for s in range(4)] + ["sft"])
+    frame["Avg"] = frame["id"]
+    a, b, diffs = paired_differences(frame, "luffy vs grpo")
+    assert (a, b) == ("luffy", "grpo") and diffs["id"].tolist() == [2.0, 3.0, 0.5, 4.0]
+    table = comparison_table(frame, ["luffy vs grpo", "luffy vs base", "luffy vs sft"], 1)
+    p = stats.ttest_rel(luffy, grpo).pvalue
+    assert f"| luffy - grpo | +2.4 +- 1.5 (p {p:.3f}) | +2.4 +- 1.5 (p {p:.3f}) | 4 |" in table
+    assert f"(p {stats.ttest_rel(luffy, base).pvalue:.3f})" in table
+    assert "| luffy - sft | needs 2+ seeds of both |  | 0 |" in table  # sft ran once: nothing to pair
+
+
+def test_teacher_token_table_by_family(tmp_path):
+    from luffy.report.tables import teacher_table
+
+    files = {}
+    for model, prob in (("base-seed0", 0.2), ("base-seed1", 0.3), ("luffy-seed0", 0.6), ("luffy-seed1", 0.8)):
+        files[model] = tmp_path / f"{model}.json"
+        files[model].write_text(json.dumps({"traces": 64, "tokens": 1000, "token_prob_mean": prob,
+                                            "share_below_0.1": 1 - prob}))
+    table = teacher_table(files)
+    assert "first 64 training traces" in table
+    assert "| base | 0.250 +- 0.071 | 0.750 +- 0.071 | 2 |" in table
+    assert "| luffy | 0.700 +- 0.141 | 0.300 +- 0.141 | 2 |" in table

@@ -165,6 +165,52 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_seeds_that_vary_the_base_model_through_the_real_dag_and_bit_exact_reruns(tmp_path):
+    """Two seeds, each with its own pre-trained base model (seed_scope: base): the report pairs
+    the runs of each seed, and shows how probable the teacher's tokens are under every model.
+    Retraining one run on the same machine reproduces its weights and evaluation bit for bit."""
+    import hashlib
+
+    import torch
+
+    cfg = yaml.safe_load(MICRO.read_text())
+    cfg.update(seeds=[0, 1], experiments={"luffy": {"algorithm": "luffy"}})
+    cfg["report"].update(compare=["luffy vs base"], teacher_traces=4)
+    (tmp_path / "seeded.yaml").write_text(yaml.safe_dump(cfg))
+    first = snakemake(tmp_path, "--configfile", "seeded.yaml", "--cores", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = tmp_path / "results"
+    weights = [torch.load(results / "train" / f"luffy-seed{s}" / "final" / "model.pt") for s in (0, 1)]
+    bases = [(results / "models" / f"base-seed{s}" / "model.safetensors").read_bytes() for s in (0, 1)]
+    assert bases[0] != bases[1], "each seed pre-trains its own base model"
+    assert not torch.equal(weights[0]["lm_head.weight"], weights[1]["lm_head.weight"])
+    table = (results / "report" / "results.md").read_text()
+    assert "| base | " in table and "+-" in table.split("| base | ")[1].splitlines()[0]  # base: mean +- std
+    assert "| luffy - base | " in table and "(p " in table
+    assert "| Model | teacher-token probability | share below 0.1 | n |" in table
+    for model in ("base-seed0", "base-seed1", "luffy-seed0", "luffy-seed1"):
+        figures = yaml.safe_load((results / "eval" / model / "teacher_traces.json").read_text())
+        assert figures["traces"] == 4 and 0 < figures["token_prob_mean"] < 1
+
+    def evaluation():
+        """The samples' bytes and the figures of luffy-seed1's evaluation (not its timings, *_s)."""
+        out = {}
+        for suite in ("toy_id", "toy_ood"):
+            samples = (results / "eval" / "luffy-seed1" / f"{suite}.parquet").read_bytes()
+            figures = yaml.safe_load((results / "eval" / "luffy-seed1" / f"{suite}.json").read_text())
+            out[suite] = (hashlib.sha256(samples).hexdigest(), {k: v for k, v in figures.items() if not k.endswith("_s")})
+        return out
+
+    before = evaluation()
+    again = snakemake(tmp_path, "--configfile", "seeded.yaml", "--cores", "2", "--forcerun",
+                      "results/train/luffy-seed1/final")
+    assert again.returncode == 0, again.stderr[-3000:]
+    retrained = torch.load(results / "train" / "luffy-seed1" / "final" / "model.pt")
+    assert all(torch.equal(retrained[k], weights[1][k]) for k in weights[1])
+    assert evaluation() == before
+
+
 def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
     cfg = yaml.safe_load(MICRO.read_text())
     cfg["seeds"] = [0, 1]
@@ -174,10 +220,19 @@ def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
     dry = snakemake(tmp_path, "--configfile", "grid.yaml", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     output = dry.stdout + dry.stderr
-    assert planned_jobs(output)["train"] == 4 and planned_jobs(output)["evaluate"] == 5
-    # the second stage of each seed starts from that seed's converted first-stage model
+    jobs = planned_jobs(output)
+    assert jobs["train"] == 4 and jobs["evaluate"] == 6 and jobs["make_base_model"] == 2
     for seed in (0, 1):
+        # each seed pre-trains its own base model, and its first stage starts from it
+        assert f"--out-dir results/models/base-seed{seed} " in output and f'"seed":{seed}' in output
+        assert f"--base-model results/models/base-seed{seed} " in output
+        # the second stage of each seed starts from that seed's converted first-stage model
         assert f"--base-model results/models/sft_half-seed{seed} " in output
+    cfg["seed_scope"] = "training"  # the seeds vary the training runs only: one base model
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
+    dry = snakemake(tmp_path, "--configfile", "grid.yaml", "--dry-run")
+    jobs = planned_jobs(dry.stdout + dry.stderr)
+    assert jobs["evaluate"] == 5 and jobs["make_base_model"] == 1
 
 
 def test_paper_run_plans_data_training_conversion_evaluation_and_report(tmp_path):

@@ -11,8 +11,11 @@ Problem ``What is 12+7-5?``; a teacher trace reasons one operation per line:
 The generator writes training problems in the OpenR1-Math-220k schema (several teacher
 traces per problem, some with an arithmetic slip, some cut off, some padded with re-checks
 so that the length filter has work), evaluation suites in the benchmark schema, and a
-format corpus for pre-training the tiny base model. Everything is seeded and the three
-problem sets are disjoint.
+format corpus for pre-training the tiny base model: concise traces in the teacher's format
+(a base close to its teacher), or a base far from its teacher that never saw its notation:
+``pretrain_format: words`` reasons in sentences (``I take 12 and add 7, which gives 19.``),
+``direct`` answers without reasoning, both ending ``So the result is \\boxed{14}.``.
+Everything is seeded and the three problem sets are disjoint.
 """
 
 from __future__ import annotations
@@ -74,6 +77,25 @@ def render_trace(problem: Problem, slip_step: int | None = None, slip: int = 0,
         lines.append(f"check {(rng or random).choice(lines[: len(problem.operators)])}")
     body = "\n".join(lines)
     return f"<think>\n{body}\n</think>\nThe answer is \\boxed{{{acc}}}.", acc
+
+
+def render_direct(problem: Problem) -> str:
+    """An answer without reasoning, in words of its own: the pre-training format of a base
+    model far from its teacher (``pretrain_format: direct``)."""
+    return f"<think>\n</think>\nSo the result is \\boxed{{{problem.answer}}}."
+
+
+def render_words(problem: Problem) -> str:
+    """The same step-by-step reasoning in words of its own (``pretrain_format: words``): a base
+    that reasons, but never in the teacher's notation."""
+    verbs = {"+": "add", "-": "subtract"}
+    lines = [f"I take {left} and {verbs[op]} {right}, which gives {result}." for left, op, right, result in
+             problem.steps()]
+    body = "\n".join(lines)
+    return f"<think>\n{body}\n</think>\nSo the result is \\boxed{{{problem.answer}}}."
+
+
+PRETRAIN_RENDERERS = {"trace": lambda p: render_trace(p)[0], "words": render_words, "direct": render_direct}
 
 
 def _unique_problems(rng: random.Random, count: int, seen: set, min_ops: int, max_ops: int,
@@ -154,10 +176,11 @@ def make_toy_data(cfg: ToyTaskConfig, system_prompt: str) -> ToyData:
     eval_ood = _unique_problems(rng, cfg.n_eval_ood, seen, cfg.ood_min_ops, cfg.ood_max_ops, cfg.ood_max_operand)
     train = _unique_problems(rng, cfg.n_train, seen, cfg.min_ops, cfg.max_ops, cfg.max_operand)
     pretrain = _unique_problems(rng, cfg.n_pretrain, seen, cfg.min_ops, cfg.max_ops, cfg.max_operand)
+    render = PRETRAIN_RENDERERS[cfg.pretrain_format]
     pretrain_frame = pd.DataFrame({
         "problem": [p.text for p in pretrain],
         "answer": [str(p.answer) for p in pretrain],
-        "trace": [render_trace(p)[0] for p in pretrain],
+        "trace": [render(p) for p in pretrain],
     })
     suites = {
         split: benchmark_rows(

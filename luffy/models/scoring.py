@@ -62,3 +62,29 @@ def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro
     write_parquet(out, frame)
     log.info("scored %d traces (%d tokens) with %s -> %s", len(scores), sum(map(len, scores)), teacher, out)
     return len(scores)
+
+
+def teacher_token_probability(model_path: str, data: str, traces: int, micro_batch_tokens: int = 8192,
+                              device: str = "auto") -> dict[str, float]:
+    """How probable the teacher's tokens are under a model: the first ``traces`` training traces
+    teacher-forced after their prompts (the tokens the trainer builds, EOS included). Returns
+    the token-mean probability (LUFFY's ``off_policy/prob_mean`` before any update), its
+    median, the share of tokens below 0.1 and the mean per-token log-probability."""
+    import math
+    import statistics
+
+    from luffy.models import model_source
+
+    model_path = model_source(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    frame = read_luffy(data).head(traces)
+    prompts, texts, _ = luffy_fields(frame)
+    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
+    trace_ids = encode_traces(tokenizer, rendered, texts)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(pick_device(device))
+    logps = [lp for row in trace_logprobs(model, prompt_ids, trace_ids, tokenizer.pad_token_id, micro_batch_tokens)
+             for lp in row]
+    probs = [math.exp(lp) for lp in logps]
+    return {"traces": float(len(frame)), "tokens": float(len(probs)), "token_prob_mean": statistics.fmean(probs),
+            "token_prob_median": statistics.median(probs), "share_below_0.1": sum(p < 0.1 for p in probs) / len(probs),
+            "logprob_mean": statistics.fmean(logps)}

@@ -18,6 +18,8 @@ CURVES = (
     (names.REWARD_ON_POLICY, "on-policy reward"),
     (names.GROUP_SOLVED, "groups with a solved on-policy member"),
     (names.ENTROPY, "mean token entropy"),
+    (names.OFF_PROB, "teacher-token probability"),
+    (names.SHAPED_WEIGHT, "shaped weight on teacher tokens"),
     (names.LOSS_SFT, "SFT loss"),
 )
 

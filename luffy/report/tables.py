@@ -87,6 +87,81 @@ def per_seed_table(frame: pd.DataFrame, decimals: int) -> str:
     return markdown_table(["Model", "experiment", "seed", *map(str, frame.columns)], rows)
 
 
+def _seeds_of(frame: pd.DataFrame, family: str) -> dict[int, str]:
+    """seed -> model name of a family's seeded runs."""
+    out = {}
+    for name in frame.index:
+        match = SEED_SUFFIX.match(name)
+        if match and match.group("family") == family:
+            out[int(match.group("seed"))] = name
+    return out
+
+
+def paired_differences(frame: pd.DataFrame, pair: str) -> tuple[str, str, pd.DataFrame]:
+    """(a, b, per-seed a - b) for 'a vs b', over the seeds both ran (runs of one seed share
+    their base model and seed, so the difference removes what they share)."""
+    a, b = (part.strip() for part in pair.split(" vs "))
+    seeds_a, seeds_b = _seeds_of(frame, a), _seeds_of(frame, b)
+    shared = sorted(set(seeds_a) & set(seeds_b))
+    diffs = pd.DataFrame([frame.loc[seeds_a[s]] - frame.loc[seeds_b[s]] for s in shared],
+                         index=pd.Index(shared, name="seed"), columns=frame.columns)
+    return a, b, diffs
+
+
+def comparison_figures(diffs: pd.DataFrame) -> pd.DataFrame:
+    """Per column: mean difference, its sample std, n, and the two-sided paired t-test p
+    (scipy's ``ttest_1samp`` of the per-seed differences against 0, i.e. ``ttest_rel``; a
+    difference that is the same for every seed has p 1 when it is 0, else 0)."""
+    from scipy import stats
+
+    rows = {}
+    for column in diffs.columns:
+        values = diffs[column].astype(float)
+        mean, std = values.mean(), values.std(ddof=1)
+        p = float(stats.ttest_1samp(values, 0.0).pvalue) if std > 0 else float(mean == 0)
+        rows[column] = {"diff": mean, "std": std, "n": len(values), "p": p}
+    return pd.DataFrame(rows).T
+
+
+def comparison_table(frame: pd.DataFrame, pairs: list[str], decimals: int) -> str:
+    """Paired comparisons over seeds: per suite the mean difference +- std (points) and the
+    paired t-test p; a pair without two shared seeds says so."""
+    if not pairs:
+        return ""
+    rows = []
+    for pair in pairs:
+        a, b, diffs = paired_differences(frame, pair)
+        if len(diffs) < 2:
+            rows.append([f"{a} - {b}", *(["needs 2+ seeds of both"] + [""] * (len(frame.columns) - 1)), str(len(diffs))])
+            continue
+        figures = comparison_figures(diffs)
+        cells = [f"{figures.loc[c, 'diff']:+.{decimals}f} +- {figures.loc[c, 'std']:.{decimals}f} "
+                 f"(p {figures.loc[c, 'p']:.3f})" for c in frame.columns]
+        rows.append([f"{a} - {b}", *cells, str(len(diffs))])
+    note = ("Paired differences over seeds (points): mean +- std of the per-seed difference, two-sided paired "
+            "t-test p; runs of one seed share their base model and seed.\n\n")
+    return note + markdown_table(["Comparison", *map(str, frame.columns), "seeds"], rows)
+
+
+def teacher_table(files: dict[str, str | Path], decimals: int = 3) -> str:
+    """Per model family: the mean probability of the teacher's tokens under its models (mean
+    +- std over seeds) and the share of teacher tokens below 0.1."""
+    if not files:
+        return ""
+    figures = pd.DataFrame({model: read_json(path) for model, path in files.items()}).T
+    columns = ["token_prob_mean", "share_below_0.1"]
+    frame = figures[columns].astype(float)
+    mean, std, count = summarize(frame)
+    rows = [[str(model), *(f"{mean.loc[model, c]:.{decimals}f}" + (f" +- {std.loc[model, c]:.{decimals}f}"
+                                                                     if count[model] > 1 else "") for c in columns),
+             str(int(count[model]))] for model in mean.index]
+    traces = int(figures["traces"].astype(float).iloc[0])
+    note = (f"Teacher tokens under each model: the first {traces} training traces teacher-forced after their "
+            "prompts; mean probability of a teacher token and share of teacher tokens with probability below "
+            "0.1 (mean +- std over seeds).\n\n")
+    return note + markdown_table(["Model", "teacher-token probability", "share below 0.1", "n"], rows)
+
+
 def to_markdown(frame: pd.DataFrame, title: str, decimals: int) -> str:
     return f"## {title}\n\n" + summary_table(frame, decimals)
 
@@ -161,7 +236,7 @@ def interval_table(intervals: pd.DataFrame, columns: list[str], labels: list[str
 
 
 def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], meta: dict[str, dict[str, Any]],
-                 decimals: int, show_published: bool
+                 decimals: int, show_published: bool, compare: list[str] | None = None
                  ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
     rows) with its bootstrap intervals, and per group the accuracy frame and the intervals."""
@@ -178,6 +253,8 @@ def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], met
         labels = [title(s, meta) for s in members] + ["Avg"]
         parts += ["95% bootstrap intervals over problems (percent):", "",
                   interval_table(intervals[group], members + ["Avg"], labels, decimals).strip(), ""]
+        comparisons = comparison_table(titled(frame, meta), compare or [], decimals)
+        parts += [comparisons.strip(), ""] if comparisons else []
     if any_reported:
         parts += ["Rows marked (reported) are the LUFFY paper's published numbers for Qwen2.5-Math-7B models, "
                   "not measured by this pipeline.", ""]

@@ -16,6 +16,7 @@ validate(config, schema="../schemas/config.schema.yaml")  # the same rules, as t
 RESULTS = CFG.root.results_dir
 EXPERIMENTS = list(CFG.experiments)
 MODELS = CFG.models
+BASE_MODELS = CFG.base_models  # 'base', or 'base-seed<N>' per seed (seed_scope: base)
 SUITES = list(CFG.root.evaluation.suites)
 BENCHMARK_SUITES = list(CFG.benchmarks)  # suites materialised from the benchmark registry
 LUFFY = wf.luffy_command()  # the jobs' `luffy`, also when the venv's bin/ is not on PATH
@@ -26,6 +27,7 @@ os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS) or "(?!x)x",
     model="|".join(MODELS),
+    base="|".join(BASE_MODELS),
     suite="|".join(BENCHMARK_SUITES) or "(?!x)x",
 
 

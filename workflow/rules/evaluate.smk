@@ -19,3 +19,24 @@ rule evaluate:
         "{LUFFY} evaluate --settings {params.settings:q} --model {params.model:q} {params.suites}"
         " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu}"
         " --group {wildcards.model} --rule {rule} > {log} 2>&1"
+
+
+if CFG.root.report.teacher_traces > 0:
+
+    rule teacher_traces:  # how probable the teacher's tokens are under each evaluated model
+        input:
+            model=lambda w: wf.model_inputs(CFG, w.model),
+            data=f"{RESULTS}/data/train.parquet",
+        output:
+            f"{RESULTS}/eval/{{model}}/teacher_traces.json",
+        params:
+            model=lambda w: wf.model_path(CFG, w.model),
+            traces=CFG.root.report.teacher_traces,
+        threads: wf.stage_threads(CFG, "teacher_traces")
+        resources:
+            **wf.stage_resources(CFG, "teacher_traces"),
+        log:
+            f"{RESULTS}/logs/teacher_traces/{{model}}.log",
+        shell:
+            "{LUFFY} teacher-traces --model {params.model:q} --data {input.data} --traces {params.traces}"
+            " --out {output} --threads {threads} --group {wildcards.model} --rule {rule} > {log} 2>&1"

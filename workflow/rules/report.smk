@@ -3,6 +3,7 @@ rule report:
         metrics=expand(f"{RESULTS}/eval/{{model}}/{{suite}}.json", model=MODELS, suite=SUITES),
         curves=expand(f"{RESULTS}/train/{{experiment}}/metrics.jsonl", experiment=EXPERIMENTS),
         discussion=wf.report_inputs(CFG),
+        teacher_traces=wf.teacher_traces_outputs(CFG),
     output:
         wf.report_outputs(CFG, report),
     params:
@@ -11,6 +12,7 @@ rule report:
         models=MODELS,
         suites=SUITES,
         curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],
+        teacher_traces=[f"{m}={wf.teacher_traces_file(CFG, m)}" for m in MODELS if CFG.root.report.teacher_traces],
         out_dir=f"{RESULTS}/report",
     threads: wf.stage_threads(CFG, "report")
     resources:
@@ -19,5 +21,5 @@ rule report:
         f"{RESULTS}/logs/report.log",
     shell:
         "{LUFFY} report --settings {params.settings:q} --suite-meta {params.suite_meta:q} --eval-dir {RESULTS}/eval --models {params.models}"
-        " --suites {params.suites} --train-metrics {params.curves} --out-dir {params.out_dir}"
+        " --suites {params.suites} --train-metrics {params.curves} --teacher-traces {params.teacher_traces} --out-dir {params.out_dir}"
         " --group report --rule {rule} > {log} 2>&1"
