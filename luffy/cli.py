@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from luffy.config import (GE0, GE1, GREEDY_OK, SHARE, BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig,
-                          EvaluationConfig, ReportConfig, TinyModelConfig, Valid, from_json, resolve_train_config)
+                          ReportConfig, TinyModelConfig, Valid, eval_job_settings, from_json,
+                          resolve_train_config)
 
 log = logging.getLogger("luffy")
 
@@ -211,8 +212,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
-        stages.evaluate(from_json(EvaluationConfig, args.settings), args.model, _pairs(args.suite, "--suite"),
-                        args.out_dir, threads=args.threads, gpus=args.gpus, **common)
+        settings, external = eval_job_settings(args.settings)
+        stages.evaluate(settings, args.model, _pairs(args.suite, "--suite"), args.out_dir, threads=args.threads,
+                        gpus=args.gpus, external=external, **common)
     elif args.stage == "teacher-traces":
         stages.teacher_traces(args.model, args.data, args.traces, args.out, threads=args.threads, **common)
     elif args.stage == "report":
@@ -262,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     from luffy.data.schema import DataError
     from luffy.engines.base import EngineError
     from luffy.io import Busy, DiskFull
+    from luffy.models import ModelUnreadable
     from luffy.models.export import ExportMismatch
 
     try:
         run(args)
     except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError, Busy,
-            DiskFull) as err:
+            DiskFull, ModelUnreadable) as err:
         log.error("%s", err)
         print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
         return 2

@@ -79,6 +79,7 @@ class Valid:
     choices: tuple[str, ...] | None = None
     text: str | None = None
     nonempty: bool = False
+    pattern: str | None = None  # text: a regular expression the whole value matches
 
     def describe(self) -> str:
         if self.choices is not None:
@@ -93,7 +94,8 @@ class Valid:
 
     def admits(self, value: Any) -> bool:
         if isinstance(value, str):
-            return (self.choices is None or value in self.choices) and not (self.nonempty and not value.strip())
+            return ((self.choices is None or value in self.choices) and not (self.nonempty and not value.strip())
+                    and (self.pattern is None or re.fullmatch(self.pattern, value) is not None))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if self.low is not None and (value <= self.low if self.low_open else value < self.low):
                 return False
@@ -359,6 +361,40 @@ class GradingConfig:
     memory_mb: int = _help("address-space cap of a grader process (0: none)", 4096, valid=GE0)
 
 
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # 'Qwen/Qwen2.5-Math-7B-Instruct'
+
+
+@dataclass
+class ExternalModelConfig:
+    """A model scored beside this config's own under the same protocol (``evaluation.models``):
+    a checkpoint on the HuggingFace hub or a local HuggingFace directory."""
+
+    hub: Optional[str] = _help("HuggingFace hub id of the model, e.g. Qwen/Qwen2.5-Math-7B-Instruct (give hub or "
+                               "path)", None, valid=Valid(text="'<owner>/<name>'", pattern=HUB_MODEL_ID.pattern))
+    revision: Optional[str] = _help("hub revision: a branch, tag or commit (null: the default branch); the commit "
+                                    "actually evaluated is recorded either way", None, valid=NAME)
+    path: Optional[str] = _help("a local HuggingFace model directory (config.json, weights, tokenizer); checked "
+                                "when its evaluation starts", None, valid=Valid(text="a directory", nonempty=True))
+    chat_template: Optional[str] = _help("a Jinja file replacing the model's own chat template (null: its own)",
+                                         None, valid=Valid(text="a Jinja file", nonempty=True))
+    system_prompt: Optional[str] = _help("a system message given to this model on every suite, in place of the "
+                                         "suite's system_prompt setting (null: the suite's)", None, valid=TEXT)
+    max_model_len: Optional[int] = _help("vLLM context limit for this model (null: evaluation.vllm.max_model_len)",
+                                         None, valid=GE1)
+    dtype: Optional[str] = _help("vLLM dtype for this model (null: evaluation.vllm.dtype)", None,
+                                 valid=Valid(choices=VLLM_DTYPES))
+    max_tokens: Optional[int] = _help("at most this many new tokens per sample for this model, on every suite (for "
+                                      "a model whose context cannot hold a suite's max_tokens; shown next to it in "
+                                      "the report; null: each suite's)", None, valid=GE1)
+
+    @property
+    def source(self) -> str:
+        """'hub:<id>[@<revision>]' or 'path:<directory>': where the model comes from, for tables and runs."""
+        if self.hub:
+            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
+        return f"path:{self.path}"
+
+
 @dataclass
 class EvaluationConfig:
     backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto", valid=Valid(choices=BACKENDS))
@@ -368,6 +404,10 @@ class EvaluationConfig:
     grading: GradingConfig = _help("the grader pool", GradingConfig)
     suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict,
                                            valid=Valid(text="a mapping of suite names to suite settings"))
+    models: dict[str, ExternalModelConfig] = _help(
+        "name -> a model from elsewhere (a published checkpoint, another pipeline's run) evaluated by the same rule, "
+        "suites, samples and graders as this config's own models, and marked (external) in the report", dict,
+        valid=Valid(text="a mapping of model names to external model settings"))
 
 
 @dataclass
@@ -649,9 +689,18 @@ class ResolvedConfig:
         return f"base-seed{match.group('seed')}" if self.seeded_base and match else "base"
 
     @property
-    def models(self) -> list[str]:
-        """Evaluated models: the base model(s), then every (expanded) experiment."""
+    def own_models(self) -> list[str]:
+        """The models this config makes: the base model(s), then every (expanded) experiment."""
         return [*self.base_models, *self.experiments]
+
+    @property
+    def external_models(self) -> dict[str, ExternalModelConfig]:
+        return self.root.evaluation.models
+
+    @property
+    def models(self) -> list[str]:
+        """Evaluated models: this config's own, then the external ones (``evaluation.models``)."""
+        return [*self.own_models, *self.external_models]
 
 
 SEED_SUFFIX = re.compile(r"^(?P<family>.+)-seed(?P<seed>\d+)$")
@@ -757,6 +806,28 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
                 raise ConfigError(f"config key '{key}.{setting}': {why}")
 
 
+def _check_model_name(name: str, key: str) -> None:
+    if name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum() or SEED_SUFFIX.match(name):
+        raise ConfigError(f"config key '{key}': names must be [A-Za-z0-9_-], not 'base' and not end in -seed<N>")
+
+
+def _check_external_models(models: dict[str, ExternalModelConfig], experiments: list[str]) -> None:
+    """Names that cannot be taken for this config's own models; exactly one source each."""
+    for name, model in models.items():
+        key = f"evaluation.models.{name}"
+        _check_model_name(name, key)
+        if name in experiments:
+            raise ConfigError(f"config key '{key}': '{name}' is also an experiment; give the external model "
+                              "another name")
+        if (model.hub is None) == (model.path is None):
+            raise ConfigError(f"config key '{key}': give exactly one of hub (a HuggingFace id) or path (a local "
+                              "directory)")
+        if model.revision is not None and model.hub is None:
+            raise ConfigError(f"config key '{key}.revision': a revision applies to a hub model, not to a path")
+        if model.chat_template is not None:
+            _check_file(model.chat_template, f"{key}.chat_template")
+
+
 def _check_file(path: str, key: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"config key '{key}': file not found: {path}")
@@ -802,10 +873,7 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
                           "with its own config and template; these settings apply to a base_model.path")
     experiments = {}
     for name, overrides in root.experiments.items():
-        if (name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum()
-                or SEED_SUFFIX.match(name)):
-            raise ConfigError(f"config key 'experiments.{name}': names must be [A-Za-z0-9_-], not 'base' "
-                              "and not end in -seed<N>")
+        _check_model_name(name, f"experiments.{name}")
         if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError(f"config key 'experiments.{name}': expected a mapping of settings")
         experiments[name] = resolve_train_config(name, root.train_defaults or {}, overrides or {})
@@ -823,6 +891,7 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     ev = root.evaluation
     if not ev.suites:
         raise ConfigError("config key 'evaluation.suites': at least one suite is required")
+    _check_external_models(ev.models, experiments_declared)
     benchmarks = {}
     registry: dict[str, BenchmarkSpec] | None = None  # read once, when a suite names a benchmark
     for name, suite in ev.suites.items():
@@ -936,6 +1005,18 @@ def from_json(schema: type, text: str) -> Any:
     return _merge(schema, json.loads(text))
 
 
+def eval_job_settings(text: str) -> tuple[EvaluationConfig, tuple[str, ExternalModelConfig] | None]:
+    """An evaluation job's ``--settings``: the shared settings and, for an external model, its
+    name and settings (the ``external`` entry ``luffy.workflow.eval_settings`` adds)."""
+    raw = json.loads(text)
+    external = raw.pop("external", None)
+    settings = _merge(EvaluationConfig, raw)
+    if external is None:
+        return settings, None
+    name = external.pop("name")
+    return settings, (name, _merge(ExternalModelConfig, external, prefix=f"evaluation.models.{name}"))
+
+
 # ---- JSON schema generation (workflow/schemas/config.schema.yaml) ----
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -976,6 +1057,8 @@ def _schema_range(prop: dict[str, Any], valid: Valid) -> None:
         prop["enum"] = [*valid.choices, *([None] if nullable else [])]
     if valid.nonempty:
         prop["pattern"] = r"\S"  # some non-blank text
+    if valid.pattern is not None:
+        prop["pattern"] = f"^(?:{valid.pattern})$"
     if valid.low is not None:
         prop["exclusiveMinimum" if valid.low_open else "minimum"] = valid.low
     if valid.high is not None:
@@ -1084,4 +1167,5 @@ SETTING_SECTIONS += [("", Config), ("tracking", TrackingConfig), ("data", DataCo
                      ("resources.default, resources.stages.<stage>, resources.experiments.<name>", JobResources),
                      ("verl", VerlConfig), ("evaluation", EvaluationConfig), ("evaluation.vllm", VllmConfig),
                      ("evaluation.grading", GradingConfig), ("evaluation.suites.<name>", SuiteConfig),
+                     ("evaluation.models.<name>", ExternalModelConfig),
                      ("report", ReportConfig), ("benchmark registry (config/benchmarks.yaml): <name>", BenchmarkSpec)]

@@ -11,8 +11,8 @@ from typing import Any
 
 from luffy import io
 from luffy.algo import metrics as names
-from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ReportConfig, TinyModelConfig, TrainConfig,
-                          to_dict)
+from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ExternalModelConfig,
+                          ReportConfig, TinyModelConfig, TrainConfig, to_dict)
 from luffy.tracking import StageRun, config_hash
 
 log = logging.getLogger(__name__)
@@ -180,31 +180,57 @@ def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
 
 
 def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out_dir: str, group: str, rule: str,
-             threads: int, gpus: int = 0) -> None:
+             threads: int, gpus: int = 0, external: tuple[str, ExternalModelConfig] | None = None) -> None:
+    """Evaluate one model on its suites. An ``external`` model (``evaluation.models``: name and
+    settings) is checked first, gets its own vLLM dtype / context, chat template and system
+    prompt where it sets them, and its source (hub id, revision and the commit evaluated, or
+    its directory) is recorded in every result file and in MLflow."""
+    import dataclasses
+
     import torch
 
     from luffy.evaluate.backends import make_backend
     from luffy.evaluate.runner import evaluate_model
-    from luffy.models import model_source
+    from luffy.models import check_external_model, model_source
 
-    model_source(model)
     torch.set_num_threads(threads)
     unknown = set(suites) - set(settings.suites)
     if unknown:
         raise ValueError(f"suites {sorted(unknown)} have no settings in evaluation.suites")
-    params = {**to_dict(settings), "model": model}
+    source, revision, chat_template, system_prompt = None, None, None, None
+    if external is None:
+        model_source(model)
+    else:
+        name, ext = external
+        source = check_external_model(name, ext)
+        revision = source["commit"] or ext.revision  # the commit checked is the commit evaluated
+        chat_template = Path(ext.chat_template).read_text() if ext.chat_template else None
+        system_prompt = ext.system_prompt
+        overrides = {k: getattr(ext, k) for k in ("dtype", "max_model_len") if getattr(ext, k) is not None}
+        suites_cfg = {k: dataclasses.replace(v, max_tokens=min(v.max_tokens, ext.max_tokens)) if ext.max_tokens
+                      else v for k, v in settings.suites.items()}
+        settings = dataclasses.replace(settings, vllm=dataclasses.replace(settings.vllm, **overrides),
+                                       suites=suites_cfg)
+        source["max_tokens"] = ext.max_tokens
+        log.info("external model %s: %s%s", name, source["source"],
+                 f" (commit {source['commit']})" if source["commit"] else "")
+    params = {**to_dict(settings), "model": model,
+              **({f"external/{k}": v for k, v in source.items()} if source else {}),
+              **({"external/settings": to_dict(external[1])} if external else {})}
     with StageRun("evaluate", group, rule, params=params) as run:
         began = time.perf_counter()
-        backend = make_backend(model, settings, gpus=gpus)
+        backend = make_backend(model, settings, gpus=gpus, revision=revision)
         load_s = time.perf_counter() - began
         log.info("%s backend loaded %s in %.1fs", backend.name, model, load_s)
         results = evaluate_model(backend, model, {name: (path, settings.suites[name]) for name, path in suites.items()},
-                                 settings.seed, settings.grading, workers=threads)
+                                 settings.seed, settings.grading, workers=threads, revision=revision,
+                                 chat_template=chat_template, system_prompt=system_prompt)
         out = Path(out_dir)
         for name, result in results.items():
             io.write_parquet(out / f"{name}.parquet", result.samples)
             io.write_json(out / f"{name}.json", {"suite": name, "model": model, "backend": backend.name,
-                                                 "settings": to_dict(settings.suites[name]), **result.metrics})
+                                                 "settings": to_dict(settings.suites[name]),
+                                                 **({"external": source} if source else {}), **result.metrics})
             run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
             run.log_to_parent({f"{name}/{k}": result.metrics[k] for k in HEADLINE_EVAL})
@@ -217,8 +243,9 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
            suite_meta: dict[str, dict[str, Any]] | None = None, teacher_traces: dict[str, str] | None = None) -> str:
     from luffy.report.plots import results_bars, training_curves
     from luffy.report.publish import html_page
-    from luffy.report.tables import (combined, combined_intervals, comparison_figures, paired_differences,
-                                     paper_layout, per_seed, per_seed_table, summarize, teacher_table, titled)
+    from luffy.report.tables import (combined, combined_intervals, comparison_figures, external_sources, label,
+                                     paired_differences, paper_layout, per_seed, per_seed_table, summarize,
+                                     teacher_table, titled)
 
     meta = suite_meta or {}
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
@@ -227,14 +254,17 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
         teacher = teacher_table(teacher_traces or {})
         body += f"\n{teacher}" if teacher else ""
         table = combined(frames)
+        external = external_sources(eval_dir, models, suites)
         out = Path(out_dir)
         markdown = f"## {settings.title}\n\n{body}"
         io.write_text(out / "results.md", markdown)
         io.write_text(out / "results.html", html_page(settings.title, markdown))
         with io.atomic_path(out / "results.csv", suffix=".csv") as tmp:
-            per_seed(table).join(combined_intervals(intervals)).round(4).to_csv(tmp)
+            per_seed(table, external).join(combined_intervals(intervals)).round(4).to_csv(tmp)
         mean, std, _ = summarize(table)
-        results_bars(titled(mean, meta), titled(std, meta), out / "results.png", settings.title)
+        marked = {m: label(m, external) for m in mean.index}
+        results_bars(titled(mean, meta).rename(index=marked), titled(std, meta).rename(index=marked),
+                     out / "results.png", settings.title)
         paths = [str(out / n) for n in ("results.md", "results.html", "results.csv", "results.png")]
         if train_metrics:
             training_curves(train_metrics, out / "training_curves.png")
@@ -243,7 +273,8 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
             from luffy.report.publish import publish
 
             discussion = Path(settings.discussion).read_text() if settings.discussion else None
-            publish(settings.publish, settings.title, body, per_seed_table(titled(table, meta), settings.decimals),
+            publish(settings.publish, settings.title, body,
+                    per_seed_table(titled(table, meta), settings.decimals, external),
                     out, source=str(out), discussion=discussion, curves=bool(train_metrics))
             paths.append(settings.publish)
         run.log_metrics({f"{m}/{s}": float(v) for m, row in table.iterrows() for s, v in row.items()})
@@ -273,17 +304,21 @@ def teacher_traces(model: str, data: str, traces: int, out: str, group: str, rul
 
 
 def init_tracking(resolved_config: dict[str, Any]) -> None:
-    """Parent runs: one per experiment, plus 'data' (shared stages), 'report' and 'base' (or one per
-    'base-seed<N>' when the seeds vary the base model)."""
+    """Parent runs: one per experiment and one per external model, plus 'data' (shared stages),
+    'report' and 'base' (or one per 'base-seed<N>' when the seeds vary the base model)."""
     from luffy.tracking import init_tracking as init
 
-    shared = {k: v for k, v in resolved_config.items() if k not in ("experiments", "train_defaults")}
-    shared = {k: v for k, v in shared.items() if k != "base_models"}
+    # the external models' settings are theirs alone: the other parents keep their settings (and runs)
+    evaluation = {k: v for k, v in resolved_config["evaluation"].items() if k != "models"}
+    shared = {k: v for k, v in resolved_config.items() if k not in ("experiments", "train_defaults", "base_models")}
+    shared["evaluation"] = evaluation
     groups = {"data": {"data": resolved_config["data"], "base_model": resolved_config["base_model"]},
               "report": shared}
     for base in resolved_config.get("base_models", ["base"]):
-        groups[base] = {"base_model": resolved_config["base_model"], "evaluation": resolved_config["evaluation"],
+        groups[base] = {"base_model": resolved_config["base_model"], "evaluation": evaluation,
                         **({"seed": int(base.rsplit("seed", 1)[1])} if base != "base" else {})}
     for name, settings in resolved_config["experiments"].items():
         groups[name] = {"experiment": name, "train": settings, **shared}
+    for name, settings in resolved_config["evaluation"].get("models", {}).items():
+        groups[name] = {"external": settings, "evaluation": evaluation}
     init(groups)

@@ -80,6 +80,11 @@ def prepares_base_model(cfg: ResolvedConfig) -> bool:
 
 
 def model_path(cfg: ResolvedConfig, model: str) -> str:
+    """Where a model is read: the workflow's model directory, the given base model, or an
+    external model's hub id or directory."""
+    external = cfg.external_models.get(model)
+    if external is not None:
+        return external.hub or str(external.path)
     if model in cfg.base_models:
         made = builds_base_model(cfg) or prepares_base_model(cfg)
         return f"{_results(cfg)}/models/{model}" if made else str(cfg.root.base_model.path)
@@ -87,7 +92,12 @@ def model_path(cfg: ResolvedConfig, model: str) -> str:
 
 
 def model_inputs(cfg: ResolvedConfig, model: str) -> list[str]:
-    """File inputs of an evaluation: the model directory when the workflow produces it."""
+    """File inputs of an evaluation: the model directory when the workflow produces it; for an
+    external model its chat template file (its directory is read where it is and checked when
+    its job starts, so that a missing one fails that job, not the whole workflow)."""
+    external = cfg.external_models.get(model)
+    if external is not None:
+        return [external.chat_template] if external.chat_template else []
     return base_model_inputs(cfg, model) if model in cfg.base_models else [model_path(cfg, model)]
 
 
@@ -198,8 +208,13 @@ def teacher_traces_file(cfg: ResolvedConfig, model: str) -> str:
 
 
 def teacher_traces_outputs(cfg: ResolvedConfig) -> list[str]:
-    """Per evaluated model, the teacher-token probabilities of the training traces (report.teacher_traces)."""
-    return [teacher_traces_file(cfg, m) for m in cfg.models] if cfg.root.report.teacher_traces > 0 else []
+    """Per own model, the teacher-token probabilities of the training traces (report.teacher_traces)."""
+    return [teacher_traces_file(cfg, m) for m in teacher_traces_models(cfg)]
+
+
+def teacher_traces_models(cfg: ResolvedConfig) -> list[str]:
+    """This config's own models (an external model's tokenizer need not be the policy's)."""
+    return cfg.own_models if cfg.root.report.teacher_traces > 0 else []
 
 
 def validation_file(cfg: ResolvedConfig) -> str:
@@ -224,8 +239,16 @@ def train_inputs(cfg: ResolvedConfig) -> list[str]:
     return files + ([validation_file(cfg)] if cfg.root.validation.every > 0 else [])
 
 
-def eval_settings(cfg: ResolvedConfig) -> str:
-    return to_json(cfg.root.evaluation)
+def eval_settings(cfg: ResolvedConfig, model: str | None = None) -> str:
+    """The evaluation settings of one model: the shared ones (without the list of external
+    models, so that adding one reruns nothing else) and, for an external model, its own
+    (``external``), so that changing them reruns only its evaluation."""
+    settings = to_dict(cfg.root.evaluation)
+    del settings["models"]
+    external = cfg.external_models.get(model) if model is not None else None
+    if external is not None:
+        settings["external"] = {"name": model, **to_dict(external)}
+    return to_json(settings)
 
 
 def report_settings(cfg: ResolvedConfig) -> str:

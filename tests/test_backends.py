@@ -56,3 +56,35 @@ def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
                            vllm=VllmConfig(gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32"))
     check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
                                  grading=GradingConfig(timeout_s=2.0), workers=2))
+
+
+class RecordingBackend:
+    """Records the token ids it is asked to continue (the prompt rendering is under test here,
+    not generation) and answers every prompt with a boxed 0."""
+
+    name, max_context = "recording", 4096
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, sampling):
+        self.prompts += [list(p) for p in prompts]
+        return [["\\boxed{0}"] * sampling.n for _ in prompts]
+
+
+def test_an_external_models_chat_template_and_system_prompt_shape_its_prompts(tiny_model_dir, suites, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    grading = GradingConfig(timeout_s=2.0)
+    default, custom = RecordingBackend(), RecordingBackend()
+    evaluate_model(default, tiny_model_dir, suites, seed=0, grading=grading, workers=1)
+    evaluate_model(custom, tiny_model_dir, suites, seed=0, grading=grading, workers=1, chat_template=template,
+                   system_prompt="Think, then answer.")
+    first = tokenizer.decode(custom.prompts[0])
+    assert first.startswith("[system] Think, then answer.\n[user] ") and first.endswith("[assistant] ")
+    assert "Be brief." not in first  # the suite's own system message is replaced
+    assert "Be brief." in tokenizer.decode(default.prompts[0]) and "[system]" not in tokenizer.decode(default.prompts[0])
+    assert len(custom.prompts) == len(default.prompts) == 10

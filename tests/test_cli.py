@@ -144,3 +144,36 @@ def test_teacher_traces_measures_the_teacher_token_probability(tmp_path, tiny_mo
     assert 0 < figures["token_prob_median"] < 1 and 0 <= figures["share_below_0.1"] <= 1
     # an untrained model over a 261-token vocabulary: about 1/261 per token
     assert abs(figures["token_prob_mean"] - 1 / 261) < 0.01 and figures["logprob_mean"] < -4
+
+
+def test_an_unreadable_external_model_is_named_when_its_evaluation_starts(tmp_path, monkeypatch):
+    """Missing, not a model, an unknown hub id (offline: not in the cache): one line naming the
+    external model and its source; nothing is written."""
+    from pathlib import Path
+
+    import yaml
+
+    from luffy import workflow as wf
+    from luffy.config import load_config
+
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "afile").write_text("x")
+    raw = yaml.safe_load((Path(__file__).with_name("micro.yaml")).read_text())
+    raw["evaluation"]["models"] = {"gone": {"path": str(tmp_path / "gone")}, "empty": {"path": str(tmp_path / "notamodel")},
+                                   "file": {"path": str(tmp_path / "afile")},
+                                   "unknown": {"hub": "nobody-luffy-test/no-such-model", "revision": "v9"}}
+    cfg = load_config(raw)
+    suite = tmp_path / "suite.parquet"
+    expected = {"gone": f"external model 'gone' (path:{tmp_path}/gone): the directory does not exist",
+                "empty": f"external model 'empty' (path:{tmp_path}/notamodel): no config.json in the directory",
+                "file": f"external model 'file' (path:{tmp_path}/afile): a file, not a model directory",
+                "unknown": "external model 'unknown' (hub:nobody-luffy-test/no-such-model@v9): cannot read its config"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here; offline, an id not in the cache is unreadable
+    for name, message in expected.items():
+        result = luffy("evaluate", "--settings", wf.eval_settings(cfg, name), "--model", wf.model_path(cfg, name),
+                       "--suite", f"toy_id={suite}", "--out-dir", str(tmp_path / "eval" / name), "--group", name,
+                       cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"luffy evaluate: error: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "eval" / name).exists()

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import yaml
 from luffy.config import ConfigError, json_schema, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+MICRO = Path(__file__).with_name("micro.yaml")
 
 
 def minimal(**extra):
@@ -104,10 +106,10 @@ def test_experiments_may_be_empty_to_evaluate_the_base_model_only():
 
 def _sections():
     """(a raw-config path prefix, its settings class) for every section a config can hold."""
-    from luffy.config import Config, EvaluationConfig, JobResources, SuiteConfig, TrainConfig
+    from luffy.config import Config, EvaluationConfig, ExternalModelConfig, JobResources, SuiteConfig, TrainConfig
     out = [("train_defaults", TrainConfig), ("experiments.x", TrainConfig), ("resources.default", JobResources),
            ("resources.stages.train", JobResources), ("resources.experiments.x", JobResources),
-           ("evaluation.suites.s", SuiteConfig)]
+           ("evaluation.suites.s", SuiteConfig), ("evaluation.models.m", ExternalModelConfig)]
     stack = [("", Config)]
     while stack:
         prefix, cls = stack.pop()
@@ -125,6 +127,8 @@ def _outside(valid, kind):
         return "bogus"
     if valid.nonempty:
         return " "
+    if valid.pattern is not None:
+        return "not an id"
     if valid.low is not None:
         return valid.low - 1 if kind is int else valid.low - (0 if valid.low_open else 0.5)
     if valid.high is not None:
@@ -231,3 +235,43 @@ def test_report_comparisons_name_two_experiments(pair):
     with pytest.raises(ConfigError, match=r"'report.compare\[0\]'"):
         load_config(minimal(report={"compare": [pair]}))
     assert load_config(minimal(report={"compare": ["x vs base"]})).root.report.compare == ["x vs base"]
+
+
+@pytest.mark.parametrize("models, expected", [
+    ({"x": {"hub": "a/b", "path": "/p"}}, "give exactly one of hub (a HuggingFace id) or path"),
+    ({"x": {}}, "give exactly one of hub (a HuggingFace id) or path"),
+    ({"x": {"path": "/p", "revision": "v1"}}, "'evaluation.models.x.revision': a revision applies to a hub model"),
+    ({"x": {"hub": "nohub"}}, "'evaluation.models.x.hub': 'nohub' is not '<owner>/<name>'"),
+    ({"luffy": {"hub": "a/b"}}, "'luffy' is also an experiment"),
+    ({"base": {"hub": "a/b"}}, "names must be [A-Za-z0-9_-], not 'base'"),
+    ({"x-seed1": {"hub": "a/b"}}, "not end in -seed<N>"),
+    ({"x": {"hub": "a/b", "max_model_len": "5"}}, "'evaluation.models.x.max_model_len': '5' (str) is not an integer"),
+    ({"x": {"hub": "a/b", "max_model_len": 0}}, "'evaluation.models.x.max_model_len': 0 is not >= 1"),
+    ({"x": {"hub": "a/b", "dtype": "fp8"}}, "'evaluation.models.x.dtype': 'fp8' is not one of auto"),
+    ({"x": {"hub": "a/b", "chat_template": "nope.jinja"}}, "'evaluation.models.x.chat_template': file not found"),
+    ({"x": {"hub": "a/b", "revison": "v"}}, "did you mean 'revision'?"),
+])
+def test_external_models_are_checked_before_any_job(models, expected):
+    raw = yaml.safe_load(MICRO.read_text())
+    raw["evaluation"]["models"] = models
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    assert expected in str(err.value)
+
+
+def test_external_models_join_the_evaluated_models_and_change_no_other_settings():
+    from luffy import workflow as wf
+
+    raw = yaml.safe_load(MICRO.read_text())
+    own = load_config(raw)
+    raw["evaluation"]["models"] = {"qwen": {"hub": "Qwen/Qwen2.5-Math-7B-Instruct", "revision": "main"},
+                                   "mine": {"path": "/nowhere/yet", "system_prompt": "Reason."}}
+    cfg = load_config(raw)
+    assert cfg.models == [*own.models, "qwen", "mine"] and cfg.own_models == own.models
+    assert cfg.external_models["qwen"].source == "hub:Qwen/Qwen2.5-Math-7B-Instruct@main"
+    assert cfg.external_models["mine"].source == "path:/nowhere/yet"  # checked when its job starts
+    # the own models' evaluations keep exactly their settings: adding an external model reruns none
+    assert all(wf.eval_settings(cfg, m) == wf.eval_settings(own, m) for m in own.models)
+    assert json.loads(wf.eval_settings(cfg, "mine"))["external"]["system_prompt"] == "Reason."
+    assert (wf.model_path(cfg, "qwen"), wf.model_path(cfg, "mine")) == ("Qwen/Qwen2.5-Math-7B-Instruct", "/nowhere/yet")
+    assert wf.model_inputs(cfg, "mine") == [] and wf.teacher_traces_models(cfg) == []

@@ -126,3 +126,23 @@ def test_teacher_token_table_by_family(tmp_path):
     assert "first 64 training traces" in table
     assert "| base | 0.250 +- 0.071 | 0.750 +- 0.071 | 2 |" in table
     assert "| luffy | 0.700 +- 0.141 | 0.300 +- 0.141 | 2 |" in table
+
+
+def test_external_models_are_marked_with_their_source(tmp_path):
+    """A model from elsewhere (its evaluation records ``external``) gets '(external)' in every
+    table, its source in a note and in the CSV's external_source column."""
+    from luffy.report.tables import external_sources, paper_layout, per_seed_table
+
+    write_samples(tmp_path, "base", "toy_id", [[True, False], [False, False]])
+    write_samples(tmp_path, "qwen", "toy_id", [[True, True], [True, False]])
+    record = json.loads((tmp_path / "qwen" / "toy_id.json").read_text())
+    record["external"] = {"name": "qwen", "source": "hub:Qwen/Qwen2.5-Math-7B-Instruct@main", "commit": "abc123"}
+    (tmp_path / "qwen" / "toy_id.json").write_text(json.dumps(record))
+    external = external_sources(tmp_path, ["base", "qwen"], ["toy_id"])
+    assert external == {"qwen": "hub:Qwen/Qwen2.5-Math-7B-Instruct@main (commit abc123)"}
+    body, frames, _ = paper_layout(tmp_path, ["base", "qwen"], ["toy_id"], {}, decimals=1, show_published=False)
+    assert "| base | 25.0 | 25.0 |" in body and "| qwen (external) | 75.0 | 75.0 |" in body
+    assert body.count("qwen (external)") == 2  # the accuracy table and the intervals
+    assert "qwen: hub:Qwen/Qwen2.5-Math-7B-Instruct@main (commit abc123)." in body
+    assert "| qwen (external) | qwen |  | 75.0 | 75.0 |" in per_seed_table(frames["math"], 1, external)
+    assert list(per_seed(frames["math"], external)["external_source"]) == ["", external["qwen"]]

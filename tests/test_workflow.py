@@ -211,6 +211,63 @@ def test_seeds_that_vary_the_base_model_through_the_real_dag_and_bit_exact_rerun
     assert evaluation() == before
 
 
+@pytest.mark.slow
+def test_external_models_are_scored_beside_an_experiment_and_rerun_alone(tmp_path):
+    """Two tiny models made here stand in for published checkpoints (nothing is downloaded):
+    they are evaluated by the same rule and suites as the config's own models, marked
+    (external) with their source in the report, the results and MLflow; changing one's
+    settings reruns only its evaluation and the report."""
+    from mlflow.tracking import MlflowClient
+
+    from luffy.config import TinyModelConfig
+    from luffy.models.export import export_verified
+    from luffy.models.tiny import build_tiny_model
+    from luffy.models.tokenizer import load_shipped_tokenizer
+
+    tokenizer = load_shipped_tokenizer()
+    for name, seed in (("ext_a", 1), ("ext_b", 2)):
+        model = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                 intermediate_size=64, seed=seed), tokenizer)
+        export_verified(model, tokenizer, tmp_path / "elsewhere" / name)
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    cfg = yaml.safe_load(MICRO.read_text())
+    cfg["experiments"] = {"luffy": {"algorithm": "luffy"}}
+    cfg["evaluation"]["models"] = {
+        "ext_a": {"path": str(tmp_path / "elsewhere" / "ext_a"), "max_tokens": 8},
+        "ext_b": {"path": str(tmp_path / "elsewhere" / "ext_b"), "system_prompt": "Answer.",
+                  "chat_template": "plain.jinja"}}
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
+    first = snakemake(tmp_path, "--configfile", "ext.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = tmp_path / "results"
+    table = (results / "report" / "results.md").read_text()
+    for row in ("| base |", "| luffy |", "| ext_a (external) |", "| ext_b (external) |"):
+        assert row in table, row
+    assert (f"ext_a: path:{tmp_path}/elsewhere/ext_a, at most 8 new tokens; ext_b: path:{tmp_path}/elsewhere/ext_b."
+            in table)
+    assert yaml.safe_load((results / "eval" / "ext_a" / "toy_ood.json").read_text())["settings"]["max_tokens"] == 8
+    assert f"path:{tmp_path}/elsewhere/ext_b" in (results / "report" / "results.csv").read_text()
+    record = yaml.safe_load((results / "eval" / "ext_b" / "toy_id.json").read_text())
+    assert record["external"]["source"] == f"path:{tmp_path}/elsewhere/ext_b" and record["model"].endswith("ext_b")
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("luffy-micro").experiment_id])
+    parents = {r.data.tags["luffy.group"] for r in runs if r.data.tags.get("luffy.role") == "parent"}
+    assert {"ext_a", "ext_b", "luffy", "base"} <= parents
+    evaluation = next(r for r in runs if r.data.tags.get("luffy.role") == "stage"
+                      and r.data.tags["luffy.group"] == "ext_b" and r.data.tags["luffy.stage"] == "evaluate")
+    assert evaluation.data.params["external/source"] == f"path:{tmp_path}/elsewhere/ext_b"
+    assert evaluation.info.status == "FINISHED"
+
+    cfg["evaluation"]["models"]["ext_b"]["system_prompt"] = "Answer in one line."
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
+    dry = snakemake(tmp_path, "--configfile", "ext.yaml", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    output = dry.stdout + dry.stderr
+    assert planned_jobs(output) == {"evaluate": 1, "report": 1, "all": 1}
+    assert "model=ext_b" in output and "model=ext_a" not in output and "model=luffy" not in output
+
+
 def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
     cfg = yaml.safe_load(MICRO.read_text())
     cfg["seeds"] = [0, 1]
@@ -233,6 +290,19 @@ def test_seeds_and_two_stage_experiments_expand_in_the_dag(tmp_path):
     dry = snakemake(tmp_path, "--configfile", "grid.yaml", "--dry-run")
     jobs = planned_jobs(dry.stdout + dry.stderr)
     assert jobs["evaluate"] == 5 and jobs["make_base_model"] == 1
+
+
+def test_the_published_checkpoints_config_plans_evaluations_only(tmp_path):
+    """config/eval_published.yaml: the base model and four hub checkpoints on the nine suites
+    (a dry run: nothing is downloaded)."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    dry = snakemake(tmp_path, "--configfile", "config/eval_published.yaml", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    output = dry.stdout + dry.stderr
+    assert planned_jobs(output) == {"prepare_base_model": 1, "prepare_benchmark": 9, "evaluate": 5, "report": 1,
+                                    "all": 1}
+    for model, hub in (("luffy_authors", "Elliott/LUFFY-Qwen-Math-7B-Zero"), ("oat_zero", "sail/Qwen2.5-Math-7B-Oat-Zero")):
+        assert f"model={model}" in output and f"--model {hub} " in output
 
 
 def test_paper_run_plans_data_training_conversion_evaluation_and_report(tmp_path):

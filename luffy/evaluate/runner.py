@@ -26,20 +26,26 @@ class SuiteResult:
     metrics: dict[str, float]
 
 
-def eval_prompts(prompts: list[list[dict[str, str]]], system_prompt: str) -> list[list[dict[str, str]]]:
-    """The chat turns the model sees: without the file's system message under ``drop``."""
-    if system_prompt == "keep":
+def eval_prompts(prompts: list[list[dict[str, str]]], system_prompt: str,
+                 model_system_prompt: str | None = None) -> list[list[dict[str, str]]]:
+    """The chat turns the model sees: without the file's system message under ``drop``; with
+    a model's own system message (an external model's ``system_prompt``) in its place."""
+    if system_prompt == "keep" and model_system_prompt is None:
         return prompts
-    return [[m for m in messages if m["role"] != "system"] for messages in prompts]
+    turns = [[m for m in messages if m["role"] != "system"] for messages in prompts]
+    if model_system_prompt is None:
+        return turns
+    return [[{"role": "system", "content": model_system_prompt}, *messages] for messages in turns]
 
 
 def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: str, cfg: SuiteConfig,
-              seed: int) -> SuiteResult:
+              seed: int, system_prompt: str | None = None) -> SuiteResult:
     """Generate ``cfg.n`` samples per problem in one engine call, grade them with every grader
     of the suite's answer type; ``correct`` / ``extracted`` / ``reason`` are those of
     ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``."""
     problems = load_benchmark(path)
-    _, prompt_ids = encode_prompts(tokenizer, eval_prompts(problems["prompt"].tolist(), cfg.system_prompt))
+    _, prompt_ids = encode_prompts(tokenizer, eval_prompts(problems["prompt"].tolist(), cfg.system_prompt,
+                                                              system_prompt))
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + cfg.max_tokens > backend.max_context]
     if too_long:
         longest = max(len(prompt_ids[i]) for i in too_long)
@@ -80,9 +86,14 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
 
 
 def evaluate_model(backend: Backend, model_path: str, suites: dict[str, tuple[str, SuiteConfig]],
-                   seed: int, grading: GradingConfig, workers: int) -> dict[str, SuiteResult]:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+                   seed: int, grading: GradingConfig, workers: int, revision: str | None = None,
+                   chat_template: str | None = None, system_prompt: str | None = None) -> dict[str, SuiteResult]:
+    """Every suite on one loaded backend; ``chat_template`` (Jinja text) replaces the model's
+    own, ``system_prompt`` replaces each suite's system message setting."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     with GraderPool(workers=grading.workers or workers, timeout_s=grading.timeout_s,
                     memory_mb=grading.memory_mb) as pool:
-        return {name: run_suite(backend, tokenizer, pool, name, path, cfg, seed)
+        return {name: run_suite(backend, tokenizer, pool, name, path, cfg, seed, system_prompt)
                 for name, (path, cfg) in suites.items()}

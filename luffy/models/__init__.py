@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from luffy.config import ExternalModelConfig
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -19,3 +23,35 @@ def model_source(path: str, what: str = "model") -> str:
     if HUB_ID.fullmatch(path) and not path.startswith((".", "~")) and ".." not in path:
         return path
     raise FileNotFoundError(f"{what} '{path}': the path does not exist (and it is not a HuggingFace hub id)")
+
+
+class ModelUnreadable(Exception):
+    """A model that cannot be read (missing, not a model directory, unknown hub id or revision),
+    named with where it was looked for."""
+
+
+def check_external_model(name: str, model: ExternalModelConfig) -> dict[str, str | None]:
+    """Read an external model's config and tokenizer before its evaluation loads it, and say
+    where it came from: ``source`` ('hub:<id>[@<revision>]' or 'path:<dir>') and, for a hub
+    model, ``commit`` (the revision resolved to a commit, also offline from the local cache).
+    Anything unreadable is a ``ModelUnreadable`` naming the model, its source and the reason."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    where = f"external model '{name}' ({model.source})"
+    if model.path is not None:
+        if not os.path.exists(model.path):
+            raise ModelUnreadable(f"{where}: the directory does not exist")
+        if not os.path.isdir(model.path):
+            raise ModelUnreadable(f"{where}: a file, not a model directory (config.json, weights, tokenizer)")
+        if not os.path.isfile(os.path.join(model.path, "config.json")):
+            raise ModelUnreadable(f"{where}: no config.json in the directory; is it a HuggingFace model?")
+    target = model.hub or str(model.path)
+    try:
+        config = AutoConfig.from_pretrained(target, revision=model.revision)
+        AutoTokenizer.from_pretrained(target, revision=model.revision)
+    except Exception as err:  # transformers / huggingface_hub raise many types (OSError, ValueError, HTTP errors)
+        reason = " ".join(str(err).split())
+        raise ModelUnreadable(f"{where}: cannot read its config or tokenizer: {reason[:400]}") from None
+    commit = getattr(config, "_commit_hash", None) if model.hub else None
+    return {"name": name, "source": model.source, "hub": model.hub, "revision": model.revision,
+            "commit": commit, "path": os.path.abspath(model.path) if model.path else None}

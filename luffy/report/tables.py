@@ -33,12 +33,33 @@ def collect(eval_dir: str | Path, models: list[str], suites: list[str]) -> pd.Da
     return frame
 
 
-def per_seed(frame: pd.DataFrame) -> pd.DataFrame:
-    """The per-model table with its experiment and seed as leading columns (the CSV)."""
+def per_seed(frame: pd.DataFrame, external: dict[str, str] | None = None) -> pd.DataFrame:
+    """The per-model table with its experiment and seed as leading columns (the CSV), and with
+    external models, each one's source."""
     out = frame.copy()
     out.insert(0, "experiment", [experiment_family(m) for m in frame.index])
     seeds = [int(m.group("seed")) if (m := SEED_SUFFIX.match(name)) else None for name in frame.index]
     out.insert(1, "seed", pd.array(seeds, dtype="Int64"))
+    if external:
+        out.insert(2, "external_source", [external.get(m, "") for m in frame.index])
+    return out
+
+
+def external_sources(eval_dir: str | Path, models: list[str], suites: list[str]) -> dict[str, str]:
+    """External model -> where it came from, as its evaluation recorded it: 'hub:<id>[@<revision>]
+    (commit <sha>)' or 'path:<directory>', and its cap on new tokens if it had one."""
+    out = {}
+    for model in models:
+        for suite in suites:
+            path = Path(eval_dir) / model / f"{suite}.json"
+            if not path.exists():
+                continue
+            source = read_json(path).get("external")
+            if source:
+                commit, cap = source.get("commit"), source.get("max_tokens")
+                out[model] = (source["source"] + (f" (commit {commit})" if commit else "")
+                              + (f", at most {cap} new tokens" if cap else ""))
+            break
     return out
 
 
@@ -61,9 +82,18 @@ def _number(value: float, decimals: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{decimals}f}"
 
 
-def summary_table(frame: pd.DataFrame, decimals: int, extra_rows: list[list[str]] | None = None) -> str:
+EXTERNAL_MARK = " (external)"
+
+
+def label(model: str, external: dict[str, str] | None = None) -> str:
+    """A row's name: an external model's is marked."""
+    return f"{model}{EXTERNAL_MARK}" if external and model in external else str(model)
+
+
+def summary_table(frame: pd.DataFrame, decimals: int, extra_rows: list[list[str]] | None = None,
+                  external: dict[str, str] | None = None) -> str:
     """One row per experiment: the value, or mean +- std over seeds (with a line saying so);
-    then ``extra_rows`` (already formatted, e.g. published numbers)."""
+    external models marked; then ``extra_rows`` (already formatted, e.g. published numbers)."""
     mean, std, count = summarize(frame)
     seeded = bool((count > 1).any())
     rows = []
@@ -71,7 +101,7 @@ def summary_table(frame: pd.DataFrame, decimals: int, extra_rows: list[list[str]
         cells = [_number(mean.loc[model, column], decimals) for column in mean.columns]
         if seeded and count[model] > 1:
             cells = [f"{cell} +- {std.loc[model, column]:.{decimals}f}" for cell, column in zip(cells, mean.columns)]
-        rows.append([str(model), *cells])
+        rows.append([label(model, external), *cells])
     note = ""
     if seeded:
         note = ("Mean +- standard deviation over seeds (n per row: "
@@ -79,10 +109,10 @@ def summary_table(frame: pd.DataFrame, decimals: int, extra_rows: list[list[str]
     return note + markdown_table(["Model", *map(str, mean.columns)], rows + (extra_rows or []))
 
 
-def per_seed_table(frame: pd.DataFrame, decimals: int) -> str:
-    """Every evaluated model (each seed) with its experiment and seed."""
+def per_seed_table(frame: pd.DataFrame, decimals: int, external: dict[str, str] | None = None) -> str:
+    """Every evaluated model (each seed) with its experiment and seed; external models marked."""
     table = per_seed(frame)
-    rows = [[str(model), str(row["experiment"]), "" if pd.isna(row["seed"]) else str(row["seed"]),
+    rows = [[label(model, external), str(row["experiment"]), "" if pd.isna(row["seed"]) else str(row["seed"]),
              *(_number(row[c], decimals) for c in frame.columns)] for model, row in table.iterrows()]
     return markdown_table(["Model", "experiment", "seed", *map(str, frame.columns)], rows)
 
@@ -229,8 +259,10 @@ def group_intervals(eval_dir: str | Path, models: list[str], suites: list[str]) 
     return frame
 
 
-def interval_table(intervals: pd.DataFrame, columns: list[str], labels: list[str], decimals: int) -> str:
-    rows = [[str(model), *(f"{row[f'{c}_ci_low']:.{decimals}f}-{row[f'{c}_ci_high']:.{decimals}f}" for c in columns)]
+def interval_table(intervals: pd.DataFrame, columns: list[str], labels: list[str], decimals: int,
+                   external: dict[str, str] | None = None) -> str:
+    rows = [[label(model, external),
+             *(f"{row[f'{c}_ci_low']:.{decimals}f}-{row[f'{c}_ci_high']:.{decimals}f}" for c in columns)]
             for model, row in intervals.iterrows()]
     return markdown_table(["Model", *labels], rows)
 
@@ -241,20 +273,24 @@ def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], met
     """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
     rows) with its bootstrap intervals, and per group the accuracy frame and the intervals."""
     groups = suite_groups(suites, meta)
+    external = external_sources(eval_dir, models, suites)
     parts, frames, intervals, any_reported = [], {}, {}, False
     for group, members in groups.items():
         frame = collect(eval_dir, models, members)
         frames[group], intervals[group] = frame, group_intervals(eval_dir, models, members)
         extra = reported_rows(group, members, meta, decimals) if show_published else []
         any_reported = any_reported or bool(extra)
-        table = summary_table(titled(frame, meta), decimals, extra)
+        table = summary_table(titled(frame, meta), decimals, extra, external)
         heading = GROUP_TITLES[group] if len(groups) > 1 else None
         parts += ([f"### {heading}", ""] if heading else []) + [table.strip(), ""]
         labels = [title(s, meta) for s in members] + ["Avg"]
         parts += ["95% bootstrap intervals over problems (percent):", "",
-                  interval_table(intervals[group], members + ["Avg"], labels, decimals).strip(), ""]
+                  interval_table(intervals[group], members + ["Avg"], labels, decimals, external).strip(), ""]
         comparisons = comparison_table(titled(frame, meta), compare or [], decimals)
         parts += [comparisons.strip(), ""] if comparisons else []
+    if external:
+        parts += ["Rows marked (external) are models made elsewhere, scored by this pipeline with the same suites, "
+                  "samples and graders: " + "; ".join(f"{m}: {src}" for m, src in external.items()) + ".", ""]
     if any_reported:
         parts += ["Rows marked (reported) are the LUFFY paper's published numbers for Qwen2.5-Math-7B models, "
                   "not measured by this pipeline.", ""]

@@ -6,7 +6,7 @@ rule evaluate:
         metrics=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.json", suite=SUITES),
         samples=expand(f"{RESULTS}/eval/{{{{model}}}}/{{suite}}.parquet", suite=SUITES),
     params:
-        settings=lambda w: wf.eval_settings(CFG),
+        settings=lambda w: wf.eval_settings(CFG, w.model),
         model=lambda w: wf.model_path(CFG, w.model),
         suites=wf.suite_args(CFG),
         out_dir=f"{RESULTS}/eval/{{model}}",

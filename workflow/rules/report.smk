@@ -12,7 +12,7 @@ rule report:
         models=MODELS,
         suites=SUITES,
         curves=[f"{e}={RESULTS}/train/{e}/metrics.jsonl" for e in EXPERIMENTS],
-        teacher_traces=[f"{m}={wf.teacher_traces_file(CFG, m)}" for m in MODELS if CFG.root.report.teacher_traces],
+        teacher_traces=[f"{m}={wf.teacher_traces_file(CFG, m)}" for m in wf.teacher_traces_models(CFG)],
         out_dir=f"{RESULTS}/report",
     threads: wf.stage_threads(CFG, "report")
     resources:
