@@ -47,6 +47,10 @@ def shipped_verl_experiments():
         raw = yaml.safe_load(path.read_text())
         if not isinstance(raw, dict) or "experiments" not in raw:
             continue
+        engines = {(raw.get("train_defaults") or {}).get("engine")}
+        engines |= {(e or {}).get("engine") for e in (raw["experiments"] or {}).values()}
+        if "verl" not in engines:  # (other configs may read files outside the repository, e.g. ../shared)
+            continue
         resolved = load_config(raw)
         for name, settings in resolved.experiments.items():
             if settings.engine == "verl":
