@@ -525,7 +525,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"n_off": 0, "clip": False},
     "rl_sft": {"n_off": 0, "clip": True, "advantage_baseline": "on_policy"},
 }
-RESERVED_MODEL_NAMES = ("base",)
+RESERVED_MODEL_NAMES = ("base", "data", "report")  # the shared MLflow parent groups
 
 
 def _describe(err: OmegaConfBaseException, prefix: str) -> str:
@@ -808,7 +808,8 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
 
 def _check_model_name(name: str, key: str) -> None:
     if name in RESERVED_MODEL_NAMES or not name.replace("_", "").replace("-", "").isalnum() or SEED_SUFFIX.match(name):
-        raise ConfigError(f"config key '{key}': names must be [A-Za-z0-9_-], not 'base' and not end in -seed<N>")
+        raise ConfigError(f"config key '{key}': names must be [A-Za-z0-9_-], not 'base', 'data' or 'report' (shared "
+                          "MLflow groups) and not end in -seed<N>")
 
 
 def _check_external_models(models: dict[str, ExternalModelConfig], experiments: list[str]) -> None:

@@ -243,7 +243,8 @@ def test_report_comparisons_name_two_experiments(pair):
     ({"x": {"path": "/p", "revision": "v1"}}, "'evaluation.models.x.revision': a revision applies to a hub model"),
     ({"x": {"hub": "nohub"}}, "'evaluation.models.x.hub': 'nohub' is not '<owner>/<name>'"),
     ({"luffy": {"hub": "a/b"}}, "'luffy' is also an experiment"),
-    ({"base": {"hub": "a/b"}}, "names must be [A-Za-z0-9_-], not 'base'"),
+    ({"base": {"hub": "a/b"}}, "names must be [A-Za-z0-9_-], not 'base', 'data' or 'report'"),
+    ({"report": {"hub": "a/b"}}, "not 'base', 'data' or 'report' (shared MLflow groups)"),
     ({"x-seed1": {"hub": "a/b"}}, "not end in -seed<N>"),
     ({"x": {"hub": "a/b", "max_model_len": "5"}}, "'evaluation.models.x.max_model_len': '5' (str) is not an integer"),
     ({"x": {"hub": "a/b", "max_model_len": 0}}, "'evaluation.models.x.max_model_len': 0 is not >= 1"),
@@ -257,6 +258,13 @@ def test_external_models_are_checked_before_any_job(models, expected):
     with pytest.raises(ConfigError) as err:
         load_config(raw)
     assert expected in str(err.value)
+
+
+def test_an_experiment_cannot_take_the_name_of_a_shared_group():
+    raw = yaml.safe_load(MICRO.read_text())
+    raw["experiments"]["data"] = {"algorithm": "grpo"}
+    with pytest.raises(ConfigError, match="'experiments.data': names must be"):
+        load_config(raw)
 
 
 def test_external_models_join_the_evaluated_models_and_change_no_other_settings():
