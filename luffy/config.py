@@ -685,8 +685,8 @@ class ResolvedConfig:
 
     def base_of(self, experiment: str) -> str:
         """The base model an (expanded) experiment's lineage starts from."""
-        match = SEED_SUFFIX.match(experiment)
-        return f"base-seed{match.group('seed')}" if self.seeded_base and match else "base"
+        seed = seed_of(experiment)
+        return f"base-seed{seed}" if self.seeded_base and seed is not None else "base"
 
     @property
     def own_models(self) -> list[str]:
@@ -710,6 +710,12 @@ def experiment_family(name: str) -> str:
     """'luffy-seed2' -> 'luffy': the declared experiment an expanded run belongs to."""
     match = SEED_SUFFIX.match(name)
     return match.group("family") if match else name
+
+
+def seed_of(name: str) -> int | None:
+    """'luffy-seed2' -> 2 (and 'base-seed2' -> 2); None for a name without a seed."""
+    match = SEED_SUFFIX.match(name)
+    return int(match.group("seed")) if match else None
 
 
 def _expand_seeds(declared: dict[str, TrainConfig], seeds: list[int]) -> dict[str, TrainConfig]:

@@ -12,7 +12,7 @@ from typing import Any
 from luffy import io
 from luffy.algo import metrics as names
 from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ExternalModelConfig,
-                          ReportConfig, TinyModelConfig, TrainConfig, to_dict)
+                          ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict)
 from luffy.tracking import StageRun, config_hash
 
 log = logging.getLogger(__name__)
@@ -249,12 +249,12 @@ def report(settings: ReportConfig, eval_dir: str, models: list[str], suites: lis
 
     meta = suite_meta or {}
     with StageRun("report", group, rule, params={**to_dict(settings), "models": models, "suites": suites}) as run:
+        external = external_sources(eval_dir, models, suites)
         body, frames, intervals = paper_layout(eval_dir, models, suites, meta, settings.decimals, settings.published,
-                                               settings.compare)
+                                               settings.compare, external)
         teacher = teacher_table(teacher_traces or {})
         body += f"\n{teacher}" if teacher else ""
         table = combined(frames)
-        external = external_sources(eval_dir, models, suites)
         out = Path(out_dir)
         markdown = f"## {settings.title}\n\n{body}"
         io.write_text(out / "results.md", markdown)
@@ -316,7 +316,7 @@ def init_tracking(resolved_config: dict[str, Any]) -> None:
               "report": shared}
     for base in resolved_config.get("base_models", ["base"]):
         groups[base] = {"base_model": resolved_config["base_model"], "evaluation": evaluation,
-                        **({"seed": int(base.rsplit("seed", 1)[1])} if base != "base" else {})}
+                        **({"seed": seed} if (seed := seed_of(base)) is not None else {})}
     for name, settings in resolved_config["experiments"].items():
         groups[name] = {"experiment": name, "train": settings, **shared}
     for name, settings in resolved_config["evaluation"].get("models", {}).items():

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, SEED_SUFFIX, TOY_SOURCE_PREFIX, JobResources,
-                          ResolvedConfig, is_glob, job_resources, to_dict, to_json)
+from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, JobResources, ResolvedConfig,
+                          is_glob, job_resources, seed_of, to_dict, to_json)
 
 SHIPPED_TOKENIZER = "shipped"
 
@@ -197,9 +197,8 @@ def filter_settings(cfg: ResolvedConfig) -> str:
 def tiny_settings(cfg: ResolvedConfig, base: str = "base") -> str:
     """The tiny base model's settings; a per-seed base ('base-seed<N>') is pre-trained with seed N."""
     tiny = to_dict(cfg.root.base_model.tiny)
-    match = SEED_SUFFIX.match(base)
-    if match:
-        tiny["seed"] = int(match.group("seed"))
+    if (seed := seed_of(base)) is not None:
+        tiny["seed"] = seed
     return to_json(tiny)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from luffy.config import SEED_SUFFIX, experiment_family
+from luffy.config import experiment_family, seed_of
 from luffy.data.schema import DataError
 from luffy.io import read_json
 
@@ -38,8 +38,7 @@ def per_seed(frame: pd.DataFrame, external: dict[str, str] | None = None) -> pd.
     external models, each one's source."""
     out = frame.copy()
     out.insert(0, "experiment", [experiment_family(m) for m in frame.index])
-    seeds = [int(m.group("seed")) if (m := SEED_SUFFIX.match(name)) else None for name in frame.index]
-    out.insert(1, "seed", pd.array(seeds, dtype="Int64"))
+    out.insert(1, "seed", pd.array([seed_of(name) for name in frame.index], dtype="Int64"))
     if external:
         out.insert(2, "external_source", [external.get(m, "") for m in frame.index])
     return out
@@ -119,12 +118,8 @@ def per_seed_table(frame: pd.DataFrame, decimals: int, external: dict[str, str] 
 
 def _seeds_of(frame: pd.DataFrame, family: str) -> dict[int, str]:
     """seed -> model name of a family's seeded runs."""
-    out = {}
-    for name in frame.index:
-        match = SEED_SUFFIX.match(name)
-        if match and match.group("family") == family:
-            out[int(match.group("seed"))] = name
-    return out
+    return {seed: name for name in frame.index
+            if (seed := seed_of(name)) is not None and experiment_family(name) == family}
 
 
 def paired_differences(frame: pd.DataFrame, pair: str) -> tuple[str, str, pd.DataFrame]:
@@ -268,12 +263,14 @@ def interval_table(intervals: pd.DataFrame, columns: list[str], labels: list[str
 
 
 def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], meta: dict[str, dict[str, Any]],
-                 decimals: int, show_published: bool, compare: list[str] | None = None
+                 decimals: int, show_published: bool, compare: list[str] | None = None,
+                 external: dict[str, str] | None = None
                  ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
-    rows) with its bootstrap intervals, and per group the accuracy frame and the intervals."""
+    rows) with its bootstrap intervals, and per group the accuracy frame and the intervals;
+    ``external``: the external models' sources (null: read from the evaluations)."""
     groups = suite_groups(suites, meta)
-    external = external_sources(eval_dir, models, suites)
+    external = external_sources(eval_dir, models, suites) if external is None else external
     parts, frames, intervals, any_reported = [], {}, {}, False
     for group, members in groups.items():
         frame = collect(eval_dir, models, members)
