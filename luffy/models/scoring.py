@@ -41,6 +41,14 @@ def trace_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], trace_id
     return out
 
 
+def encode_frame(tokenizer, frame) -> tuple[list[list[int]], list[list[int]]]:
+    """A LUFFY frame's prompts (rendered with ``tokenizer``'s chat template) and traces (EOS
+    included) as token ids: the sequences the trainer builds."""
+    prompts, traces, _ = luffy_fields(frame)
+    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
+    return prompt_ids, encode_traces(tokenizer, rendered, traces)
+
+
 def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro_batch_tokens: int = 8192,
                  device: str = "auto") -> int:
     """Write ``data`` with a ``teacher_logprobs`` column computed by ``teacher``; returns rows."""
@@ -53,9 +61,7 @@ def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro
         raise DataError(f"teacher {teacher} and policy tokenizer {policy_tokenizer} differ in vocabulary; "
                         "per-token teacher log-probs need the policy's tokenization")
     frame = read_luffy(data)
-    prompts, traces, _ = luffy_fields(frame)
-    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
-    trace_ids = encode_traces(tokenizer, rendered, traces)
+    prompt_ids, trace_ids = encode_frame(tokenizer, frame)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto").to(pick_device(device))
     scores = trace_logprobs(model, prompt_ids, trace_ids, tokenizer.pad_token_id, micro_batch_tokens)
     frame[TEACHER_LOGPROBS] = scores
@@ -78,9 +84,7 @@ def teacher_token_probability(model_path: str, data: str, traces: int, micro_bat
     model_path = model_source(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     frame = read_luffy(data).head(traces)
-    prompts, texts, _ = luffy_fields(frame)
-    rendered, prompt_ids = encode_prompts(tokenizer, prompts)
-    trace_ids = encode_traces(tokenizer, rendered, texts)
+    prompt_ids, trace_ids = encode_frame(tokenizer, frame)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(pick_device(device))
     logps = [lp for row in trace_logprobs(model, prompt_ids, trace_ids, tokenizer.pad_token_id, micro_batch_tokens)
              for lp in row]
