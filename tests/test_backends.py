@@ -58,18 +58,17 @@ def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
                                  grading=GradingConfig(timeout_s=2.0), workers=2))
 
 
-class RecordingBackend:
-    """Records the token ids it is asked to continue (the prompt rendering is under test here,
-    not generation) and answers every prompt with a boxed 0."""
+class RecordingBackend(HFBackend):
+    """The real HF backend, which also keeps the token ids it is asked to continue (what the
+    prompt rendering under test produced)."""
 
-    name, max_context = "recording", 4096
-
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.prompts = []
 
     def generate(self, prompts, sampling):
         self.prompts += [list(p) for p in prompts]
-        return [["\\boxed{0}"] * sampling.n for _ in prompts]
+        return super().generate(prompts, sampling)
 
 
 def test_an_external_models_chat_template_and_system_prompt_shape_its_prompts(tiny_model_dir, suites, tmp_path):
@@ -79,7 +78,8 @@ def test_an_external_models_chat_template_and_system_prompt_shape_its_prompts(ti
                 "{% if add_generation_prompt %}[assistant] {% endif %}")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     grading = GradingConfig(timeout_s=2.0)
-    default, custom = RecordingBackend(), RecordingBackend()
+    cfg = EvaluationConfig(backend="hf", suites={k: v[1] for k, v in suites.items()})
+    default, custom = RecordingBackend(tiny_model_dir, cfg), RecordingBackend(tiny_model_dir, cfg)
     evaluate_model(default, tiny_model_dir, suites, seed=0, grading=grading, workers=1)
     evaluate_model(custom, tiny_model_dir, suites, seed=0, grading=grading, workers=1, chat_template=template,
                    system_prompt="Think, then answer.")
