@@ -6,9 +6,10 @@ Every answer is graded in a worker process (``pebble``), by the graders its suit
     choice -> choice (``luffy.reward.choice``)
 
 Time limit, two layers:
-- in the worker: a SIGALRM timer on the worker's main thread interrupts the answer's graders
-  after ``timeout_s`` (math-verify's own signal timeouts are disabled: they only work on a
-  main thread and would fight over the one timer);
+- in the worker: ``luffy.reward.math.answer_deadline`` (a SIGALRM timer on the worker's main
+  thread, re-armed until the answer is done) interrupts the answer's graders after
+  ``timeout_s`` (math-verify's own one-shot signal timeouts are off: they would fight over the
+  one timer);
 - in the parent: a worker still busy at ``timeout_s + grace_s`` (stuck inside C code, such as
   sympy computing ``9^{9^{9^{9}}}``, where no signal handler can run) is killed and replaced.
 Either way the answer is graded wrong with reason ``timeout``; a worker that crashes or runs
@@ -24,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import resource
-import signal
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
@@ -32,7 +32,7 @@ from pebble import ProcessPool
 
 from luffy.reward.boxed import grade_boxed
 from luffy.reward.choice import grade_choice
-from luffy.reward.math import Grade, grade
+from luffy.reward.math import AnswerTimeout, Grade, answer_deadline, grade
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +44,20 @@ GRADERS: dict[str, Callable[[str, str], Grade]] = {
 ANSWER_TYPES: dict[str, tuple[str, ...]] = {"math": ("math_verify", "boxed"), "choice": ("choice",)}
 
 
-class AnswerTimeout(BaseException):
-    """Raised by the worker's timer; a BaseException so graders' ``except Exception`` let it pass."""
-
-
-def _on_alarm(signum, frame):
-    raise AnswerTimeout()
-
-
 def grade_one(completion: str, gold: str, graders: Sequence[str], timeout_s: float) -> dict[str, Grade]:
     """Every named grader's verdict on one answer, all within ``timeout_s`` (main thread only;
     graders not reached in time are ``timeout``)."""
     out: dict[str, Grade] = {}
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        for name in graders:
-            out[name] = GRADERS[name](completion, gold)
+        with answer_deadline(timeout_s):
+            for name in graders:
+                out[name] = GRADERS[name](completion, gold)
     except AnswerTimeout:
         pass
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     return {name: out.get(name, Grade(False, None, "timeout")) for name in graders}
 
 
 def _init_worker(memory_mb: int) -> None:
-    # math-verify warns once per process that its own timeouts are off: here the pool's are on
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
     if memory_mb > 0:
         cap = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
