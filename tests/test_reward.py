@@ -1,4 +1,5 @@
 import signal
+import threading
 import time
 
 import pytest
@@ -84,8 +85,6 @@ def test_the_deadline_never_outlives_its_block():
 
 
 def test_the_deadline_is_off_the_main_thread_and_without_a_limit():
-    import threading
-
     with answer_deadline(None):
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     seen = []
