@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="resumable checkpoints (not a workflow output)")
     p.add_argument("--nodes", type=_ranged(int, GE1), default=1, help="nodes of the job's allocation")
     p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job's allocation, all nodes together")
+    p.add_argument("--runtime", type=_ranged(int, GE1), default=None,
+                   help="the job's run time in minutes (resources.runtime): a hard limit of verl runs on the CPU")
 
     p = stage("convert", "export a training checkpoint as a verified HuggingFace directory", settings=False)
     p.add_argument("--checkpoint", required=True)
@@ -157,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
     p.add_argument("configfile")
 
+    p = sub.add_parser("rehearse", help="a config's whole DAG on the CPU in minutes, with what costs GPUs shrunk "
+                                        "(a stand-in base model, few rows, 2 steps, short generations), before its "
+                                        "GPU run")
+    p.add_argument("configfile")
+    p.add_argument("--cores", type=_ranged(int, GE1), default=None, help="cores for Snakemake (default: all)")
+    p.add_argument("--response-tokens", type=_ranged(int, GE1), default=None,
+                   help="cap of traces and responses in tokens (default 1024)")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="-- further Snakemake arguments")
+
     sub.add_parser("schema", help="print the config JSON schema (workflow/schemas/config.schema.yaml)")
     p = sub.add_parser("settings", help="print the settings reference of config/README.md (every setting, its "
                                         "type, default and valid values)")
@@ -208,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
         settings = resolve_train_config(args.group, {}, raw)
         stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics, args.work_dir,
                      threads=args.threads, validation=validation, runtime=runtime, nodes=args.nodes, gpus=args.gpus,
-                     **common)
+                     runtime_minutes=args.runtime, **common)
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
@@ -243,6 +254,17 @@ def run(args: argparse.Namespace) -> None:
         with open(args.configfile) as fh:
             resolved = load_config(yaml.safe_load(fh))
         print(json.dumps({"root": to_dict(resolved.root), "experiments": to_dict(resolved.experiments)}, indent=2))
+    elif args.stage == "rehearse":
+        import dataclasses
+
+        from luffy.rehearsal import Scale, rehearse
+
+        scale = Scale() if args.response_tokens is None else dataclasses.replace(Scale(),
+                                                                                  response_tokens=args.response_tokens)
+        extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
+        table = rehearse(args.configfile, args.cores, scale, extra)
+        if table.exists():
+            print(table.read_text())
     elif args.stage == "schema":
         import yaml
 
@@ -266,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     from luffy.io import Busy, DiskFull
     from luffy.models import ModelUnreadable
     from luffy.models.export import ExportMismatch
+    from luffy.rehearsal import RehearsalFailed
 
     try:
         run(args)
     except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError, Busy,
-            DiskFull, ModelUnreadable) as err:
+            DiskFull, ModelUnreadable, RehearsalFailed) as err:
         log.error("%s", err)
         print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
         return 2

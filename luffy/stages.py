@@ -61,7 +61,7 @@ def prepare_traces(settings: DataConfig, traces: str, tokenizer_path: str, out: 
         try:
             with tqdm(desc="prepare_traces", unit=" rows", mininterval=5.0) as bar:
                 prepare_stream(sources, out, flt, settings.batch_rows, progress=bar.update,
-                               validation_out=validation_out)
+                               validation_out=validation_out, max_rows=settings.max_rows)
             complete = True
         finally:  # the per-reason counts are written even when the stage fails
             report = flt.report
@@ -116,7 +116,8 @@ def prepare_base_model(settings: BaseModelConfig, out_dir: str, group: str, rule
     from luffy.models.prepare import prepare_base_model as prepare
 
     with StageRun("prepare_base_model", group, rule, params=to_dict(settings)) as run:
-        changed = prepare(settings.path, settings.config_overrides, settings.chat_template, out_dir)
+        changed = prepare(settings.path, settings.config_overrides, settings.chat_template, out_dir,
+                          stand_in=settings.stand_in if settings.stand_in.enabled else None)
         run.log_metrics({"changed_keys": len(changed)})
 
 
@@ -125,7 +126,8 @@ WRITER_LOCK = "writer.lock"  # in a training work directory: the process that wr
 
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
           group: str, rule: str, threads: int, validation: dict[str, Any] | None = None,
-          runtime: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 0) -> None:
+          runtime: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 0,
+          runtime_minutes: int | None = None) -> None:
     """Train one experiment with its engine, after a preflight that fails in seconds on data,
     template or grader problems that would otherwise show up hours later as zero reward."""
     from luffy.engines.base import TrainJob
@@ -138,7 +140,8 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
                    metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
-                   runtime=runtime, nodes=nodes, gpus=gpus)
+                   runtime=runtime, nodes=nodes, gpus=gpus,
+                   time_limit_s=60.0 * runtime_minutes if runtime_minutes else None)
     # one writer per work directory for the job's life: a second trainer (e.g. rerun after a killed
     # Snakemake left this one running) fails at once, naming the process that holds it
     with io.exclusive(work_dir / WRITER_LOCK, f"training work directory {work_dir}"):

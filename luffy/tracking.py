@@ -91,13 +91,14 @@ def _store_lock() -> Iterator[None]:
         yield
 
 
-def logged_through(run_id: str | None) -> int | None:
-    """The last step an MLflow run holds any metric of (None: no run, no metrics, or no store)."""
+def logged_through(run_id: str | None, key: str | None = None) -> int | None:
+    """The last step an MLflow run holds any metric of (or the metric ``key`` of; None: no run, no
+    metrics, or no store)."""
     if not run_id:
         return None
     try:
         client = _client()
-        keys = list(client.get_run(run_id).data.metrics)
+        keys = [key] if key else list(client.get_run(run_id).data.metrics)
         steps = [m.step for key in keys for m in client.get_metric_history(run_id, key)]
         return max(steps) if steps else None
     except Exception as err:  # noqa: BLE001 - tracking is best-effort
@@ -106,13 +107,15 @@ def logged_through(run_id: str | None) -> int | None:
 
 
 class OnceLogger:
-    """A metrics logger (``log(data, step)``) that passes over the steps through ``through``,
-    which its run already holds (a resumed run repeats the steps after its checkpoint)."""
+    """A metrics logger (``log(data, step)``) that logs at ``step - shift`` (verl counts steps
+    from 1, this pipeline from 0) and passes over the steps through ``through``, which its run
+    already holds (a resumed run repeats the steps after its checkpoint)."""
 
-    def __init__(self, inner: Any, through: int | None):
-        self.inner, self.through = inner, through
+    def __init__(self, inner: Any, through: int | None, shift: int = 0):
+        self.inner, self.through, self.shift = inner, through, shift
 
     def log(self, data: dict[str, Any], step: int, *args: Any, **kwargs: Any) -> Any:
+        step -= self.shift
         if self.through is not None and step <= self.through:
             return None
         return self.inner.log(data, step, *args, **kwargs)

@@ -74,9 +74,10 @@ def builds_base_model(cfg: ResolvedConfig) -> bool:
 
 
 def prepares_base_model(cfg: ResolvedConfig) -> bool:
-    """base_model.path is copied with config overrides or another chat template."""
+    """base_model.path is copied with config overrides or another chat template, or replaced by
+    a random stand-in of its architecture."""
     base = cfg.root.base_model
-    return base.path is not None and bool(base.config_overrides or base.chat_template)
+    return base.path is not None and bool(base.config_overrides or base.chat_template or base.stand_in.enabled)
 
 
 def model_path(cfg: ResolvedConfig, model: str) -> str:

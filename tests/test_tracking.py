@@ -121,7 +121,9 @@ def test_stages_started_at_once_on_an_uninitialised_store_keep_every_run(tmp_pat
 
 def test_verl_logger_of_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     """verl's own Tracking (MLflow backend) behind the LUFFY trainer's ``logger``: a resumed run
-    repeats the steps after its checkpoint, and MLflow gets each step once."""
+    repeats the steps after its checkpoint, and MLflow gets each step once, at our step numbers
+    (verl's step 1 is our step 0, as in metrics.jsonl); the stage's preflight figures, logged at
+    step 0 before verl starts, do not hide step 0."""
     from mlflow.tracking import MlflowClient
     from verl.utils.tracking import Tracking
 
@@ -130,12 +132,13 @@ def test_verl_logger_of_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/verl.db")
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("verl")).info.run_id
+    client.log_metric(run_id, "preflight/seconds", 1.0, step=0)
     for attempt, steps in enumerate(((1, 2, 3), (3, 4, 5))):  # killed after step 3, resumed from checkpoint 2
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # as the engine sets it for each attempt (end_run unsets it)
         trainer = LuffyTrainer.__new__(LuffyTrainer)  # the attribute alone: no GPUs, no workers here
         trainer.logger = Tracking(project_name="verl", experiment_name="run", default_backend=["mlflow"])
         for step in steps:
-            trainer.logger.log(data={"reward/mean": float(attempt)}, step=step)
+            trainer.logger.log(data={"reward/mean": float(attempt), "training/global_step": step}, step=step)
         trainer.logger.finish()
     history = client.get_metric_history(run_id, "reward/mean")
-    assert sorted((m.step, m.value) for m in history) == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0), (5, 1.0)]
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]

@@ -3,9 +3,9 @@
 What runs for real: verl's Hydra configs and checks (compose, ``validate_config``, the dataclass
 conversions), its reward-loop worker and reward manager calling our reward function, its
 external-module plug-in mechanism, and its checkpoint manager writing the checkpoints that the
-engine collects. Stand-in: verl's training process itself (``main_ppo`` needs GPUs); the fake
-leaves behind what a finished run leaves (tests/test_verl_rollout.py covers the agent loop and
-the trainer's TransferQueue side).
+engine collects. Stand-in: verl's training process of a GPU job (a cuda run cannot exist on the
+CPU); the fake leaves behind what a finished run leaves. verl's own loop runs for real on the CPU
+in tests/test_verl_e2e.py.
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ def shipped_verl_experiments():
         resolved = load_config(raw)
         for name, settings in resolved.experiments.items():
             if settings.engine == "verl":
-                yield pytest.param(resolved, name, id=f"{path.stem}:{name}")
+                yield pytest.param(resolved, name, path == PAPER, id=f"{path.stem}:{name}")
 
 
-@pytest.mark.parametrize("resolved,name", list(shipped_verl_experiments()))
-def test_shipped_verl_experiments_compose_and_validate(resolved, name, tiny_model_dir, train_parquet, tmp_path):
+@pytest.mark.parametrize("resolved,name,paper", list(shipped_verl_experiments()))
+def test_shipped_verl_experiments_compose_and_validate(resolved, name, paper, tiny_model_dir, train_parquet,
+                                                       tmp_path):
     settings = resolved.experiments[name]
     # the workflow's prepared base model stands in as the tiny model (its config and tokenizer are read)
     resources = job_resources(resolved.root, "train", name)
@@ -74,6 +75,14 @@ def test_shipped_verl_experiments_compose_and_validate(resolved, name, tiny_mode
     config = validated_ppo(overrides)
     actor, rollout = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
     assert entry == "verl.trainer.main_ppo" and config.trainer.v1.trainer_mode == "luffy" and config.trainer.use_v1
+    assert (config.data.train_batch_size, actor.ppo_mini_batch_size) == (
+        settings.prompts_per_step, settings.prompts_per_step // settings.mini_batches)
+    assert config.data.max_response_length == settings.max_response_tokens
+    assert rollout.n == settings.n + (settings.algorithm == "rl_sft")
+    assert actor.ppo_max_token_len_per_gpu >= resolved.root.verl.max_prompt_tokens + settings.max_response_tokens
+    assert config.reward.custom_reward_function.path == "pkg://luffy.engines.verl.reward"
+    if not paper:
+        return
     # the paper's main-run values (luffy-reference.md section 2) where they belong
     assert (config.data.train_batch_size, actor.ppo_mini_batch_size, actor.ppo_epochs) == (128, 64, 1)
     assert (config.data.max_prompt_length, config.data.max_response_length) == (1024, 8192)
@@ -217,7 +226,8 @@ def test_trainer_helpers_group_rows_and_name_metrics_as_the_local_engine():
     assert named == {"loss/policy": 0.5, "grad_norm": 2.0, "step_time_s": 3.0, "lr": 1e-6}
 
 
-# ---- train: verl's process stands in (GPUs only); what the engine launches and collects is real ----
+# ---- train on GPUs: verl's process stands in (a cuda run cannot exist on the CPU; the CPU mode runs for
+# real in tests/test_verl_e2e.py); what the engine launches for a GPU job and collects is real ----
 
 def overrides_of(command: list[str]) -> dict[str, str]:
     return {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in command if "=" in o}
@@ -231,7 +241,7 @@ def test_train_launches_verl_with_the_plugins_and_collects_its_last_checkpoint(t
     helper = Path(__file__).parent / "helpers" / "write_fsdp_checkpoint.py"
     launched = []
 
-    def fake_verl(command, env, nodes, gpus):
+    def fake_verl(command, env, nodes, gpus, watch):
         """What a finished main_ppo run leaves behind: its last checkpoint (written by verl's
         checkpoint manager), the tracker file, and our trainer's metric lines."""
         launched.append((command, env))
@@ -257,8 +267,10 @@ def test_train_launches_verl_with_the_plugins_and_collects_its_last_checkpoint(t
     assert command[1:3] == ["-m", "verl.trainer.main_ppo"]
     assert env["VERL_USE_EXTERNAL_MODULES"] == "luffy.engines.verl.plugin" and env["MLFLOW_RUN_ID"] == "run-123"
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{Path('relative.db').resolve()}"
-    for name in ("VERL_USE_EXTERNAL_MODULES", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "VERL_FILE_LOGGER_PATH"):
-        assert f"ray_kwargs.ray_init.runtime_env.env_vars.{name}" in values  # every Ray worker gets them too
+    # Ray's processes inherit the environment; none of it is in verl's config, which its MLflow logger records
+    # as the run's parameters (a resumed run could not change them)
+    assert not [key for key in values if key.startswith("ray_kwargs.ray_init.runtime_env")]
+    assert env["VERL_FILE_LOGGER_PATH"] == str(job.work_dir.resolve() / "verl_log" / "current.jsonl")
     assert Path(values["trainer.default_local_dir"]).is_relative_to(job.work_dir.resolve())
     assert engine.resume_run_id(job.work_dir) == "run-123"
     manifest = json.loads((job.out_dir / "checkpoint.json").read_text())
@@ -268,7 +280,7 @@ def test_train_launches_verl_with_the_plugins_and_collects_its_last_checkpoint(t
     assert not list((job.out_dir / "actor").glob("optim_*"))
     assert [json.loads(line)["step"] for line in job.metrics_out.read_text().splitlines()] == [0, 1, 2]
 
-    monkeypatch.setattr(VerlEngine, "_launch", staticmethod(lambda command, env, nodes, gpus: 3))
+    monkeypatch.setattr(VerlEngine, "_launch", staticmethod(lambda command, env, nodes, gpus, watch: 3))
     from luffy.engines.verl.engine import VerlRunFailed
     with pytest.raises(VerlRunFailed, match="exited with status 3"):
         engine.train(job, sink=lambda m, s: None, run_id=lambda: "run-123")
@@ -282,7 +294,7 @@ def test_sft_runs_on_verls_sft_trainer_with_conversations_and_our_metric_names(t
     helper = Path(__file__).parent / "helpers" / "write_fsdp_checkpoint.py"
     seen = {}
 
-    def fake_sft(command, env, nodes, gpus):
+    def fake_sft(command, env, nodes, gpus, watch):
         values = overrides_of(command)
         seen.update(command=command, train_files=values["data.train_files"].strip("'"))
         root, steps = Path(values["trainer.default_local_dir"]), int(values["trainer.total_training_steps"])

@@ -6,9 +6,11 @@ own ``_run_prompt``: ``rollout.n`` sessions per prompt, post-processing, scoring
 estimator over those rows; our trainer's TransferQueue reads and writes (rl_sft advantages,
 mini-batch totals, the step's metrics) on the same rows.
 
-Stand-ins, each for something that cannot run here: the vLLM server (a fake that answers with
-fixed token ids and records the requests), and the Ray handle of the reward-loop worker (an
-in-process object with the same ``compute_score.remote`` call; the worker itself is verl's).
+Stand-ins, for exact expectations on token layouts: the vLLM server (a fake that answers with
+fixed token ids, the extra fields verl's server client adds, and records the requests), and the
+Ray handle of the reward-loop worker (an in-process object with the same ``compute_score.remote``
+call; the worker itself is verl's). That every row carries what verl's own loop stores, against
+the real vLLM server, is tests/test_verl_e2e.py's (a stand-in proves only what it records).
 """
 
 from __future__ import annotations
@@ -59,12 +61,16 @@ class FakeServer:
     def __init__(self, tokenizer, text: str):
         self.ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         self.requests: list[dict] = []
+        self.version = 0  # the weight version verl's trainer set (the step before the one rolled out)
 
     async def generate(self, request_id, prompt_ids, sampling_params, **kwargs):
         from verl.workers.rollout.replica import TokenOutput
 
         self.requests.append({"prompt_ids": list(prompt_ids), "max_tokens": sampling_params.get("max_tokens")})
-        return TokenOutput(token_ids=self.ids[: sampling_params.get("max_tokens", len(self.ids))])
+        version = self.version  # what verl's server and its client (llm_server.py:160-162) put on every output
+        return TokenOutput(token_ids=self.ids[: sampling_params.get("max_tokens", len(self.ids))],
+                           extra_fields={"global_steps": version, "min_global_steps": version,
+                                         "max_global_steps": version})
 
 
 class RewardHandle:
@@ -111,6 +117,7 @@ class Rollout:
         params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                       repetition_penalty=1.0, logprobs=rollout.calculate_log_probs)
         uids = [f"s{step}p{i}" for i in range(len(frame))]
+        self.server.version = step - 1
         tq.kv_batch_put(keys=uids, partition_id="train",
                         tags=[{"is_prompt": True, "status": "pending", "global_steps": step} for _ in uids])
 
@@ -152,6 +159,8 @@ def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(tiny
             assert member["responses"].tolist() == rollout.server.ids and int(member[OFF_POLICY_MASK].sum()) == 0
             assert str(member["uid"]) == f"s1p{p}"
     assert len(rollout.server.requests) == 2 * (n - 1)  # the teacher members asked the server for nothing
+    # what verl's trainer reads from every row (trainer_base.py:1897): the weight version of step 1's rollout
+    assert all((tag["min_global_steps"], tag["max_global_steps"]) == (0, 0) for tag in batch.tags)
 
     # verl's GRPO estimator (the V1 trainer's) over those rows, rewards from our reward function
     rewards = torch.tensor([float(rows[k]["rm_scores"].sum()) for k in batch.keys])

@@ -288,10 +288,11 @@ class _BatchWriter:
 
 
 def prepare_stream(sources: Sequence[str], out: str, flt: TraceFilter, batch_rows: int = 1024,
-                   progress: Callable[[int], None] | None = None, validation_out: str | None = None) -> FilterReport:
-    """Filter every batch of ``sources`` into the parquet ``out`` and the held-out problems
-    into ``validation_out`` (benchmark schema; no rows when nothing is held out). Both are
-    written atomically."""
+                   progress: Callable[[int], None] | None = None, validation_out: str | None = None,
+                   max_rows: int | None = None) -> FilterReport:
+    """Filter every batch of ``sources`` (their first ``max_rows`` rows, when given) into the
+    parquet ``out`` and the held-out problems into ``validation_out`` (benchmark schema; no rows
+    when nothing is held out). Both are written atomically."""
     from contextlib import ExitStack
 
     from luffy.io import atomic_path
@@ -303,7 +304,13 @@ def prepare_stream(sources: Sequence[str], out: str, flt: TraceFilter, batch_row
         valid = _BatchWriter(stack.enter_context(atomic_path(validation_out, suffix=".parquet"))) \
             if validation_out else None
         try:
+            read = 0
             for source, frame in iter_batches(sources, batch_rows):
+                if max_rows is not None:
+                    if read >= max_rows:
+                        break
+                    frame = frame.iloc[: max_rows - read]
+                    read += len(frame)
                 kind = input_schema(list(frame.columns), f"trace file {source}")
                 rows, held = flt.add_openr1(frame) if kind == "openr1" else flt.add_luffy(frame)
                 train.write(rows)

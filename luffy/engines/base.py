@@ -51,6 +51,7 @@ class TrainJob:
     runtime: dict[str, Any] | None = None     # the engine's own runtime settings (e.g. rollout parallelism)
     nodes: int = 1                            # the job's allocation: nodes ...
     gpus: int = 0                             # ... and GPUs, all nodes together
+    time_limit_s: float | None = None         # the job's run time (resources.runtime); None: no limit
 
 
 class Engine(Protocol):

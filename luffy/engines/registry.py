@@ -27,7 +27,6 @@ UNSUPPORTED: dict[str, list[tuple[str, Check, str]]] = {
         ("filter_groups", lambda s: s.filter_groups,
          "verl's group filter (DAPO) refills the batch with new prompts instead of dropping groups; "
          "use engine local for this setting"),
-        ("device", lambda s: s.device == "cpu", "verl trains on GPUs only (device auto or cuda)"),
         ("micro_batch_tokens", lambda s: s.micro_batch_tokens == 0,
          "verl needs a token budget per GPU micro-batch (micro_batch_tokens > 0)"),
         ("warmup_steps", lambda s: s.warmup_steps > 0 and s.algorithm != "sft",

@@ -44,6 +44,8 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
     of the suite's answer type; ``correct`` / ``extracted`` / ``reason`` are those of
     ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``."""
     problems = load_benchmark(path)
+    if cfg.max_problems is not None:
+        problems = problems.head(cfg.max_problems)
     _, prompt_ids = encode_prompts(tokenizer, eval_prompts(problems["prompt"].tolist(), cfg.system_prompt,
                                                               system_prompt))
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + cfg.max_tokens > backend.max_context]

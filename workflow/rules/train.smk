@@ -18,5 +18,5 @@ rule train:
     shell:
         "{LUFFY} train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
-        " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu}"
+        " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu} --runtime {resources.runtime}"
         " --group {wildcards.experiment} --rule {rule} > {log} 2>&1"

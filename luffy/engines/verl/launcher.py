@@ -16,11 +16,17 @@ launcher:
 
 ``python -m luffy.engines.verl.launcher --nodes N --gpus G -- COMMAND...`` runs COMMAND this
 way; the verl engine calls ``run_on_ray``.
+
+On one node the trainer runs under a ``Watch`` (``supervise``): a run that logs no new step for
+``stall_s`` (or no first step within ``startup_s``), or that outlives its hard time limit, is
+stopped, and so is every process it started (Ray's GCS, raylet and workers, the vLLM engine
+processes): a failure inside a vLLM worker otherwise leaves verl's driver waiting forever.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -28,10 +34,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from luffy.engines.base import EngineError
 
 log = logging.getLogger(__name__)
-from luffy.engines.base import EngineError
 
 RAY_PORT = 6379
 JOIN_TIMEOUT_S = 600.0
@@ -40,6 +48,114 @@ POLL_S = 1.0
 
 class LaunchError(EngineError):
     """The Ray cluster could not be set up on the allocation; the message says why."""
+
+
+class Stalled(EngineError):
+    """The trainer stopped making progress (or ran out of time) and was stopped."""
+
+
+@dataclass
+class Watch:
+    """What ``supervise`` holds a trainer to. ``progress()`` is the last step it logged (None:
+    none yet)."""
+
+    progress: Callable[[], int | None]
+    stall_s: float                   # most seconds between two logged steps
+    startup_s: float                 # most seconds from the start to the first logged step
+    limit_s: float | None = None     # hard wall-clock limit of the whole run (None: none)
+    poll_s: float = 2.0
+    grace_s: float = 10.0            # SIGTERM, then this long, then SIGKILL
+    # measured while it runs: seconds from the start to each newly logged step, and the largest
+    # memory of the whole process tree (summed PSS: shared pages counted once) and its process count
+    step_times: dict = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    peak_processes: int = 0
+
+
+def _remember(process, seen: dict) -> tuple[int, int]:
+    """Add ``process`` and its live descendants to ``seen`` (psutil objects keyed by PID and
+    start time, so a reused PID is never mistaken for one of them); returns the tree's memory
+    (summed PSS, RSS where PSS cannot be read) and its process count."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0, 0
+    memory = 0
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            seen.setdefault((p.pid, p.create_time()), p)
+            try:
+                memory += p.memory_full_info().pss
+            except (psutil.AccessDenied, AttributeError):
+                memory += p.memory_info().rss
+    return memory, len(tree)
+
+
+def end_processes(processes: list, grace_s: float) -> int:
+    """SIGTERM to each still running, SIGKILL to those left after ``grace_s``; returns how many
+    were running."""
+    import psutil
+
+    gone = (psutil.NoSuchProcess, psutil.AccessDenied)
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(*gone):
+            p.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for p in left:
+        with contextlib.suppress(*gone):
+            p.kill()
+    psutil.wait_procs(left, timeout=grace_s)
+    return len(alive)
+
+
+def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> int:
+    """Run ``command`` in its own session under ``watch``; returns its exit status, or raises
+    ``Stalled`` (after ending it and everything it started). Whatever it leaves running when it
+    exits (Ray processes orphaned by a crash) is ended too."""
+    process = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
+    began = last_change = time.monotonic()
+    last_step, seen = None, {}
+    problem = None
+    try:
+        while process.poll() is None:
+            time.sleep(watch.poll_s)
+            memory, count = _remember(process, seen)
+            if memory > watch.peak_memory_bytes:
+                watch.peak_memory_bytes, watch.peak_processes = memory, count
+            now, step = time.monotonic(), watch.progress()
+            if step != last_step:
+                last_step, last_change = step, now
+                if step is not None:
+                    watch.step_times.setdefault(step, now - began)
+            if watch.limit_s is not None and now - began > watch.limit_s:
+                problem = (f"the run reached its time limit of {watch.limit_s:.0f} s "
+                           f"({_last(last_step)})")
+            elif last_step is None and now - began > watch.startup_s:
+                problem = (f"no step logged within {watch.startup_s:.0f} s of the start (the start-up limit; "
+                           "the run may be hanging in its start-up)")
+            elif last_step is not None and now - last_change > watch.stall_s:
+                problem = (f"no new step for {now - last_change:.0f} s after step {last_step} (stall limit "
+                           f"{watch.stall_s:.0f} s): the run hangs")
+            if problem:
+                log.error("stopping the run: %s", problem)
+                break
+    finally:
+        _remember(process, seen)
+        left = end_processes(list(seen.values()), watch.grace_s)
+        if left and not problem and process.poll() is not None:
+            log.warning("ended %d process(es) the run left behind", left)
+    if problem:
+        raise Stalled(f"stopped: {problem}; its processes were ended, its checkpoints kept (rerun the job to "
+                      "resume from the last one)")
+    return process.returncode
+
+
+def _last(step: int | None) -> str:
+    return "no step logged yet" if step is None else f"last step logged: {step}"
 
 
 class Cancelled(BaseException):
@@ -102,14 +218,17 @@ class RayCluster:
         out = subprocess.run(["ray", "status", f"--address={self.address}"], capture_output=True, text=True)
         return len(re.findall(r"^\s*\d+\s+node_", out.stdout, flags=re.M)) if out.returncode == 0 else 0
 
-    def start(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+    def start(self, timeout_s: float = JOIN_TIMEOUT_S, env: Mapping[str, str] | None = None) -> None:
+        """Start the head and the workers, in ``env`` (srun hands it to each node; the workers
+        verl's driver places there inherit it)."""
+        env = dict(env) if env is not None else None
         head, *workers = self.start_commands()
-        self.processes.append(subprocess.Popen(head))
+        self.processes.append(subprocess.Popen(head, env=env))
         deadline = time.monotonic() + timeout_s
         while self.joined() < 1:
             self._check(deadline, "the Ray head")
         for command in workers:
-            self.processes.append(subprocess.Popen(command))
+            self.processes.append(subprocess.Popen(command, env=env))
         while self.joined() < len(self.nodes):
             self._check(deadline, f"{len(self.nodes)} Ray nodes")
         log.info("Ray cluster of %d nodes x %d GPUs at %s", len(self.nodes), self.gpus, self.address)
@@ -132,10 +251,14 @@ class RayCluster:
                 process.kill()
 
 
-def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int) -> int:
+def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int,
+               watch: Watch | None = None) -> int:
     """Run ``command`` (a verl entry point) on ``nodes`` nodes with ``gpus`` GPUs in all; returns
-    its exit status (143 when the job was cancelled)."""
+    its exit status (143 when the job was cancelled). On one node, ``watch`` stops a run that
+    stalls (``supervise``)."""
     if nodes <= 1:
+        if watch is not None:
+            return supervise(command, env, watch)
         return subprocess.run(list(command), env=dict(env)).returncode
     cluster = RayCluster(allocation_nodes(env), gpus_per_node(env, nodes, gpus))
     if len(cluster.nodes) != nodes:
@@ -147,7 +270,7 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     previous = signal.signal(signal.SIGTERM, cancelled)
     trainer = None
     try:
-        cluster.start()
+        cluster.start(env=env)
         trainer = subprocess.Popen(list(command), env={**env, "RAY_ADDRESS": cluster.address})
         return trainer.wait()
     except Cancelled:

@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from luffy.engines.verl import cpu
+
 TRAINER_MODE = "luffy"          # our V1 trainer, registered by the plug-in
 AGENT_LOOP = "luffy_agent"      # our agent loop, registered by the plug-in
 PLUGIN_MODULE = "luffy.engines.verl.plugin"
@@ -71,8 +73,9 @@ class VerlJob:
     checkpoint_dir: str
     project: str          # the MLflow experiment
     nnodes: int = 1       # the job's nodes ...
-    gpus_per_node: int = 8  # ... and GPUs on each
+    gpus_per_node: int = 8  # ... and GPUs on each (on the CPU: one logical GPU)
     val_files: str | None = None
+    device: str = "cuda"  # cuda | cpu (verl's own loop on the CPU: luffy.engines.verl.cpu)
 
 
 def hydra_value(value: Any) -> str:
@@ -205,6 +208,8 @@ def ppo_overrides(settings: Any, runtime: Any, job: VerlJob, metrics_path: str) 
         f"trainer.v1.trainer_mode={TRAINER_MODE}",
         *_pairs("luffy", luffy_section(s, metrics_path), add=True),
     ]
+    if job.device == "cpu":
+        out += cpu.ppo_overrides()
     return out + list(r.overrides)
 
 
@@ -222,7 +227,7 @@ def _trainer(s: Any, r: Any, job: VerlJob) -> list[str]:
         f"trainer.save_freq={s.checkpoint_every * (s.mini_batches if s.algorithm == 'sft' else 1)}",
         f"trainer.default_local_dir={hydra_value(job.checkpoint_dir)}",
         "trainer.resume_mode=auto",
-        "trainer.device=cuda",
+        f"trainer.device={job.device}",
     ]
 
 
@@ -257,7 +262,7 @@ def sft_overrides(settings: Any, runtime: Any, job: VerlJob) -> list[str]:
         "trainer.test_freq=-1",
         f"trainer.max_ckpt_to_keep={r.max_checkpoints}",
         f"trainer.seed={s.seed}",
-    ] + list(r.overrides)
+    ] + (cpu.sft_overrides() if job.device == "cpu" else []) + list(r.overrides)
 
 
 def override_key(override: str) -> str:

