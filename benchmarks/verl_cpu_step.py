@@ -74,17 +74,22 @@ def main() -> None:
         figures[algorithm] = {**json.loads(figure_file.read_text()), "wall_s": wall,
                               "response_length_mean": statistics.mean(v for v in tokens.values() if v)}
 
-    print(f"machine: {sys.platform}, {os.cpu_count()} cores; {args.prompts} prompts x {args.n}, responses <= "
+    import platform
+
+    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    print(f"machine: {cpu_name}, {os.cpu_count()} cores; {args.prompts} prompts x {args.n}, responses <= "
           f"{args.response} tokens, {args.steps} steps, random tiny Qwen2 (hidden 128, 2 layers)")
-    for algorithm, times in steps.items():
-        later = [times[s] for s in sorted(times) if s > 1]
+    later_steps = {}
+    for algorithm, times in steps.items():  # verl's log holds our step numbers, from 0
+        first = min(times)
+        later = later_steps[algorithm] = [times[s] for s in sorted(times) if s > first]
         f = figures[algorithm]
-        print(f"{algorithm:6s} wall {f['wall_s']:.0f} s (start-up + step 1: {f['to_first_step_s']:.0f} s), step 1 "
-              f"{times[1]:.1f} s, later steps median {statistics.median(later):.2f} s "
+        print(f"{algorithm:6s} wall {f['wall_s']:.0f} s (start-up + first step: {f['to_first_step_s']:.0f} s), first "
+              f"step {times[first]:.1f} s, later steps median {statistics.median(later):.2f} s "
               f"({', '.join(f'{t:.2f}' for t in later)}), mean response {f['response_length_mean']:.0f} tokens, "
               f"peak memory {f['peak_memory_gb']:.1f} GB in {f['peak_processes']:.0f} processes")
-    ratio = statistics.median([t for s, t in steps["luffy"].items() if s > 1]) / statistics.median(
-        [t for s, t in steps["grpo"].items() if s > 1])
+    ratio = statistics.median(later_steps["luffy"]) / statistics.median(later_steps["grpo"])
     print(f"luffy / grpo step time (median of the steps after the first): {ratio:.2f}")
 
 

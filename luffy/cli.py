@@ -161,12 +161,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rehearse", help="a config's whole DAG on the CPU in minutes, with what costs GPUs shrunk "
                                         "(a stand-in base model, few rows, 2 steps, short generations), before its "
-                                        "GPU run")
+                                        "GPU run; Snakemake arguments follow `--`")
     p.add_argument("configfile")
     p.add_argument("--cores", type=_ranged(int, GE1), default=None, help="cores for Snakemake (default: all)")
     p.add_argument("--response-tokens", type=_ranged(int, GE1), default=None,
                    help="cap of traces and responses in tokens (default 1024)")
-    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="-- further Snakemake arguments")
+    p.add_argument("--snakemake-args", nargs="*", default=[], help=argparse.SUPPRESS)  # what follows `--`
 
     sub.add_parser("schema", help="print the config JSON schema (workflow/schemas/config.schema.yaml)")
     p = sub.add_parser("settings", help="print the settings reference of config/README.md (every setting, its "
@@ -261,8 +261,7 @@ def run(args: argparse.Namespace) -> None:
 
         scale = Scale() if args.response_tokens is None else dataclasses.replace(Scale(),
                                                                                   response_tokens=args.response_tokens)
-        extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
-        table = rehearse(args.configfile, args.cores, scale, extra)
+        table = rehearse(args.configfile, args.cores, scale, args.snakemake_args)
         if table.exists():
             print(table.read_text())
     elif args.stage == "schema":
@@ -281,7 +280,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []
+    if argv[:1] == ["rehearse"] and "--" in argv:  # luffy rehearse CONFIG [options] -- SNAKEMAKE ARGUMENTS
+        cut = argv.index("--")
+        argv, passed_on = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
+    if args.stage == "rehearse":
+        args.snakemake_args = passed_on
     _setup_logging(getattr(args, "log", None))
     from luffy.data.schema import DataError
     from luffy.engines.base import EngineError

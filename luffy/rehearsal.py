@@ -189,8 +189,9 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
     print(describe(raw, rehearsal, scale), flush=True)
     snakemake = Path(sys.executable).with_name("snakemake")
     command = [str(snakemake if snakemake.exists() else "snakemake"), "-s", str(snakefile), "--configfile", str(derived),
-               "--cores",
-               str(cores), "--resources", f"mem_mb={int(memory_mb() * 0.85)}", *(snakemake_args or [])]
+               "--cores", str(cores), "--resources", f"mem_mb={int(memory_mb() * 0.85)}",
+               "--keep-going",  # every independent failure in one rehearsal
+               *(snakemake_args or [])]
     log.info("running %s", " ".join(command))
     status = subprocess.run(command).returncode
     if status != 0:

@@ -45,8 +45,9 @@ def resolve_model_dir(source: str, weights: bool = True) -> Path:
     try:
         return Path(snapshot_download(source, ignore_patterns=None if weights else list(WEIGHT_PATTERNS)))
     except Exception as err:  # offline, gated, unknown id
+        why = " ".join(str(err).split())  # one line, whatever the hub client's message looks like
         raise ConfigError(f"config key 'base_model.path': cannot fetch '{source}' from the HuggingFace hub "
-                          f"({type(err).__name__}: {err}); download it and give its directory instead") from None
+                          f"({type(err).__name__}: {why}); download it and give its directory instead") from None
 
 
 def patch_config(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
