@@ -131,6 +131,21 @@ def test_sigterm_stops_the_trainer_and_ray_on_every_node(fake_slurm):
     assert sorted(stops) == ["gpu-a", "gpu-b", "gpu-c"]
 
 
+def test_a_stalled_trainer_on_three_nodes_is_stopped_and_ray_stopped_on_every_node(fake_slurm, tmp_path):
+    steps = tmp_path / "steps.jsonl"
+    logs_a_step_then_hangs = trainer(fake_slurm, f"open({str(steps)!r}, 'a').write('{{\"step\": 0}}\\n'); "
+                                                 "import time; time.sleep(60)")
+    watch = launcher.Watch(progress=lambda: 0 if steps.exists() and steps.read_text() else None, stall_s=1.0,
+                           startup_s=30.0, poll_s=0.1, grace_s=2.0)
+    began = time.monotonic()
+    with pytest.raises(launcher.Stalled, match="after step 0"):
+        run_on_ray(logs_a_step_then_hangs, os.environ, nodes=3, gpus=12, watch=watch)
+    assert time.monotonic() - began < 30
+    assert ["trainer", "gpu-a:6379"] in calls(fake_slurm)
+    stops = [c[1] for c in calls(fake_slurm) if c[0] == "ray" and c[2] == "stop"]
+    assert sorted(stops) == ["gpu-a", "gpu-b", "gpu-c"]
+
+
 def test_a_node_count_other_than_the_jobs_is_refused(fake_slurm, monkeypatch):
     monkeypatch.setenv("FAKE_NODES", "gpu-a gpu-b")
     with pytest.raises(LaunchError, match="has 2 nodes, the job asked for 3"):

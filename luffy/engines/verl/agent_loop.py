@@ -36,10 +36,6 @@ from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_log
 from luffy.data.templates import encode_traces, render_prompt
 from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK, TEACHER_LOG_PROB
 
-# verl's own single-turn loop: every member it samples is exactly verl's row; ours adds the fields below
-VERL_LOOP = SingleTurnAgentLoop
-
-
 class LuffyAgentLoopOutput(AgentLoopOutput):
     """verl's output plus our per-token fields (V1 stores every ``as_dict`` entry as a column)."""
 
@@ -80,7 +76,7 @@ def weight_version(global_steps: int) -> int:
     return global_steps - 1
 
 
-class LuffyAgentLoop(VERL_LOOP):
+class LuffyAgentLoop(SingleTurnAgentLoop):
     """verl's single-turn loop whose first sessions are the teacher's (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
@@ -135,7 +131,7 @@ class LuffyAgentLoop(VERL_LOOP):
         rl_sft = self.luffy.algorithm == "rl_sft"
         trace_sessions = self.luffy.trace_rows if rl_sft else self.luffy.n_off
         teacher = self.luffy.teacher_logprobs
-        version = weight_version(int(kwargs.get("global_steps", 1)))
+        global_steps = int(kwargs.get("global_steps", 1))  # verl counts steps from 1
         if target is None or session >= trace_sessions:  # an on-policy member (or a validation row): verl's own
             output = await super().run(sampling_params, **kwargs)
             n = len(output.response_ids)
@@ -147,18 +143,18 @@ class LuffyAgentLoop(VERL_LOOP):
             return LuffyAgentLoopOutput.of(output, **ours)
         trace = self._trace(messages, target)
         if rl_sft:  # the trace row of the SFT term: not a policy member
-            output = await self._given(messages, trace, version, None, sampling_params)
+            output = await self._given(messages, trace, weight_version(global_steps), None, sampling_params)
             output.response_mask, output.sft_mask = [0] * len(trace), [1] * len(trace)
             return output
         # a teacher member of the group
-        step = int(kwargs.get("global_steps", 1)) - 1  # verl counts steps from 1
+        step = global_steps - 1
         rng = random.Random(group_seed(self.luffy.seed, step, int(kwargs.get("index", 0))))
         plan = plan_teacher_members(len(trace), self.luffy.n_off, self.luffy.prefix_strategy,
                                     self.luffy.prefix_ratio_min, self.luffy.prefix_ratio_max, rng,
                                     training_progress(step, self.luffy.steps))
         k = plan[session]
         off_tokens = len(trace) if k is None else k
-        output = await self._given(messages, trace, version, k, sampling_params)
+        output = await self._given(messages, trace, weight_version(global_steps), k, sampling_params)
         row = torch.ones(1, len(output.response_ids))
         output.off_policy_mask = off_policy_mask(row, torch.tensor([off_tokens]))[0].long().tolist()
         if teacher:

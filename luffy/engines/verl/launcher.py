@@ -17,7 +17,7 @@ launcher:
 ``python -m luffy.engines.verl.launcher --nodes N --gpus G -- COMMAND...`` runs COMMAND this
 way; the verl engine calls ``run_on_ray``.
 
-On one node the trainer runs under a ``Watch`` (``supervise``): a run that logs no new step for
+The trainer runs under a ``Watch`` (``supervise``): a run that logs no new step for
 ``stall_s`` (or no first step within ``startup_s``), or that outlives its hard time limit, is
 stopped, and so is every process it started (Ray's GCS, raylet and workers, the vLLM engine
 processes): a failure inside a vLLM worker otherwise leaves verl's driver waiting forever.
@@ -254,8 +254,8 @@ class RayCluster:
 def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int,
                watch: Watch | None = None) -> int:
     """Run ``command`` (a verl entry point) on ``nodes`` nodes with ``gpus`` GPUs in all; returns
-    its exit status (143 when the job was cancelled). On one node, ``watch`` stops a run that
-    stalls (``supervise``)."""
+    its exit status (143 when the job was cancelled). ``watch`` stops a run that stalls
+    (``supervise``), on one node or several."""
     if nodes <= 1:
         if watch is not None:
             return supervise(command, env, watch)
@@ -271,7 +271,10 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     trainer = None
     try:
         cluster.start(env=env)
-        trainer = subprocess.Popen(list(command), env={**env, "RAY_ADDRESS": cluster.address})
+        trainer_env = {**env, "RAY_ADDRESS": cluster.address}
+        if watch is not None:  # a stalled or cancelled trainer is ended by supervise, Ray below
+            return supervise(command, trainer_env, watch)
+        trainer = subprocess.Popen(list(command), env=trainer_env)
         return trainer.wait()
     except Cancelled:
         log.warning("cancelled (SIGTERM): stopping the trainer and Ray")
