@@ -35,7 +35,7 @@ $(STAMP): envs/cpu.txt envs/verl-cpu.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/snakemake --configfile config/config.yaml
+	$(BIN)/snakemake --cores 2 --configfile config/config.yaml
 	@cat results/report/results.md
 
 test: setup

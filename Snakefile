@@ -13,10 +13,6 @@ if not config:
 
 
 
-# `snakemake --report report.html`: the results tables and plots of the study in one file
-report: "workflow/report/workflow.rst"
-
-
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
@@ -26,9 +22,15 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# `snakemake --report report.html`: the study's results table and plots in one file, on its front
+# page (which names any result that changed after the report stage ran)
+report: report_front_page()
+
+
 onstart:
-    # MLflow store and parent runs are created once here, before any job can race for them.
-    init_tracking()
+    # Once, before any job: the SLURM status command, the results folder's study, and the MLflow
+    # store and parent runs (made here, before any job can race for them).
+    start()
 
 
 rule all:

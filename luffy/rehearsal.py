@@ -191,6 +191,7 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
     command = [str(snakemake if snakemake.exists() else "snakemake"), "-s", str(snakefile), "--configfile", str(derived),
                "--cores", str(cores), "--resources", f"mem_mb={int(memory_mb() * 0.85)}",
                "--keep-going",  # every independent failure in one rehearsal
+               "--rerun-incomplete", "--show-failed-logs",
                *(snakemake_args or [])]
     log.info("running %s", " ".join(command))
     status = subprocess.run(command).returncode

@@ -15,7 +15,9 @@ MICRO = Path(__file__).with_name("micro.yaml")
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), *args], cwd=workdir, env=env,
+    cores = [] if "--cores" in args else ["--cores", "2"]  # a local run names its cores (no default profile)
+    return subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), "--printshellcmds", *cores, *args], cwd=workdir,
+                          env=env,
                           capture_output=True, text=True)
 
 
@@ -106,8 +108,8 @@ def test_micro_pipeline_end_to_end(tmp_path):
     for group in ("base", "grpo", "sft", "luffy"):
         headline = client.get_run(parents[group]).data.metrics
         for suite in ("toy_id", "toy_ood"):
-            assert 0.0 <= headline[f"{suite}/accuracy_ci_low"] <= headline[f"{suite}/accuracy"] \
-                <= headline[f"{suite}/accuracy_ci_high"] <= 1.0, (group, suite)
+            assert 0.0 <= headline[f"{suite}/accuracy_pct_ci_low"] <= headline[f"{suite}/accuracy_pct"] \
+                <= headline[f"{suite}/accuracy_pct_ci_high"] <= 100.0, (group, suite)
     assert "train/final_reward_on_policy_mean" in client.get_run(parents["luffy"]).data.metrics
     assert "train/final_loss_sft" in client.get_run(parents["sft"]).data.metrics
 
@@ -128,8 +130,23 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     assert time.perf_counter() - began < 30
 
+    # the report's front page: the table and plots in the page, and a result changed since named
+    (results / "eval" / "base" / "toy_id.json").touch()
+    stale = snakemake(tmp_path, "--configfile", config, "--report", "report.html")
+    assert stale.returncode == 0, stale.stderr[-3000:]
+    page = (tmp_path / ".snakemake" / "luffy-report-page.rst").read_text()
+    assert "<td>luffy</td>" in page and page.count("data:image/png;base64") == 2
+    assert "predate them:\n\n   - ``results/eval/base/toy_id.json``" in page
+
+    # another config into these results is refused in one line naming both
+    other = write_config(tmp_path, "other.yaml")
+    refused = snakemake(tmp_path, "--configfile", other, "--dry-run")
+    assert refused.returncode != 0
+    assert ("results/ holds the study of micro.yaml (MLflow experiment 'luffy-micro'), not of this run's other.yaml: "
+            "add --configfile micro.yaml") in refused.stdout + refused.stderr
+
     # one experiment's learning rate changed: only its train, convert, evaluate and the report rerun
-    changed = write_config(tmp_path, "micro_lr.yaml", luffy={"lr": 2.0e-3})
+    changed = write_config(tmp_path, "micro.yaml", luffy={"lr": 2.0e-3})
     dry = snakemake(tmp_path, "--configfile", changed, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     output = dry.stdout + dry.stderr
@@ -327,7 +344,7 @@ def test_jobs_find_luffy_when_snakemake_runs_without_the_venv_on_path(tmp_path):
     env["PATH"] = "/usr/bin:/bin"
     snakemake_bin = Path(sys.executable).parent / "snakemake"
     result = subprocess.run([str(snakemake_bin), "results/data/toy/raw_traces.parquet", "-s", str(REPO / "Snakefile"),
-                             "--configfile", "micro.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                             "--cores", "2", "--printshellcmds", "--configfile", "micro.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "results" / "data" / "toy" / "raw_traces.parquet").exists()
     assert f"{Path(sys.executable).parent / 'luffy'} make-toy-traces" in result.stdout + result.stderr

@@ -1,9 +1,11 @@
 # Config validation, paths and input functions. Imported first by the Snakefile.
 import os
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from luffy import startup
 from luffy import workflow as wf
 from luffy.config import ConfigError, load_config
 
@@ -22,6 +24,11 @@ BENCHMARK_SUITES = list(CFG.benchmarks)  # suites materialised from the benchmar
 LUFFY = wf.luffy_command()  # the jobs' `luffy`, also when the venv's bin/ is not on PATH
 os.environ.setdefault("MLFLOW_TRACKING_URI", CFG.root.tracking.uri)
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
+if workflow.is_main_process:  # once, where Snakemake is typed (also for -n); not again in each job
+    for problem in (startup.job_command_problem(LUFFY, bool(os.environ.get(wf.LUFFY_COMMAND))),
+                    startup.study_problem(RESULTS, workflow.configfiles, CFG.root.tracking.experiment)):
+        if problem:
+            raise WorkflowError(problem)
 
 
 wildcard_constraints:
@@ -31,8 +38,25 @@ wildcard_constraints:
     suite="|".join(BENCHMARK_SUITES) or "(?!x)x",
 
 
-def init_tracking():
+def start():
+    """Before the first job: a SLURM status command that sees this cluster's jobs, the results
+    folder claimed for this config, then the MLflow store and parent runs."""
+    plugin = workflow.executor_plugin
+    try:
+        notice = startup.fit_executor(plugin.name if plugin else None, workflow.executor_settings)
+        startup.claim_results_dir(RESULTS, workflow.configfiles, CFG.root.tracking.experiment)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+    if notice:
+        logger.info(notice)
     wf.init_tracking(CFG)
+
+
+def report_front_page():
+    description = str(Path(workflow.basedir) / "workflow" / "report" / "workflow.rst")
+    if not workflow.is_main_process:
+        return description
+    return wf.report_front_page(CFG, workflow.configfiles, description)
 
 
 def get_final_output():
