@@ -59,6 +59,8 @@ def _ranged(tp: type, valid: Valid):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luffy", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of luffy and the libraries its jobs import; exit 2 if one is missing")
     sub = parser.add_subparsers(dest="stage", required=True)
 
     def stage(name: str, help_text: str, settings: bool = True) -> argparse.ArgumentParser:
@@ -105,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job's allocation, all nodes together")
     p.add_argument("--runtime", type=_ranged(int, GE1), default=None,
                    help="the job's run time in minutes (resources.runtime): a hard limit of verl runs on the CPU")
+    p.add_argument("--chain", type=int, choices=(0, 1), default=0,
+                   help="1: a part of a chain of SLURM jobs (resources.job_time_limit): stop at a checkpoint before "
+                        "the job's end and requeue it to go on")
 
     p = stage("convert", "export a training checkpoint as a verified HuggingFace directory", settings=False)
     p.add_argument("--checkpoint", required=True)
@@ -155,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tracking", help="create the MLflow store and parent runs (once, before jobs)")
     p.add_argument("--resolved-config", required=True, help="the resolved config as JSON")
+
+    p = sub.add_parser("compare", help="the study's comparison in the MLflow UI: store its views and print their URLs "
+                                       "(one row per model with accuracy and intervals; training curves)")
+    p.add_argument("configfile")
+    p.add_argument("--port", type=_ranged(int, GE1), default=5000, help="the port of `mlflow ui` (SQLite stores)")
+    p.add_argument("--serve", action="store_true", help="also run `mlflow ui` on the config's SQLite store")
 
     p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
     p.add_argument("configfile")
@@ -217,9 +228,18 @@ def run(args: argparse.Namespace) -> None:
         validation = raw.pop("validation", None)  # in-training validation rides along when on
         runtime = raw.pop("runtime", None)  # the verl engine's cluster layout
         settings = resolve_train_config(args.group, {}, raw)
-        stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics, args.work_dir,
-                     threads=args.threads, validation=validation, runtime=runtime, nodes=args.nodes, gpus=args.gpus,
-                     runtime_minutes=args.runtime, **common)
+        from luffy.chain import TimeLimitReached, requeue
+        from luffy.engines.base import EngineError
+
+        try:
+            stages.train(settings, args.data, args.base_model, args.out_dir, args.metrics, args.work_dir,
+                         threads=args.threads, validation=validation, runtime=runtime, nodes=args.nodes,
+                         gpus=args.gpus, runtime_minutes=args.runtime, chain=bool(args.chain), **common)
+        except TimeLimitReached as stop:
+            try:
+                requeue(stop)  # returns only when SLURM did not end this part
+            except RuntimeError as err:
+                raise EngineError(str(err)) from None
     elif args.stage == "convert":
         stages.convert(args.checkpoint, args.out_dir, **common)
     elif args.stage == "evaluate":
@@ -246,6 +266,17 @@ def run(args: argparse.Namespace) -> None:
                      args.device)
     elif args.stage == "init-tracking":
         stages.init_tracking(json.loads(args.resolved_config))
+    elif args.stage == "compare":
+        import yaml
+
+        from luffy.compare import compare
+        from luffy.config import load_config
+
+        with open(args.configfile) as fh:
+            root = load_config(yaml.safe_load(fh)).root
+        compare(os.environ.get("MLFLOW_TRACKING_URI", root.tracking.uri),
+                os.environ.get("MLFLOW_EXPERIMENT_NAME", root.tracking.experiment), list(root.evaluation.suites),
+                port=args.port, serve=args.serve)
     elif args.stage == "check-config":
         import yaml
 
@@ -281,6 +312,15 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # the workflow's check of the jobs' command, before any job
+        from luffy.jobenv import version_check
+
+        description, problem = version_check()
+        print(description)
+        if problem:
+            print(f"luffy: error: {problem}", file=sys.stderr)
+            return 2
+        return 0
     passed_on = []
     if argv[:1] == ["rehearse"] and "--" in argv:  # luffy rehearse CONFIG [options] -- SNAKEMAKE ARGUMENTS
         cut = argv.index("--")

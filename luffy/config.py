@@ -521,6 +521,11 @@ class ResourcesConfig:
     experiments: dict[str, JobResources] = _help(
         "experiment -> the resources of its train job over `stages.train` (an experiment with seeds: its "
         "declared name)", dict, valid=Valid(text="a mapping of experiment names to job resources"))
+    job_time_limit: Optional[int] = _help(
+        "the longest run time in minutes one SLURM job may have here (the partition's limit, e.g. 1440); a train "
+        "job whose runtime is longer runs as a chain: it stops at a checkpoint before this limit, requeues itself "
+        "and resumes from that checkpoint, until training is done (Snakemake sees one job); null: no limit",
+        None, valid=GE1)
 
 
 SEED_SCOPES = ("base", "training")
@@ -805,6 +810,10 @@ def _check_resources(root: Config, experiments: dict[str, TrainConfig]) -> None:
     for stage in STAGES:
         if stage != "train" and job_resources(root, stage).nodes != 1:
             raise ConfigError(f"config key 'resources.stages.{stage}.nodes': only training runs over several nodes")
+        limit, runtime = res.job_time_limit, job_resources(root, stage).runtime
+        if stage != "train" and limit is not None and runtime > limit:
+            raise ConfigError(f"config key 'resources.stages.{stage}.runtime': {runtime} minutes exceed "
+                              f"resources.job_time_limit ({limit}); only training runs as a chain of jobs")
     for name, cfg in experiments.items():
         job = job_resources(root, "train", name)
         if job.nodes > 1 and (cfg.engine != "verl" or job.gpus < 1):

@@ -7,6 +7,7 @@ This module imports only the config (no torch, no MLflow) so that building the D
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -38,8 +39,7 @@ def luffy_command(env: dict[str, str] | None = None) -> str:
 def _snakemake_resources(job: JobResources) -> dict[str, int]:
     """A job's resources under the names Snakemake and its SLURM executor use: ``gpu`` is the
     job's total (the executor asks for ``--gpus=<total>``), ``nodes`` its nodes, and
-    ``cpus_per_task`` its cores (the executor's ``--cpus-per-task``: Snakemake caps a rule's
-    threads at the run's ``--cores``, which the local default profile sets to 2)."""
+    ``cpus_per_task`` its cores (the executor's ``--cpus-per-task``)."""
     return {"mem_mb": job.mem_mb, "runtime": job.runtime, "gpu": job.gpus * job.nodes, "nodes": job.nodes,
             "cpus_per_task": job.cpus}
 
@@ -52,12 +52,30 @@ def stage_threads(cfg: ResolvedConfig, stage: str) -> int:
     return job_resources(cfg.root, stage).cpus
 
 
-def train_resources(cfg: ResolvedConfig) -> dict[str, Callable[[Any], int]]:
-    """Per experiment (the ``experiment`` wildcard): its train job's resources."""
-    def one(key: str) -> Callable[[Any], int]:
-        return lambda w: _snakemake_resources(job_resources(cfg.root, "train", w.experiment))[key]
+CHAIN_SBATCH = "--requeue --open-mode=append"  # a chained job requeues itself; its SLURM log keeps every part
 
-    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes", "cpus_per_task")}
+
+def train_job_resources(cfg: ResolvedConfig, experiment: str) -> dict[str, int | str]:
+    """An experiment's train job resources, with ``chain`` 1 when its runtime exceeds
+    ``resources.job_time_limit``: then each SLURM job of the chain asks for the limit, may be
+    requeued (``slurm_extra``), and ``luffy train --chain 1`` stops it at a checkpoint before
+    its end (luffy.chain)."""
+    job = job_resources(cfg.root, "train", experiment)
+    limit = cfg.root.resources.job_time_limit
+    chained = limit is not None and job.runtime > limit
+    out: dict[str, int | str] = _snakemake_resources(job)
+    if chained:
+        out["runtime"] = limit
+    out.update(chain=int(chained), slurm_extra=CHAIN_SBATCH if chained else "")
+    return out
+
+
+def train_resources(cfg: ResolvedConfig) -> dict[str, Callable[[Any], int | str]]:
+    """Per experiment (the ``experiment`` wildcard): its train job's resources."""
+    def one(key: str) -> Callable[[Any], int | str]:
+        return lambda w: train_job_resources(cfg, w.experiment)[key]
+
+    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes", "cpus_per_task", "chain", "slurm_extra")}
 
 
 def train_threads(cfg: ResolvedConfig) -> Callable[[Any], int]:
@@ -297,6 +315,19 @@ def published_files(cfg: ResolvedConfig) -> list[str]:
     from luffy.report.publish import published_paths  # pandas: imported only when publishing
 
     return [str(p) for p in published_paths(doc, curves=bool(cfg.experiments))]
+
+
+def report_front_page(cfg: ResolvedConfig, configfiles: list[str], description: str) -> str:
+    """The front page of ``snakemake --report``: ``description`` until the report stage ran, then
+    a page with the results inline that names any result newer than the report (see
+    luffy.report.snakemake_page)."""
+    from luffy.report.snakemake_page import front_page
+
+    inputs = [f"{_results(cfg)}/eval/{m}/{s}.json" for m in cfg.models for s in cfg.root.evaluation.suites]
+    inputs += [f"{_results(cfg)}/train/{e}/metrics.jsonl" for e in cfg.experiments]
+    inputs += teacher_traces_outputs(cfg) + report_inputs(cfg)
+    command = "snakemake " + " ".join(f"--configfile {os.path.relpath(f)}" for f in configfiles)
+    return front_page(description, f"{_results(cfg)}/report", inputs, command.strip())
 
 
 def report_inputs(cfg: ResolvedConfig) -> list[str]:

@@ -7,11 +7,13 @@ Every job's passage through sbatch is read from SLURM's own records (``scontrol 
 not from Snakemake's log.
 """
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -45,23 +47,31 @@ def jobs_in(workdir: Path) -> dict[int, dict[str, str]]:
     return jobs
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["LUFFY_COMMAND"] = str(Path(sys.executable).parent / "luffy")  # the jobs' environment
-    # no accounting database on CI's SLURM: poll squeue, from the first second
+def snakemake(workdir: Path, *args: str, luffy: str | None = str(Path(sys.executable).parent / "luffy"),
+              timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``snakemake --profile slurm ...`` as the README has it typed: no status command although
+    CI's SLURM has no accounting (the workflow finds that out). The one addition, for speed: the
+    first status check after 1 s instead of the executor's 40."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}
+    if luffy is not None:
+        env["LUFFY_COMMAND"] = luffy  # the jobs' environment
     return subprocess.run([str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
-                           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-                           *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
+                           "--slurm-init-seconds-before-status-checks", "1", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def first_error(run: subprocess.CompletedProcess) -> str:
+    """The line after Snakemake's 'WorkflowError in file ...' header: the workflow's message."""
+    lines = (run.stdout + run.stderr).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("WorkflowError"))
+    return lines[at + 1]
 
 
 @needs_submitter
 def test_the_paper_runs_plan_shows_each_train_jobs_gpus_nodes_and_time(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    dry = subprocess.run([str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm", "-n", "--configfile",
-                          "config/experiments/paper_qwen2.5_math_7b.yaml"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    dry = snakemake(tmp_path, "-n", "--configfile", "config/experiments/paper_qwen2.5_math_7b.yaml", timeout=600)
     assert dry.returncode == 0, dry.stderr[-3000:]
     out = dry.stdout + dry.stderr
     jobs = re.findall(r"rule train:.*?wildcards: experiment=(\S+).*?resources: ([^\n]+)", out, flags=re.S)
@@ -70,6 +80,8 @@ def test_the_paper_runs_plan_shows_each_train_jobs_gpus_nodes_and_time(tmp_path)
     for name, request in requests.items():
         assert (request["gpu"], request["nodes"], request["cpus_per_task"]) == ("8", "1", "64"), name
     assert requests["luffy"]["runtime"] == "4320" and requests["sft"]["runtime"] == "1440"
+    # the threads the jobs get, not a local profile's cap
+    assert set(re.findall(r"rule train:.*?threads: (\d+)", out, flags=re.S)) == {"64"}
     assert "gpu=4" in re.search(r"rule evaluate:.*?resources: ([^\n]+)", out, flags=re.S).group(1)
 
 
@@ -88,7 +100,108 @@ def test_micro_pipeline_through_slurm_then_one_stage_by_its_target(tmp_path):
                      "evaluate": 4, "report": 1}
     assert {job["state"] for job in jobs.values()} == {"COMPLETED"}
 
-    rerun = snakemake(tmp_path, "--configfile", "micro.yaml", "-f", "results/eval/base/toy_id.json")
+    rerun = snakemake(tmp_path, "-f", "results/eval/base/toy_id.json", "--configfile", "micro.yaml")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     new = {k: v for k, v in jobs_in(tmp_path).items() if k not in jobs}
     assert [job["comment"] for job in new.values()] == ["rule_evaluate_wildcards_base"]
+    assert "SLURM accounting is off here (sacct: Slurm accounting storage is disabled): job states are read with " \
+           "squeue" in rerun.stdout + rerun.stderr
+
+    # the HTML report, in the submitting environment: current results inline, the re-evaluated one named
+    report = snakemake(tmp_path, "--configfile", "micro.yaml", "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 100_000
+    page = (tmp_path / ".snakemake" / "luffy-report-page.rst").read_text()
+    assert "<td>luffy</td>" in page and "- ``results/eval/base/toy_id.json``" in page
+
+    # the demo config typed without --configfile into these results: refused, nothing submitted
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    other = snakemake(tmp_path, "-n")
+    assert other.returncode != 0
+    assert first_error(other).startswith("results/ holds the study of micro.yaml (MLflow experiment 'luffy-micro'), "
+                                         "not of this run's config/config.yaml: add --configfile micro.yaml")
+
+
+@needs_submitter
+def test_a_submitting_environment_taken_for_the_jobs_stops_the_plan_in_one_line(tmp_path):
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    shutil.copy(MICRO, tmp_path / "micro.yaml")
+    unset = snakemake(tmp_path, "-n", "--configfile", "micro.yaml", luffy=None)
+    assert unset.returncode != 0
+    assert first_error(unset) == (
+        f"the jobs' command {SUBMITTER.parent / 'luffy'} (LUFFY_COMMAND is not set) cannot run the jobs: its "
+        "environment lacks torch, transformers, pyarrow, mlflow, math_verify, tqdm (needed by the workflow's jobs); "
+        "set LUFFY_COMMAND to the luffy of the job environment (README: Running on a SLURM cluster)")
+    wrong = snakemake(tmp_path, "-n", "--configfile", "micro.yaml", luffy=str(tmp_path / "venv" / "bin" / "luffy"))
+    assert first_error(wrong).startswith(f"LUFFY_COMMAND={tmp_path}/venv/bin/luffy: no such executable")
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_failed_job_is_reported_within_two_minutes_without_accounting(tmp_path):
+    """A job that fails on a SLURM without accounting, and no status command typed: Snakemake
+    reports it and exits (the executor's default, sacct, would wait forever)."""
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    shutil.copy(MICRO, tmp_path / "micro.yaml")
+    failing = tmp_path / "luffy"  # answers the start-up check, then every stage fails
+    failing.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && exec {Path(sys.executable).parent / 'luffy'} --version\n"
+                       "echo 'a stage failed' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    began = time.monotonic()
+    run = snakemake(tmp_path, "results/data/toy/raw_traces.parquet", "--configfile", "micro.yaml",
+                    luffy=str(failing), timeout=600)
+    took = time.monotonic() - began
+    assert run.returncode != 0
+    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", run.stdout + run.stderr)
+    assert took < 120, took
+    assert {job["state"] for job in jobs_in(tmp_path).values()} == {"FAILED"}
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_training_longer_than_the_job_time_limit_runs_as_a_chain_of_one_slurm_job(tmp_path):
+    """resources.job_time_limit of 1 minute, a train runtime of 10: the train job stops at a
+    checkpoint before its minute is up, requeues itself and resumes, until done; Snakemake sees
+    one job. The weights equal an uninterrupted run's; each step is logged once."""
+    import torch
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    config = yaml.safe_load(MICRO.read_text())
+    config["train_defaults"].update(steps=300, checkpoint_every=1000)
+    config["experiments"] = {"luffy": {"algorithm": "luffy"}}
+    chained, alone = tmp_path / "chained", tmp_path / "alone"
+    for where, resources in ((chained, {"job_time_limit": 1, "stages": {"train": {"runtime": 10}},
+                                        "default": {"cpus": 2, "mem_mb": 4000, "runtime": 1, "gpus": 0, "nodes": 1}}),
+                             (alone, {})):
+        where.mkdir()
+        (where / "chain.yaml").write_text(yaml.safe_dump({**config, "resources": resources}))
+    shutil.copytree(REPO / "slurm", chained / "slurm")
+
+    run = snakemake(chained, "results/train/luffy/final", "--configfile", "chain.yaml", timeout=1200)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    train = [(job_id, job) for job_id, job in jobs_in(chained).items() if job["comment"].startswith("rule_train")]
+    assert len(train) == 1 and train[0][1]["state"] == "COMPLETED"
+    restarts = int(re.search(r"Restarts=(\d+)", subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", str(train[0][0])], capture_output=True, text=True).stdout).group(1))
+    assert restarts >= 1  # parts of the chain: restarts + 1
+    log = (chained / "results" / "logs" / "train" / "luffy.log").read_text()
+    assert log.count("requeueing SLURM job") == restarts and "part 2 of its chain" in log
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}
+    local = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores",
+                            "2", "results/train/luffy/final", "--configfile", "chain.yaml"], cwd=alone, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+    weights = [torch.load(w / "results" / "train" / "luffy" / "final" / "model.pt") for w in (chained, alone)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    steps = [line["step"] for line in map(json.loads, (chained / "results" / "train" / "luffy" / "metrics.jsonl")
+                                          .read_text().splitlines())]
+    assert steps == list(range(300))
+    client = MlflowClient(tracking_uri=f"sqlite:///{chained}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("luffy-micro").experiment_id],
+                              filter_string="tags.`luffy.stage` = 'train'")
+    assert len(runs) == 1
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss/total")) == list(range(300))

@@ -150,3 +150,53 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny
     for key in ("reward/mean", "loss/policy", "off_policy/token_share", "critic/score/mean"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
     assert run_processes_of(str(work)) == []
+
+
+@pytest.mark.timeout(1500)
+def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_resumes(tiny_model_dir, train_parquet,
+                                                                                      tmp_path):
+    """A part of a chain (``luffy train --chain 1``) inside a SLURM job that ends 200 s after it
+    starts: verl saves a checkpoint at the step the time runs short, the supervisor ends the run
+    and the job requeues itself; the next part resumes from that checkpoint to the last step.
+    SLURM's side is a stand-in ``scontrol`` (the chain on a real SLURM: tests/test_slurm.py):
+    ``show job`` answers the end time, ``requeue`` ends the part as SLURM would (SIGTERM)."""
+    from mlflow.tracking import MlflowClient
+
+    data = train_parquet(24, 48)
+    settings = {**TRAIN, "algorithm": "luffy", "steps": 60, "checkpoint_every": 100,
+                "runtime": to_dict(VerlConfig(**{**to_dict(CPU_RUNTIME), "startup_timeout_s": 900.0}))}
+    root = tmp_path / "luffy"
+    command = ["luffy", "train", "--settings", json.dumps(settings), "--data", data, "--base-model", tiny_model_dir,
+               "--out-dir", str(root / "final"), "--metrics", str(root / "metrics.jsonl"), "--work-dir",
+               str(root / "work"), "--threads", "1", "--runtime", "30", "--chain", "1", "--group", "luffy"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\ncase "$1" in\n'
+        '  show) echo "JobId=4242 Restarts=0 EndTime=$(date -d "+$PART_S seconds" +%Y-%m-%dT%H:%M:%S)" ;;\n'
+        '  requeue) echo requeued >> "$REQUEUES"; kill -TERM "$PPID" ;;\n  *) exit 1 ;;\nesac\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "SLURM_JOB_ID": "4242",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "REQUEUES": str(tmp_path / "requeues")}
+    subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
+        {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
+
+    first = subprocess.run(command, env={**env, "PART_S": "200"}, capture_output=True, text=True, timeout=600)
+    assert first.returncode == -15, first.stderr[-3000:]  # ended by the requeue, as SLURM ends a requeued job
+    assert (tmp_path / "requeues").read_text() == "requeued\n"
+    (work,) = (root / "work").iterdir()
+    saved = int((work / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= saved < 60 and not (root / "final").exists()
+    assert f"training stopped at step {saved} of 60 with a checkpoint" in first.stderr
+    assert run_processes_of(str(work)) == []
+
+    second = subprocess.run(command, env={**env, "PART_S": "3600"}, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"global_step_{saved}" in second.stdout + second.stderr
+    steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(60))
+    assert json.loads((root / "final" / "checkpoint.json").read_text())["selected"]["verl_global_step"] == 60
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
+                                filter_string="tags.`luffy.stage` = 'train'")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")) == list(range(60))

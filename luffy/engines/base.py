@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from luffy.io import read_json
 
 if TYPE_CHECKING:
+    from luffy.chain import Deadline
     from luffy.config import TrainConfig
 
 MANIFEST = "checkpoint.json"
@@ -52,6 +53,7 @@ class TrainJob:
     nodes: int = 1                            # the job's allocation: nodes ...
     gpus: int = 0                             # ... and GPUs, all nodes together
     time_limit_s: float | None = None         # the job's run time (resources.runtime); None: no limit
+    deadline: "Deadline | None" = None        # a chained SLURM job's end: stop at a checkpoint before it
 
 
 class Engine(Protocol):

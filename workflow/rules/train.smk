@@ -19,4 +19,5 @@ rule train:
         "{LUFFY} train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
         " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu} --runtime {resources.runtime}"
-        " --group {wildcards.experiment} --rule {rule} > {log} 2>&1"
+        " --chain {resources.chain}"
+        " --group {wildcards.experiment} --rule {rule} >> {log} 2>&1"  # appended: every attempt and part of a chain

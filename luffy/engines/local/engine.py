@@ -24,7 +24,7 @@ class LocalEngine:
 
         torch.set_num_threads(job.threads)
         trainer = LocalTrainer(job.settings, job.data, job.base_model, job.work_dir, sink=sink,
-                               validation=job.validation, grader_workers=job.threads)
+                               validation=job.validation, grader_workers=job.threads, deadline=job.deadline)
         trainer.run(job.out_dir, job.metrics_out, resume_run_id=run_id)
 
     def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:

@@ -29,6 +29,7 @@ from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_logprob_layout, training_progress
 from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
 from luffy.algo.metrics import combine_micro_batches, mean, mean_over_updates, rollout_metrics
+from luffy.chain import Deadline, TimeLimitReached
 from luffy.config import TrainConfig, to_dict
 from luffy.data.schema import load_benchmark
 from luffy.data.templates import encode_prompts
@@ -69,9 +70,10 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
 class LocalTrainer:
     def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
                  sink: MetricsSink | None = None, validation: dict[str, Any] | None = None,
-                 grader_workers: int = 0):
+                 grader_workers: int = 0, deadline: Deadline | None = None):
         self.cfg = cfg
         self.validation = validation
+        self.deadline = deadline  # a chained SLURM job's end: stop at a checkpoint before it
         # rewards are graded in a process pool of this many workers during run() (0: in-process)
         self.grader_workers = grader_workers
         self.grader: GraderPool | None = None
@@ -323,6 +325,7 @@ class LocalTrainer:
         step_fn = self.sft_step if cfg.algorithm == "sft" else self.rl_step
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train[{cfg.algorithm}]",
                    mininterval=5.0)
+        longest_step_s = checkpoint_s = 0.0
         for step in bar:
             began = time.perf_counter()
             metrics = step_fn(step)
@@ -337,9 +340,17 @@ class LocalTrainer:
                 self.sink(metrics, step)
             bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
                              if k in (names.REWARD_ON_POLICY, names.LOSS_TOTAL, names.LOSS_SFT)})
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            longest_step_s = max(longest_step_s, time.perf_counter() - began)
+            due = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            stop = (self.deadline is not None and step + 1 < cfg.steps
+                    and self.deadline.stop_before_next(longest_step_s, checkpoint_s))
+            if due or stop:
+                saving = time.perf_counter()
                 checkpoint.save(self.work_dir, step + 1, self.model, self.optimizer, self.scheduler,
                                 {"run_id": resume_run_id() if resume_run_id else None})
+                checkpoint_s = max(checkpoint_s, time.perf_counter() - saving)
+            if stop:
+                raise TimeLimitReached(step + 1, cfg.steps, self.deadline.end)
         self._write_final(out_dir, metrics_out)
 
     def _write_final(self, out_dir: Path, metrics_out: Path) -> None:

@@ -49,6 +49,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 WEIGHTS = "actor"  # the checkpoint directory's model shards, in verl's FSDP layout
 SHARD_FILES = ("model_world_size_", "fsdp_config.json", "huggingface")
 CURRENT_LOG = "current.jsonl"
+# verl saves a checkpoint when this epoch time nears (verl.utils.checkpoint.checkpoint_manager.
+# should_save_ckpt_esi: within 60 s + its longest step + trainer.esi_redundant_time)
+ESI_EXPIRATION = "MLP_CURRENT_CAPACITY_BLOCK_EXPIRATION_TIMESTAMP"
 SFT_METRICS = {"train/loss": "loss/sft", "train/grad_norm": "grad_norm", "train/lr": "lr"}
 
 
@@ -73,6 +76,14 @@ def run_figures(watch: Watch) -> dict[str, float | None]:
     return {"to_first_step_s": times[0], "later_step_s": sum(later) / len(later) if later else None,
             "steps_seen": float(len(times)), "peak_memory_gb": watch.peak_memory_bytes / 2**30,
             "peak_processes": float(watch.peak_processes)}
+
+
+def checkpointed_step(root: Path) -> int | None:
+    """The step of verl's newest checkpoint under ``root`` (its tracker file), or None."""
+    try:
+        return int((root / TRACKER).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def last_logged_step(path: Path) -> int | None:
@@ -201,9 +212,13 @@ class VerlEngine:
         self._keep_attempt(current)  # an attempt killed with its job
         attempt = f"attempt-{time.strftime('%Y%m%d-%H%M%S')}"
         env = self._environment(job, current_run, current)
+        if job.deadline is not None:  # verl saves a checkpoint when its "capacity block" nears its end
+            env[ESI_EXPIRATION] = str(job.deadline.end - job.deadline.floor_s)
         runtime = runtime_of(job)
         watch = Watch(progress=lambda: last_logged_step(current), stall_s=runtime.stall_timeout_s,
-                      startup_s=runtime.startup_timeout_s, limit_s=job.time_limit_s if on_the_cpu(job) else None)
+                      startup_s=runtime.startup_timeout_s, limit_s=job.time_limit_s if on_the_cpu(job) else None,
+                      deadline=job.deadline, checkpointed=lambda: checkpointed_step(paths["checkpoints"]),
+                      total_steps=job.settings.steps)
         try:
             # Hydra's own files (its log of the run, the composed config) go with the attempt, not into the
             # directory the job was started in

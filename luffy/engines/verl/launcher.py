@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from luffy.chain import Deadline, TimeLimitReached
 from luffy.engines.base import EngineError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ POLL_S = 1.0
 
 class LaunchError(EngineError):
     """The Ray cluster could not be set up on the allocation; the message says why."""
+
+
+ESI_SAVE_S = 60.0  # what verl's ESI check allows for saving a checkpoint (should_save_ckpt_esi's default)
 
 
 class Stalled(EngineError):
@@ -63,6 +67,11 @@ class Watch:
     stall_s: float                   # most seconds between two logged steps
     startup_s: float                 # most seconds from the start to the first logged step
     limit_s: float | None = None     # hard wall-clock limit of the whole run (None: none)
+    # a chained SLURM job's end (luffy.chain): verl saves a checkpoint when it nears (its ESI
+    # variable, set by the engine); the run is then ended and TimeLimitReached raised
+    deadline: Deadline | None = None
+    checkpointed: Callable[[], int | None] = lambda: None  # the newest checkpoint's step
+    total_steps: int = 0
     poll_s: float = 2.0
     grace_s: float = 10.0            # SIGTERM, then this long, then SIGKILL
     # measured while it runs: seconds from the start to each newly logged step, and the largest
@@ -119,7 +128,8 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
     process = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
     began = last_change = time.monotonic()
     last_step, seen = None, {}
-    problem = None
+    problem, time_up = None, None
+    saved_before = watch.checkpointed() if watch.deadline is not None else None
     try:
         while process.poll() is None:
             time.sleep(watch.poll_s)
@@ -143,6 +153,10 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
             if problem:
                 log.error("stopping the run: %s", problem)
                 break
+            time_up = _time_up(watch, saved_before)
+            if time_up is not None:
+                log.warning("stopping the run at the checkpoint of step %s: the job's time limit is near", time_up)
+                break
     finally:
         _remember(process, seen)
         left = end_processes(list(seen.values()), watch.grace_s)
@@ -151,7 +165,26 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
     if problem:
         raise Stalled(f"stopped: {problem}; its processes were ended, its checkpoints kept (rerun the job to "
                       "resume from the last one)")
+    if time_up is not None:
+        raise TimeLimitReached(time_up, watch.total_steps, watch.deadline.end)
     return process.returncode
+
+
+def _time_up(watch: Watch, saved_before: int | None) -> int | None:
+    """Near a chained job's end: the step of a checkpoint written since this part started, once
+    the next step and checkpoint may no longer fit (verl saves one then, at its ESI signal); at
+    the last moment (half of the deadline's floor left), the newest checkpoint, whatever it is."""
+    if watch.deadline is None:
+        return None
+    saved = watch.checkpointed()
+    times = sorted(watch.step_times.values())
+    longest = max((b - a for a, b in zip(times, times[1:])), default=times[0] if times else 0.0)
+    closing = watch.deadline.stop_before_next(longest, ESI_SAVE_S)
+    if closing and saved is not None and saved != saved_before:
+        return saved
+    if watch.deadline.left() < watch.deadline.floor_s / 2:
+        return saved if saved is not None else 0
+    return None
 
 
 def _last(step: int | None) -> str:

@@ -15,6 +15,7 @@ plain lists, tested on the CPU; the rest moves data between verl's TransferQueue
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.checkpoint.checkpoint_manager import should_save_ckpt_esi
 from verl.workers.utils.padding import response_to_nested
 
 from luffy import io
@@ -114,6 +116,23 @@ class LuffyTrainer(PPOTrainerSync):
         # a resumed run repeats the steps after its checkpoint (all, without one): drop their old lines
         io.truncate_jsonl(self.luffy["metrics_path"], lambda record: record["step"] < self.global_steps)
         super().on_init_end()
+
+    def on_step_begin(self):
+        super().on_step_begin()
+        self._step_began = time.monotonic()
+
+    def on_step_end(self):
+        """A chained SLURM job nearing its end (the ESI variable the engine sets: luffy.chain):
+        a checkpoint now, unless this step saved one anyway (verl's sync trainer has no ESI
+        check of its own); the supervisor then ends the run."""
+        super().on_step_end()
+        took = time.monotonic() - getattr(self, "_step_began", time.monotonic())
+        self._longest_step = max(getattr(self, "_longest_step", 0.0), took)
+        freq = self.config.trainer.save_freq
+        saved = freq > 0 and (self.global_steps >= self.total_training_steps or self.global_steps % freq == 0)
+        if not saved and should_save_ckpt_esi(self._longest_step, redundant_time=self._longest_step):
+            print(f"saving a checkpoint at step {self.global_steps}: the job's time limit is near", flush=True)
+            self._save_checkpoint()
 
     @property
     def logger(self):
