@@ -38,7 +38,8 @@ def make_toy_traces(settings: DataConfig, out_dir: str, group: str, rule: str) -
 def prepare_benchmark(settings: BenchmarkSpec, name: str, out: str, group: str, rule: str) -> None:
     from luffy.data.benchmarks import build_suite
 
-    with StageRun("prepare_benchmark", group, rule, params={"suite": name, **to_dict(settings)}) as run:
+    with StageRun("prepare_benchmark", group, rule, params={"suite": name, **to_dict(settings)},
+                  job=f"{group}/prepare_benchmark/{name}") as run:
         frame = build_suite(name, settings)
         io.write_parquet(out, frame)
         run.log_metrics({f"{name}/problems": len(frame)})
@@ -127,9 +128,12 @@ WRITER_LOCK = "writer.lock"  # in a training work directory: the process that wr
 def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metrics_out: str, work_root: str,
           group: str, rule: str, threads: int, validation: dict[str, Any] | None = None,
           runtime: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 0,
-          runtime_minutes: int | None = None) -> None:
+          runtime_minutes: int | None = None, chain: bool = False) -> None:
     """Train one experiment with its engine, after a preflight that fails in seconds on data,
-    template or grader problems that would otherwise show up hours later as zero reward."""
+    template or grader problems that would otherwise show up hours later as zero reward. With
+    ``chain``, inside SLURM, the engine stops at a checkpoint before the job's end and raises
+    ``luffy.chain.TimeLimitReached`` (the CLI then requeues the job)."""
+    from luffy.chain import job_deadline
     from luffy.engines.base import TrainJob
     from luffy.engines.registry import make_engine
     from luffy.models import model_source
@@ -141,7 +145,8 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
                    metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
                    runtime=runtime, nodes=nodes, gpus=gpus,
-                   time_limit_s=60.0 * runtime_minutes if runtime_minutes else None)
+                   time_limit_s=60.0 * runtime_minutes if runtime_minutes else None,
+                   deadline=job_deadline() if chain else None)
     # one writer per work directory for the job's life: a second trainer (e.g. rerun after a killed
     # Snakemake left this one running) fails at once, naming the process that holds it
     with io.exclusive(work_dir / WRITER_LOCK, f"training work directory {work_dir}"):
@@ -236,7 +241,9 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
                                                  **({"external": source} if source else {}), **result.metrics})
             run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            run.log_to_parent({f"{name}/{k}": result.metrics[k] for k in HEADLINE_EVAL})
+            # in percent, as in the report (the suite's JSON and this stage's run keep fractions)
+            run.log_to_parent({f"{name}/{k.replace('accuracy', 'accuracy_pct')}": 100.0 * result.metrics[k]
+                               for k in HEADLINE_EVAL})
         run.log_metrics({"engine_load_s": load_s})
         run.log_artifacts([str(out / f"{name}.json") for name in results])
 
@@ -324,4 +331,7 @@ def init_tracking(resolved_config: dict[str, Any]) -> None:
         groups[name] = {"experiment": name, "train": settings, **shared}
     for name, settings in resolved_config["evaluation"].get("models", {}).items():
         groups[name] = {"external": settings, "evaluation": evaluation}
-    init(groups)
+    from luffy.compare import views
+
+    init(groups, models=[g for g in groups if g not in ("data", "report")],
+         views=views(list(resolved_config["evaluation"].get("suites", {}))))

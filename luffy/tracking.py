@@ -29,6 +29,9 @@ ROLE_TAG = "luffy.role"
 HASH_TAG = "luffy.config_hash"
 STAGE_TAG = "luffy.stage"
 RULE_TAG = "snakemake.rule"
+KIND_TAG = "luffy.kind"        # a parent's kind: model (a row of the comparison) or shared (data, report)
+JOB_TAG = "luffy.job"          # a stage run's job (group/stage): its reruns share it
+CURRENT_TAG = "luffy.current"  # 'true' on the newest parent of a group and the newest run of a job
 MAX_PARAM_LENGTH = 6000
 
 # An unreachable tracking server must cost seconds, not minutes of retries.
@@ -138,6 +141,20 @@ def _experiment_id(client) -> str:
         return experiment.experiment_id
 
 
+def _supersede(client, experiment_id: str, filter_string: str, keep: str) -> None:
+    """Mark every current run matching ``filter_string`` but ``keep`` as superseded (a rerun's
+    older runs stay in the store, out of the comparison's filter). Best-effort: runs of one job
+    started at once (never in a workflow) may race for the same tag; logging goes on."""
+    try:
+        for run in client.search_runs([experiment_id], max_results=1000,
+                                      filter_string=f"{filter_string} and tags.`{CURRENT_TAG}` = 'true'"):
+            if run.info.run_id != keep:
+                client.set_tag(run.info.run_id, CURRENT_TAG, "false")
+                client.set_tag(run.info.run_id, "luffy.superseded_by", keep)
+    except Exception as err:  # noqa: BLE001 - the older run keeps its mark; nothing is lost
+        log.info("could not mark the older runs of %s as superseded (%s)", filter_string, err)
+
+
 def _latest_parent(client, experiment_id: str, group: str):
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`{ROLE_TAG}` = 'parent'",
@@ -153,32 +170,52 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def _create_parent(client, experiment_id: str, group: str, settings: dict[str, Any]) -> str:
+def _create_parent(client, experiment_id: str, group: str, settings: dict[str, Any], kind: str = "shared") -> str:
     run = client.create_run(experiment_id, run_name=group, tags={
-        GROUP_TAG: group, ROLE_TAG: "parent", HASH_TAG: config_hash(settings)})
+        GROUP_TAG: group, ROLE_TAG: "parent", HASH_TAG: config_hash(settings), KIND_TAG: kind, CURRENT_TAG: "true"})
     _log_params(client, run.info.run_id, flatten(settings))
     client.set_terminated(run.info.run_id, "FINISHED")
+    _supersede(client, experiment_id, f"tags.`{GROUP_TAG}` = '{group}' and tags.`{ROLE_TAG}` = 'parent'",
+               run.info.run_id)
     return run.info.run_id
 
 
-def init_tracking(groups: dict[str, dict[str, Any]]) -> None:
+def init_tracking(groups: dict[str, dict[str, Any]], models: Iterable[str] = (),
+                  views: dict[str, dict[str, Any]] | None = None) -> None:
     """Create the store, the experiment and a parent run per group (a new parent when the
-    group's resolved settings changed). Never raises: tracking is best-effort."""
+    group's resolved settings changed; ``models``: the groups that are models, one row each in
+    the comparison), and store the comparison ``views`` (luffy.compare). Never raises: tracking
+    is best-effort."""
     try:
         with _store_lock():
-            _init_groups(groups)
+            experiment_id = _init_groups(groups, set(models))
+            if views:
+                set_views(_client(), experiment_id, views)
         log.info("MLflow tracking ready at %s (experiment %s)", tracking_uri(), experiment_name())
     except Exception as err:  # noqa: BLE001 - any store failure means "run without MLflow"
         log.warning("MLflow store %s not usable (%s); stages will write local metrics only", tracking_uri(), err)
 
 
-def _init_groups(groups: dict[str, dict[str, Any]]) -> None:
+def _init_groups(groups: dict[str, dict[str, Any]], models: set[str]) -> str:
     client = _client()
     experiment_id = _experiment_id(client)
     for group, settings in groups.items():
         parent = _latest_parent(client, experiment_id, group)
         if parent is None or parent.data.tags.get(HASH_TAG) != config_hash(settings):
-            _create_parent(client, experiment_id, group, settings)
+            _create_parent(client, experiment_id, group, settings, "model" if group in models else "shared")
+    return experiment_id
+
+
+VIEW_TAG = "mlflow.sharedViewState."  # + key: a stored view of the runs page (MLflow's shared views)
+
+
+def set_views(client, experiment_id: str, views: dict[str, dict[str, Any]]) -> None:
+    """Store each view (name, the runs page's state) as the experiment tag MLflow's UI opens
+    with ``viewStateShareKey=<key>``."""
+    now = int(time.time() * 1000)
+    for key, view in views.items():
+        client.set_experiment_tag(experiment_id, VIEW_TAG + key, json.dumps(
+            {"name": view["name"], "createdAt": now, "updatedAt": now, "state": json.dumps(view["state"])}))
 
 
 class StageRun:
@@ -186,8 +223,9 @@ class StageRun:
     run warns once and continues without MLflow (the stage's files still hold everything)."""
 
     def __init__(self, stage: str, group: str, rule: str | None = None, params: dict[str, Any] | None = None,
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, job: str | None = None):
         self.stage, self.group, self.rule = stage, group, rule or stage
+        self.job = job or f"{group}/{stage}"  # its reruns share it: the newest is the current one
         self.params = params or {}
         self.resume_run_id = resume_run_id
         self.client = None
@@ -212,10 +250,11 @@ class StageRun:
                 parent = _latest_parent(self.client, experiment_id, self.group)
                 parent_id = parent.info.run_id if parent else _create_parent(self.client, experiment_id, self.group,
                                                                              {})
-            run = self.client.create_run(experiment_id, run_name=f"{self.group}/{self.stage}", tags={
-                "mlflow.parentRunId": parent_id, GROUP_TAG: self.group, ROLE_TAG: "stage",
-                STAGE_TAG: self.stage, RULE_TAG: self.rule})
-            self.run_id = run.info.run_id
+                run = self.client.create_run(experiment_id, run_name=f"{self.group}/{self.stage}", tags={
+                    "mlflow.parentRunId": parent_id, GROUP_TAG: self.group, ROLE_TAG: "stage",
+                    STAGE_TAG: self.stage, RULE_TAG: self.rule, JOB_TAG: self.job, CURRENT_TAG: "true"})
+                self.run_id = run.info.run_id
+                _supersede(self.client, experiment_id, f"tags.`{JOB_TAG}` = '{self.job}'", self.run_id)
             _log_params(self.client, self.run_id, flatten(self.params))
         except Exception as err:  # noqa: BLE001
             self._disable(err)
