@@ -88,3 +88,7 @@ def test_the_verl_supervisor_ends_a_run_at_the_checkpoint_saved_near_the_end():
     watch.deadline = Deadline(end=time.time() + 10)  # the last moment: whatever checkpoint there is
     assert _time_up(watch, saved_before=4) == 4
     assert _time_up(Watch(progress=lambda: None, stall_s=60, startup_s=60), None) is None
+    # the trainer says it saved for the time limit: at once, whatever the supervisor would judge
+    told = Watch(progress=lambda: None, stall_s=60, startup_s=60, deadline=Deadline(end=time.time() + 3600),
+                 checkpointed=lambda: 7, saved_for_time=lambda: 7)
+    assert _time_up(told, saved_before=2) == 7

@@ -185,7 +185,7 @@ def test_training_longer_than_the_job_time_limit_runs_as_a_chain_of_one_slurm_jo
     restarts = int(re.search(r"Restarts=(\d+)", subprocess.run(
         ["scontrol", "show", "job", "--oneliner", str(train[0][0])], capture_output=True, text=True).stdout).group(1))
     assert restarts >= 1  # parts of the chain: restarts + 1
-    log = (chained / "results" / "logs" / "train" / "luffy.log").read_text()
+    log = (chained / "results" / "train" / "luffy" / "work" / "train.log").read_text()  # every part's
     assert log.count("requeueing SLURM job") == restarts and "part 2 of its chain" in log
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}

@@ -20,4 +20,5 @@ rule train:
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
         " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu} --runtime {resources.runtime}"
         " --chain {resources.chain}"
-        " --group {wildcards.experiment} --rule {rule} >> {log} 2>&1"  # appended: every attempt and part of a chain
+        " --log {params.work_dir}/train.log"  # every attempt and part of a chain (Snakemake clears {log})
+        " --group {wildcards.experiment} --rule {rule} > {log} 2>&1"

@@ -41,7 +41,7 @@ from luffy.config import VerlConfig, from_json, to_dict
 from luffy.engines.base import EngineError, MetricsSink, TrainJob, write_manifest
 from luffy.engines.verl import cpu
 from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray
-from luffy.engines.verl.overrides import PLUGIN_MODULE, VerlJob, ppo_overrides, sft_overrides
+from luffy.engines.verl.overrides import PLUGIN_MODULE, TIME_UP_FILE, VerlJob, ppo_overrides, sft_overrides
 
 log = logging.getLogger(__name__)
 PPO_ENTRY, SFT_ENTRY = "verl.trainer.main_ppo", "verl.trainer.sft_trainer_ray"
@@ -52,6 +52,7 @@ CURRENT_LOG = "current.jsonl"
 # verl saves a checkpoint when this epoch time nears (verl.utils.checkpoint.checkpoint_manager.
 # should_save_ckpt_esi: within 60 s + its longest step + trainer.esi_redundant_time)
 ESI_EXPIRATION = "MLP_CURRENT_CAPACITY_BLOCK_EXPIRATION_TIMESTAMP"
+TIME_UP = "time_up.json"
 SFT_METRICS = {"train/loss": "loss/sft", "train/grad_norm": "grad_norm", "train/lr": "lr"}
 
 
@@ -83,6 +84,14 @@ def checkpointed_step(root: Path) -> int | None:
     try:
         return int((root / TRACKER).read_text().strip())
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def saved_for_time(path: Path) -> int | None:
+    """The step the trainer saved at because the job's time runs short (``TIME_UP_FILE``), or None."""
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -212,13 +221,15 @@ class VerlEngine:
         self._keep_attempt(current)  # an attempt killed with its job
         attempt = f"attempt-{time.strftime('%Y%m%d-%H%M%S')}"
         env = self._environment(job, current_run, current)
+        time_up = paths["logs"] / TIME_UP
+        time_up.unlink(missing_ok=True)
         if job.deadline is not None:  # verl saves a checkpoint when its "capacity block" nears its end
-            env[ESI_EXPIRATION] = str(job.deadline.end - job.deadline.floor_s)
+            env.update({ESI_EXPIRATION: str(job.deadline.end - job.deadline.floor_s), TIME_UP_FILE: str(time_up)})
         runtime = runtime_of(job)
         watch = Watch(progress=lambda: last_logged_step(current), stall_s=runtime.stall_timeout_s,
                       startup_s=runtime.startup_timeout_s, limit_s=job.time_limit_s if on_the_cpu(job) else None,
                       deadline=job.deadline, checkpointed=lambda: checkpointed_step(paths["checkpoints"]),
-                      total_steps=job.settings.steps)
+                      saved_for_time=lambda: saved_for_time(time_up), total_steps=job.settings.steps)
         try:
             # Hydra's own files (its log of the run, the composed config) go with the attempt, not into the
             # directory the job was started in

@@ -71,6 +71,7 @@ class Watch:
     # variable, set by the engine); the run is then ended and TimeLimitReached raised
     deadline: Deadline | None = None
     checkpointed: Callable[[], int | None] = lambda: None  # the newest checkpoint's step
+    saved_for_time: Callable[[], int | None] = lambda: None  # the step the trainer saved at for the time limit
     total_steps: int = 0
     poll_s: float = 2.0
     grace_s: float = 10.0            # SIGTERM, then this long, then SIGKILL
@@ -171,11 +172,15 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
 
 
 def _time_up(watch: Watch, saved_before: int | None) -> int | None:
-    """Near a chained job's end: the step of a checkpoint written since this part started, once
-    the next step and checkpoint may no longer fit (verl saves one then, at its ESI signal); at
-    the last moment (half of the deadline's floor left), the newest checkpoint, whatever it is."""
+    """Near a chained job's end: the step the trainer saved at because the time runs short (it
+    says so: ``saved_for_time``); a trainer that cannot say (verl's SFT trainer): a checkpoint
+    written since this part started, once the next step and checkpoint may no longer fit; at the
+    last moment (half of the deadline's floor left), the newest checkpoint, whatever it is."""
     if watch.deadline is None:
         return None
+    marked = watch.saved_for_time()
+    if marked is not None:
+        return marked
     saved = watch.checkpointed()
     times = sorted(watch.step_times.values())
     longest = max((b - a for a, b in zip(times, times[1:])), default=times[0] if times else 0.0)

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from luffy.engines.verl import cpu
 
 TRAINER_MODE = "luffy"          # our V1 trainer, registered by the plug-in
+TIME_UP_FILE = "LUFFY_TIME_UP_FILE"  # a chained job: where the trainer says which step it saved at for the time limit
 AGENT_LOOP = "luffy_agent"      # our agent loop, registered by the plug-in
 PLUGIN_MODULE = "luffy.engines.verl.plugin"
 REWARD_FUNCTION = ("pkg://luffy.engines.verl.reward", "compute_score")

@@ -34,7 +34,7 @@ from luffy.algo import metrics as names
 from luffy.algo.advantages import group_advantages
 from luffy.algo.metrics import rollout_metrics
 from luffy.engines.verl.loss import MINIBATCH_TOTALS, OFF_POLICY_MASK, SFT_MASK, luffy_loss
-from luffy.engines.verl.overrides import TRAINER_MODE
+from luffy.engines.verl.overrides import TIME_UP_FILE, TRAINER_MODE
 from luffy.tracking import OnceLogger, logged_through
 
 STEP_KEY = "training/global_step"  # logged by verl at every step
@@ -118,21 +118,29 @@ class LuffyTrainer(PPOTrainerSync):
         super().on_init_end()
 
     def on_step_begin(self):
+        """A chained job whose time ran short at the last step: that step is saved and logged,
+        so say so (the supervisor then ends the run) instead of starting another."""
+        if getattr(self, "_time_up_step", None) is not None:
+            io.write_json(os.environ[TIME_UP_FILE], {"step": self._time_up_step})
+            time.sleep(3600)  # the supervisor ends this process within seconds
         super().on_step_begin()
         self._step_began = time.monotonic()
 
     def on_step_end(self):
         """A chained SLURM job nearing its end (the ESI variable the engine sets: luffy.chain):
         a checkpoint now, unless this step saved one anyway (verl's sync trainer has no ESI
-        check of its own); the supervisor then ends the run."""
+        check of its own); the run stops before the next step."""
         super().on_step_end()
         took = time.monotonic() - getattr(self, "_step_began", time.monotonic())
         self._longest_step = max(getattr(self, "_longest_step", 0.0), took)
-        freq = self.config.trainer.save_freq
-        saved = freq > 0 and (self.global_steps >= self.total_training_steps or self.global_steps % freq == 0)
-        if not saved and should_save_ckpt_esi(self._longest_step, redundant_time=self._longest_step):
-            print(f"saving a checkpoint at step {self.global_steps}: the job's time limit is near", flush=True)
-            self._save_checkpoint()
+        if not os.environ.get(TIME_UP_FILE) or self.global_steps >= self.total_training_steps:
+            return
+        if should_save_ckpt_esi(self._longest_step, redundant_time=self._longest_step):
+            print(f"checkpoint at step {self.global_steps}: the job's time limit is near", flush=True)
+            freq = self.config.trainer.save_freq
+            if not (freq > 0 and self.global_steps % freq == 0):
+                self._save_checkpoint()
+            self._time_up_step = self.global_steps
 
     @property
     def logger(self):
