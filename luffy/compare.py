@@ -23,13 +23,34 @@ import sys
 from typing import Any
 from urllib.parse import urlparse
 
+from luffy.algo import metrics as names
 from luffy.tracking import CURRENT_TAG, KIND_TAG, STAGE_TAG, _metric_key
 
 MODELS_VIEW, CURVES_VIEW = "luffy-models", "luffy-curves"
-SUITE_FIGURES = ("accuracy_pct", "accuracy_pct_ci_low", "accuracy_pct_ci_high")  # on each model's parent run
-TRAIN_FIGURES = ("train/final_reward_on_policy_mean", "train/final_entropy", "train/final_loss_sft")
+# the figures each model's parent run carries (the evaluate and train stages log them there)
+HEADLINE_EVAL = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")  # a suite's, logged in percent:
+SUITE_FIGURES = tuple(key.replace("accuracy", "accuracy_pct") for key in HEADLINE_EVAL)
+HEADLINE_TRAIN = (names.REWARD_ON_POLICY, names.ENTROPY, names.LOSS_SFT)  # at the end of training, as:
+TRAIN_FIGURES = tuple(f"train/final_{key.replace('/', '_')}" for key in HEADLINE_TRAIN)
 CURVES = "reward|entropy|loss|accuracy|off_policy|response_length"  # the chart view's metric filter (a regex)
 DEFAULT_PORT = 5000
+
+
+def suite_headline(suite: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """A suite's figures for its model's parent run: accuracy and its interval in percent, as in
+    the report (the suite's JSON and the evaluate run keep fractions)."""
+    return {f"{suite}/{figure}": 100.0 * metrics[key] for key, figure in zip(HEADLINE_EVAL, SUITE_FIGURES)}
+
+
+def training_headline(lines: list[dict[str, Any]], last: int = 10) -> dict[str, float]:
+    """A training run's figures for its parent run: the mean of each headline metric over its
+    last ``last`` steps, as ``train/final_<metric>``."""
+    out = {}
+    for key, figure in zip(HEADLINE_TRAIN, TRAIN_FIGURES):
+        values = [line[key] for line in lines[-last:] if isinstance(line.get(key), (int, float))]
+        if values:
+            out[figure] = sum(values) / len(values)
+    return out
 
 
 def _metric(name: str) -> str:

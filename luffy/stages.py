@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from luffy import io
-from luffy.algo import metrics as names
 from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ExternalModelConfig,
                           ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict)
+from luffy.compare import suite_headline, training_headline, views
 from luffy.tracking import StageRun, config_hash
 
 log = logging.getLogger(__name__)
@@ -157,23 +157,8 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
         with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
             run.log_metrics({f"preflight/{k}": v for k, v in report.items()})
             engine.train(job, sink=run.log_metrics, run_id=lambda: run.run_id)
-            run.log_to_parent(final_training_figures(io.read_jsonl(metrics_out)))
+            run.log_to_parent(training_headline(io.read_jsonl(metrics_out)))
             run.log_artifacts([metrics_out])
-
-
-HEADLINE_EVAL = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")  # a suite's figures on its model's parent run
-HEADLINE_TRAIN = (names.REWARD_ON_POLICY, names.ENTROPY, names.LOSS_SFT)
-
-
-def final_training_figures(lines: list[dict[str, Any]], last: int = 10) -> dict[str, float]:
-    """A training run's headline figures for its parent run: the mean of each headline metric
-    over its last ``last`` steps, as ``train/final_<metric>``."""
-    out = {}
-    for key in HEADLINE_TRAIN:
-        values = [line[key] for line in lines[-last:] if isinstance(line.get(key), (int, float))]
-        if values:
-            out[f"train/final_{key.replace('/', '_')}"] = sum(values) / len(values)
-    return out
 
 
 def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
@@ -241,9 +226,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
                                                  **({"external": source} if source else {}), **result.metrics})
             run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            # in percent, as in the report (the suite's JSON and this stage's run keep fractions)
-            run.log_to_parent({f"{name}/{k.replace('accuracy', 'accuracy_pct')}": 100.0 * result.metrics[k]
-                               for k in HEADLINE_EVAL})
+            run.log_to_parent(suite_headline(name, result.metrics))
         run.log_metrics({"engine_load_s": load_s})
         run.log_artifacts([str(out / f"{name}.json") for name in results])
 
@@ -331,7 +314,5 @@ def init_tracking(resolved_config: dict[str, Any]) -> None:
         groups[name] = {"experiment": name, "train": settings, **shared}
     for name, settings in resolved_config["evaluation"].get("models", {}).items():
         groups[name] = {"external": settings, "evaluation": evaluation}
-    from luffy.compare import views
-
     init(groups, models=[g for g in groups if g not in ("data", "report")],
          views=views(list(resolved_config["evaluation"].get("suites", {}))))

@@ -115,9 +115,10 @@ def fit_executor(plugin: str | None, settings, run=_run) -> str | None:
 
 def _shown(path: str) -> str:
     try:
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        relative = os.path.relpath(path)
     except ValueError:
         return path
+    return path if relative.startswith("..") else relative
 
 
 def _study(configfiles: list[str], experiment: str) -> dict:

@@ -323,11 +323,18 @@ def report_front_page(cfg: ResolvedConfig, configfiles: list[str], description: 
     luffy.report.snakemake_page)."""
     from luffy.report.snakemake_page import front_page
 
-    inputs = [f"{_results(cfg)}/eval/{m}/{s}.json" for m in cfg.models for s in cfg.root.evaluation.suites]
-    inputs += [f"{_results(cfg)}/train/{e}/metrics.jsonl" for e in cfg.experiments]
-    inputs += teacher_traces_outputs(cfg) + report_inputs(cfg)
+    inputs = [path for paths in report_stage_inputs(cfg).values() for path in paths]
     command = "snakemake " + " ".join(f"--configfile {os.path.relpath(f)}" for f in configfiles)
     return front_page(description, f"{_results(cfg)}/report", inputs, command.strip())
+
+
+def report_stage_inputs(cfg: ResolvedConfig) -> dict[str, list[str]]:
+    """The report stage's inputs, by kind: every model's suite results, every experiment's
+    training metrics, the teacher-trace probabilities and the hand-written discussion."""
+    results = _results(cfg)
+    return {"metrics": [f"{results}/eval/{m}/{s}.json" for m in cfg.models for s in cfg.root.evaluation.suites],
+            "curves": [f"{results}/train/{e}/metrics.jsonl" for e in cfg.experiments],
+            "discussion": report_inputs(cfg), "teacher_traces": teacher_traces_outputs(cfg)}
 
 
 def report_inputs(cfg: ResolvedConfig) -> list[str]:

@@ -40,8 +40,7 @@ def page_text(url: str) -> str:
 def write_store(tmp_path: Path) -> None:
     """What the workflow writes for two experiments and the base model: parents, evaluations
     (luffy's twice: a rerun), training curves."""
-    from luffy.compare import views
-    from luffy.stages import final_training_figures
+    from luffy.compare import training_headline, views
     from luffy.tracking import StageRun, init_tracking
 
     models = ["base", "grpo", "luffy"]
@@ -57,7 +56,7 @@ def write_store(tmp_path: Path) -> None:
             lines = [{"loss/total": 2.0 - step / 10, "reward/on_policy_mean": step / 10} for step in range(5)]
             for step, line in enumerate(lines):
                 run.log_metrics(line, step)
-            run.log_to_parent(final_training_figures(lines))
+            run.log_to_parent(training_headline(lines))
 
 
 def test_the_comparison_opens_on_one_row_per_model_with_accuracy_and_the_curves(tmp_path, monkeypatch):

@@ -1,9 +1,6 @@
 rule report:
     input:
-        metrics=expand(f"{RESULTS}/eval/{{model}}/{{suite}}.json", model=MODELS, suite=SUITES),
-        curves=expand(f"{RESULTS}/train/{{experiment}}/metrics.jsonl", experiment=EXPERIMENTS),
-        discussion=wf.report_inputs(CFG),
-        teacher_traces=wf.teacher_traces_outputs(CFG),
+        **wf.report_stage_inputs(CFG),
     output:
         wf.report_outputs(CFG, report),
     params:
