@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from luffy.config import (GE0, GE1, GREEDY_OK, SHARE, BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig,
+from luffy.config import (GE0, GE1, GREEDY_OK, SEED, SHARE, BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig,
                           ReportConfig, TinyModelConfig, Valid, eval_job_settings, from_json,
                           resolve_train_config)
 
@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_ranged(float, SHARE), default=1.0)
     p.add_argument("--max-tokens", type=_ranged(int, GE1), default=8192)
     p.add_argument("--n", type=_ranged(int, GE1), default=1)
-    p.add_argument("--seed", type=_ranged(int, GE0), default=0)
+    p.add_argument("--seed", type=_ranged(int, SEED), default=0)
     p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"))
 
     p = sub.add_parser("score-traces", help="add per-token teacher log-probs (teacher_logprobs) to a training "
@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the study's comparison in the MLflow UI: store its views and print their URLs "
                                        "(one row per model with accuracy and intervals; training curves)")
     p.add_argument("configfile")
-    p.add_argument("--port", type=_ranged(int, GE1), default=5000, help="the port of `mlflow ui` (SQLite stores)")
+    p.add_argument("--port", type=_ranged(int, Valid(low=1, high=65535)), default=5000, help="the port of `mlflow ui` (SQLite stores)")
     p.add_argument("--serve", action="store_true", help="also run `mlflow ui` on the config's SQLite store")
 
     p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
@@ -267,23 +267,17 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "init-tracking":
         stages.init_tracking(json.loads(args.resolved_config))
     elif args.stage == "compare":
-        import yaml
-
         from luffy.compare import compare
-        from luffy.config import load_config
+        from luffy.config import load_config_file
 
-        with open(args.configfile) as fh:
-            root = load_config(yaml.safe_load(fh)).root
+        root = load_config_file(args.configfile).root
         compare(os.environ.get("MLFLOW_TRACKING_URI", root.tracking.uri),
                 os.environ.get("MLFLOW_EXPERIMENT_NAME", root.tracking.experiment), list(root.evaluation.suites),
                 port=args.port, serve=args.serve)
     elif args.stage == "check-config":
-        import yaml
+        from luffy.config import load_config_file, to_dict
 
-        from luffy.config import load_config, to_dict
-
-        with open(args.configfile) as fh:
-            resolved = load_config(yaml.safe_load(fh))
+        resolved = load_config_file(args.configfile)
         print(json.dumps({"root": to_dict(resolved.root), "experiments": to_dict(resolved.experiments)}, indent=2))
     elif args.stage == "rehearse":
         import dataclasses
@@ -328,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.stage == "rehearse":
         args.snakemake_args = passed_on
-    _setup_logging(getattr(args, "log", None))
     from luffy.data.schema import DataError
     from luffy.engines.base import EngineError
     from luffy.io import Busy, DiskFull
@@ -337,13 +330,32 @@ def main(argv: list[str] | None = None) -> int:
     from luffy.rehearsal import RehearsalFailed
 
     try:
+        _setup_logging(getattr(args, "log", None))
         run(args)
-    except (ConfigError, DataError, ExportMismatch, FileNotFoundError, json.JSONDecodeError, EngineError, Busy,
-            DiskFull, ModelUnreadable, RehearsalFailed) as err:
-        log.error("%s", err)
-        print(f"luffy {args.stage}: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, ExportMismatch, json.JSONDecodeError, EngineError, Busy, DiskFull,
+            ModelUnreadable, RehearsalFailed, OSError, UnicodeDecodeError) as err:
+        return _refuse(args.stage, err)
     return 0
+
+
+def _refuse(stage: str, err: Exception) -> int:
+    """Bad input ends a command with one line on stderr (also in the job's log file) and exit
+    status 2. A file the system cannot open is named with the system's reason."""
+    from luffy.io import DiskFull
+
+    if isinstance(err, OSError) and err.filename is not None and not isinstance(err, DiskFull):
+        text = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, UnicodeDecodeError):
+        text = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    else:
+        text = str(err)
+    line = f"luffy {stage}: error: {' '.join(text.split())}"
+    record = logging.LogRecord("luffy", logging.ERROR, __file__, 0, "%s", (line,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(line, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

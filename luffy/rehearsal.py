@@ -167,16 +167,13 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
     """Write the rehearsal config of ``configfile`` and run its DAG with Snakemake in the working
     directory (with its Snakefile, else this package's repository's); returns the report's
     results table."""
-    from luffy.config import ConfigError
+    from luffy.config import read_config_file
 
     snakefile = Path("Snakefile") if Path("Snakefile").exists() else Path(__file__).resolve().parents[1] / "Snakefile"
     if not snakefile.exists():
         raise FileNotFoundError(f"luffy rehearse runs the workflow: no Snakefile in {os.getcwd()} or {snakefile.parent}")
 
-    try:
-        raw = yaml.safe_load(Path(configfile).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{configfile}: not valid YAML ({err})".replace("\n", " ")) from None
+    raw = read_config_file(configfile) or {}
     cores = cores or os.cpu_count() or 1
     rehearsal = rehearsal_config(raw, scale)
     results = Path(rehearsal["results_dir"])

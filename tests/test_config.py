@@ -283,3 +283,19 @@ def test_external_models_join_the_evaluated_models_and_change_no_other_settings(
     assert json.loads(wf.eval_settings(cfg, "mine"))["external"]["system_prompt"] == "Reason."
     assert (wf.model_path(cfg, "qwen"), wf.model_path(cfg, "mine")) == ("Qwen/Qwen2.5-Math-7B-Instruct", "/nowhere/yet")
     assert wf.model_inputs(cfg, "mine") == [] and wf.teacher_traces_models(cfg) == []
+
+
+def test_reading_a_config_imports_no_engine_and_no_torch():
+    """The config package imports nothing of luffy.engines (no import circle through the
+    registry) and stays light; the registry reads the engine table from the config."""
+    import subprocess
+    import sys
+
+    code = ("import sys, luffy.config; print(sorted(m for m in sys.modules if m.startswith(('luffy.engines', "
+            "'torch', 'verl', 'transformers'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    from luffy.config.engines import ENGINE_NAMES
+    from luffy.engines import registry
+
+    assert registry.ENGINE_NAMES is ENGINE_NAMES and set(registry.ENGINES) == set(ENGINE_NAMES)

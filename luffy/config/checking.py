@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from luffy.seeding import SEED_MAX
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,11 @@ class Valid:
     text: str | None = None
     nonempty: bool = False
     pattern: str | None = None  # text: a regular expression the whole value matches
+    infinite: bool = False  # numbers: whether .inf / -.inf is a value (NaN never is)
+
+    @staticmethod
+    def _number(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
     def describe(self) -> str:
         if self.choices is not None:
@@ -45,23 +53,35 @@ class Valid:
         if self.text is not None:
             return self.text
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return (f"in {'(' if self.low_open else '['}{self._number(self.low)}, {self._number(self.high)}"
+                    f"{')' if self.high_open else ']'}")
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'>' if self.low_open else '>='} {self._number(self.low)}"
+        return f"{'<' if self.high_open else '<='} {self._number(self.high)}"
 
     def admits(self, value: Any) -> bool:
         if isinstance(value, str):
             return ((self.choices is None or value in self.choices) and not (self.nonempty and not value.strip())
                     and (self.pattern is None or re.fullmatch(self.pattern, value) is not None))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (self.low is not None or self.high is not None) and not finite_enough(value, self.infinite):
+                return False  # a range of numbers; NaN would fail no comparison
             if self.low is not None and (value <= self.low if self.low_open else value < self.low):
                 return False
             return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
         return True
 
 
+def finite_enough(value: Any, infinite: bool = False) -> bool:
+    """Whether a number is a value of a setting: never NaN (it fails no comparison, so it would
+    pass every range), and an infinity only where the range says so."""
+    if not isinstance(value, float):
+        return True
+    return not math.isnan(value) and (infinite or not math.isinf(value))
+
+
 GE0, GE1, GT0 = Valid(low=0), Valid(low=1), Valid(low=0, low_open=True)
+SEED = Valid(low=0, high=SEED_MAX)  # luffy.seeding: every stream seed derived from it fits torch's 64 bits
 UNIT = Valid(low=0, high=1)                          # [0, 1]
 SHARE = Valid(low=0, high=1, low_open=True)          # (0, 1]
 GREEDY_OK = Valid(low=0, text=">= 0 (0: greedy decoding, only with n: 1)")
@@ -148,11 +168,19 @@ def _check_value(tp: Any, value: Any, key: str) -> None:
         raise ConfigError(f"config key '{key}': {value!r} ({type(value).__name__}) is not {_type_name(tp)}{hint}")
 
 
+def _numeric(tp: Any) -> bool:
+    """Whether a field's type holds numbers (float, optional, or a list or mapping of them)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp is float or (typing.get_origin(tp) in (typing.Union, list, dict) and any(map(_numeric, args)))
+
+
 def _check_ranges(obj: Any, prefix: str) -> None:
     """Every set value of a (nested) settings object within its field's stated valid range."""
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), _key(prefix, f.name)
         valid: Valid | None = f.metadata.get("valid")
+        numeric = _numeric(hints[f.name])
         values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
         if dataclasses.is_dataclass(value):
             _check_ranges(value, key)
@@ -160,10 +188,20 @@ def _check_ranges(obj: Any, prefix: str) -> None:
             for name, item in values:
                 if dataclasses.is_dataclass(item):
                     _check_ranges(item, _key(key, str(name)))
-                elif valid is not None and not valid.admits(item):
-                    raise ConfigError(f"config key '{key}': {item!r} is not {valid.describe()}")
-        elif value is not None and valid is not None and not valid.admits(value):
-            raise ConfigError(f"config key '{key}': {value!r} is not {valid.describe()}")
+                else:
+                    _check_one(item, valid, key, numeric)
+        elif value is not None:
+            _check_one(value, valid, key, numeric)
+
+
+def _check_one(value: Any, valid: Valid | None, key: str, numeric: bool) -> None:
+    """One set value within its field's range; a number field refuses NaN and infinity even
+    where it states no range."""
+    if numeric and not finite_enough(value, valid is not None and valid.infinite):
+        raise ConfigError(f"config key '{key}': {value!r} is not a finite number"
+                          + (f" {valid.describe()}" if valid is not None else ""))
+    if valid is not None and not valid.admits(value):
+        raise ConfigError(f"config key '{key}': {value!r} is not {valid.describe()}")
 
 
 def _merge(schema: type, *layers: Any, prefix: str = "") -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,32 @@ def _schema_range(prop: dict[str, Any], valid: Valid) -> None:
         prop["exclusiveMaximum" if valid.high_open else "maximum"] = valid.high
 
 
+# JSON Schema has no NaN, and every comparison with NaN is false, so NaN passes any range. The
+# one number that is both >= 1 and <= 0 is NaN: `not` that schema refuses it. Infinities are
+# refused by the largest float as the bound where a range has none.
+def _schema_finite(prop: dict[str, Any], valid: Valid | None) -> None:
+    """A number setting refuses NaN, and infinity unless its range admits it (``Valid.infinite``)."""
+    types = prop.get("type")
+    if "number" not in ([types] if isinstance(types, str) else types or []):
+        return
+    prop["not"] = {"type": "number", "minimum": 1, "maximum": 0, "$comment": "NaN"}
+    if valid is None or not valid.infinite:
+        if "minimum" not in prop and "exclusiveMinimum" not in prop:
+            prop["minimum"] = -sys.float_info.max
+        if "maximum" not in prop and "exclusiveMaximum" not in prop:
+            prop["maximum"] = sys.float_info.max
+
+
 def dataclass_schema(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     props = {}
     for f in dataclasses.fields(cls):
         prop = _type_schema(hints[f.name])
         valid: Valid | None = f.metadata.get("valid")
+        target = prop["items"] if prop.get("type") == "array" else prop
         if valid is not None:
-            _schema_range(prop["items"] if prop.get("type") == "array" else prop, valid)
+            _schema_range(target, valid)
+        _schema_finite(target, valid)
         if "help" in f.metadata:
             prop["description"] = f.metadata["help"] + (f" (valid: {valid.describe()})" if valid else "")
         props[f.name] = prop

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from luffy.config.checking import ConfigError, _merge
 from luffy.config.rules import (_check_external_models, _check_file, _check_model_name, _check_report,
@@ -124,13 +127,41 @@ def load_config(raw: dict[str, Any] | DictConfig) -> ResolvedConfig:
     return ResolvedConfig(root=root, experiments=experiments, benchmarks=benchmarks)
 
 
+def read_config_file(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content; a missing file, a directory, bytes that are not UTF-8 and YAML
+    syntax are one-line ``ConfigError``s naming the file (and the line and column)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path}: a directory, not a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{what} {path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{what} {path}: YAML syntax error{where}: {problem}") from None
+
+
+def load_config_file(path: str | Path) -> ResolvedConfig:
+    """``load_config`` of one YAML file (``luffy check-config``, ``luffy compare``)."""
+    return load_config(read_config_file(path) or {})
+
+
 def load_registry(path: str) -> dict[str, BenchmarkSpec]:
     """The benchmark registry: name -> validated ``BenchmarkSpec``."""
     _check_file(path, "benchmarks")
+    raw = read_config_file(path, "benchmark registry")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:  # YAML syntax
-        raise ConfigError(f"benchmark registry {path}: cannot read ({err})") from None
+        raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True) if isinstance(raw, dict) else raw
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise ConfigError(f"benchmark registry {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"benchmark registry {path}: expected a mapping name -> settings")
     out = {}

