@@ -18,6 +18,7 @@ A finished training job's checkpoint directory (``results/train/<experiment>/fin
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -70,6 +71,25 @@ class Engine(Protocol):
     def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:
         """Write the checkpoint's weights as a verified HuggingFace model directory; returns the
         largest absolute probe-logit difference found by the verification."""
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why the ``torch.save`` file ``path`` cannot be loaded, judged cheaply from its zip archive's
+    directory without reading any tensor (a file cut short loses that directory, at its end):
+    a few words (missing, empty, truncated or corrupt), or None when it looks whole."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty"
+        with zipfile.ZipFile(path) as archive:
+            whole = any(name.endswith("data.pkl") for name in archive.namelist())
+    except FileNotFoundError:
+        return "missing"
+    except zipfile.BadZipFile:
+        return f"truncated or corrupt: not a whole zip archive, {size} bytes"
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    return None if whole else "not a torch file: no data.pkl in its archive"
 
 
 def write_manifest(directory: Path, *, engine: str, base_model: str, steps: int, selected: dict[str, Any],

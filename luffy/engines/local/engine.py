@@ -13,6 +13,8 @@ class LocalEngine:
     name = "local"
 
     def resume_run_id(self, work_dir: Path) -> str | None:
+        """The MLflow run of the newest readable checkpoint (an unreadable one is named once, in
+        one warning, and passed over as the resume that follows passes it over)."""
         from luffy.engines.local.checkpoint import latest_state
 
         return (latest_state(work_dir) or {}).get("run_id")

@@ -348,7 +348,7 @@ class LocalTrainer:
             if due or stop:
                 saving = time.perf_counter()
                 checkpoint.save(self.work_dir, step + 1, self.model, self.optimizer, self.scheduler,
-                                {"run_id": resume_run_id() if resume_run_id else None})
+                                {"run_id": resume_run_id() if resume_run_id else None}, keep=cfg.keep_checkpoints)
                 checkpoint_s = max(checkpoint_s, time.perf_counter() - saving)
             if stop:
                 raise TimeLimitReached(step + 1, cfg.steps, self.deadline.end)

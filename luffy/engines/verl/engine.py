@@ -5,7 +5,8 @@ grpo, rl_sft) or ``python -m verl.trainer.sft_trainer_ray`` (sft), stock entry p
 released package, with our plug-ins imported on every Ray process. State lives in the job's work
 directory (not a workflow output, so Snakemake never deletes it):
 
-    work/checkpoints/global_step_N/...   verl's checkpoints; a rerun resumes (trainer.resume_mode=auto)
+    work/checkpoints/global_step_N/...   verl's checkpoints; a rerun resumes (trainer.resume_mode=auto) from
+                                         the newest that reads (``resume_check``)
     work/metrics.jsonl                   our per-step metrics (written by the trainer plug-in)
     work/verl_log/current.jsonl          verl's own metric log of the running attempt (one path for all
                                          attempts: verl's MLflow logger records it as a parameter, and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +40,7 @@ from typing import Any, Callable
 
 from luffy import io
 from luffy.config import VerlConfig, from_json, to_dict
-from luffy.engines.base import EngineError, MetricsSink, TrainJob, write_manifest
+from luffy.engines.base import EngineError, MetricsSink, TrainJob, torch_file_problem, write_manifest
 from luffy.engines.verl import cpu
 from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray
 from luffy.engines.verl.overrides import PLUGIN_MODULE, TIME_UP_FILE, VerlJob, ppo_overrides, sft_overrides
@@ -48,6 +50,7 @@ PPO_ENTRY, SFT_ENTRY = "verl.trainer.main_ppo", "verl.trainer.sft_trainer_ray"
 TRACKER = "latest_checkpointed_iteration.txt"
 WEIGHTS = "actor"  # the checkpoint directory's model shards, in verl's FSDP layout
 SHARD_FILES = ("model_world_size_", "fsdp_config.json", "huggingface")
+MODEL_SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
 CURRENT_LOG = "current.jsonl"
 # verl saves a checkpoint when this epoch time nears (verl.utils.checkpoint.checkpoint_manager.
 # should_save_ckpt_esi: within 60 s + its longest step + trainer.esi_redundant_time)
@@ -85,6 +88,72 @@ def checkpointed_step(root: Path) -> int | None:
         return int((root / TRACKER).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def resume_check(root: Path, sft: bool) -> int | None:
+    """Check the checkpoint verl would resume from (the step its tracker under ``root`` names):
+    its model shards present for every rank, and each torch file in it and in the step's folder
+    (optimizer, extra state, data loader) a whole archive (``torch_file_problem``; no tensor is
+    read). When it is unreadable, the tracker is pointed at the newest older checkpoint that reads
+    (trainer.resume_mode=auto then resumes from it) or, with none, removed (verl starts over),
+    and one warning line says which files and what follows. The tracker is rewritten rather than
+    verl pointed elsewhere by trainer.resume_mode / resume_from_path: verl logs its config as the
+    MLflow run's parameters, which a resumed run may not change. Returns the step verl resumes
+    from (None: a fresh start). ``sft``: verl's SFT trainer, whose shards lie in the step folder
+    itself (the PPO trainer's in its ``actor`` folder)."""
+    tracker = root / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text(errors="replace").strip()
+    steps = sorted(((int(m.group(1)), p) for p in root.glob("global_step_*")
+                    if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and p.is_dir()), reverse=True)
+    problems = []
+    if text.isdigit():
+        steps = [(step, folder) for step, folder in steps if step <= int(text)]
+        if not (root / f"global_step_{int(text)}").is_dir():
+            problems.append(f"checkpoint {root / f'global_step_{int(text)}'} (named by {tracker}) does not exist")
+    else:
+        problems.append(f"{tracker} names no checkpoint ({text[:40]!r})")
+    found = None
+    for step, folder in steps:
+        problem = _verl_checkpoint_problem(folder, sft)
+        if problem is None:
+            found = step
+            break
+        problems.append(problem)
+    if not problems:
+        return found
+    if found is None:
+        tracker.unlink()
+        log.warning("%s; no readable checkpoint left: verl starts over from step 0 (its tracker %s removed)",
+                    "; ".join(problems), tracker)
+    else:
+        io.write_text(tracker, str(found))
+        log.warning("%s; verl resumes from %s (its tracker %s now names step %d)", "; ".join(problems),
+                    root / f"global_step_{found}", tracker, found)
+    return found
+
+
+def _verl_checkpoint_problem(folder: Path, sft: bool) -> str | None:
+    """What makes verl's checkpoint ``folder`` unreadable, in a few words (None: it looks whole)."""
+    shards = folder if sft else folder / "actor"
+    if not shards.is_dir():
+        return f"checkpoint {shards} does not exist"
+    ranks: dict[int, set[int]] = {}
+    for path in shards.glob("model_world_size_*_rank_*.pt"):
+        if match := MODEL_SHARD.fullmatch(path.name):
+            ranks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    if not ranks:
+        return f"checkpoint {shards} has no model shards (model_world_size_*_rank_*.pt)"
+    missing = [f"model_world_size_{world}_rank_{rank}.pt" for world, present in sorted(ranks.items())
+               for rank in range(world) if rank not in present]
+    if missing:
+        return f"checkpoint file {shards / missing[0]} is unreadable (missing)"
+    for path in sorted({*shards.glob("*.pt"), *folder.glob("*.pt")}):
+        reason = torch_file_problem(path)
+        if reason:
+            return f"checkpoint file {path} is unreadable ({reason})"
+    return None
 
 
 def saved_for_time(path: Path) -> int | None:
@@ -216,6 +285,7 @@ class VerlEngine:
             paths[key].mkdir(parents=True, exist_ok=True)
         current_run = run_id()
         io.write_json(paths["run"], {"run_id": current_run})
+        resume_check(paths["checkpoints"], sft=job.settings.algorithm == "sft")
         entry, overrides = self.overrides(job, self._train_files(job, paths))
         current = paths["logs"] / CURRENT_LOG
         self._keep_attempt(current)  # an attempt killed with its job
