@@ -11,6 +11,12 @@ A suite comes from one of:
   and three incorrect answers, shuffled with a seed fixed per question).
 The written rows keep the source's system message, if any; evaluation drops it unless the
 suite says ``system_prompt: keep``.
+
+Cell types are checked as the rows are read: text cells hold text (a number is taken as its
+text), never a struct or a list, except an answer may be a list of texts (OlympiadBench's
+``final_answer``; its first item); options are a list of texts (``choices``) or a struct of
+``text`` and ``label`` lists (``arc``). A column none of whose values has its type is refused
+by name; a few rows that break it are malformed rows, which refuse the suite like any other.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import pandas as pd
 
 from luffy.config import BenchmarkSpec
 from luffy.data.hub import open_file, parquet_files
-from luffy.data.schema import DataError, benchmark_rows, chat_messages, ground_truth_of, is_list, read_parquet
+from luffy.data.schema import (DataError, benchmark_rows, chat_messages, ground_truth_of, is_list, is_nested, is_null,
+                               one_line, read_parquet, value_kind)
 
 log = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
@@ -40,9 +47,9 @@ def is_reference_schema(frame: pd.DataFrame) -> bool:
 def read_local(path: str, what: str) -> pd.DataFrame:
     if path.endswith((".jsonl", ".json")):
         try:
-            return pd.read_json(path, lines=path.endswith(".jsonl"))
+            return pd.read_json(path, lines=path.endswith(".jsonl"), dtype=False)  # types as written
         except (OSError, ValueError) as err:
-            raise DataError(f"{what}: cannot read {path} ({err})") from None
+            raise DataError(f"{what}: cannot read {path} ({one_line(err)})") from None
     return read_parquet(path, what)
 
 
@@ -50,8 +57,11 @@ def read_hub(spec: BenchmarkSpec, what: str) -> pd.DataFrame:
     """The public dataset's split, from the hub's auto-converted parquet files."""
     frames = []
     for path in parquet_files(spec.hub_id, spec.hub_config, spec.split, what):
-        with open_file(path) as fh:
-            frames.append(pd.read_parquet(fh))
+        try:
+            with open_file(path) as fh:
+                frames.append(pd.read_parquet(fh))
+        except Exception as err:  # network, cache or parquet errors, of many unrelated types
+            raise DataError(f"{what}: cannot read {path} ({type(err).__name__}: {one_line(err)})") from None
     return pd.concat(frames, ignore_index=True)
 
 
@@ -76,19 +86,61 @@ def from_reference(frame: pd.DataFrame, spec: BenchmarkSpec, what: str) -> pd.Da
     return _distinct(rows)
 
 
+def _scalar(value: Any) -> bool:
+    return not is_nested(value)
+
+
+def _scalars(value: Any) -> bool:
+    return is_list(value) and all(_scalar(v) for v in value)
+
+
+def _labelled(value: Any) -> bool:
+    return isinstance(value, dict) and _scalars(value.get("text")) and _scalars(value.get("label"))
+
+
+TEXT = (_scalar, "text")
+# per format: role -> (whether a (non-null) cell has the role's type, the type in words)
+ROLE_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
+    "math": {"problem": TEXT, "answer": (lambda v: _scalar(v) or _scalars(v), "text")},
+    "choices": {"problem": TEXT, "options": (_scalars, "a list of texts"), "answer": (_scalar, "a letter or an index")},
+    "arc": {"problem": TEXT, "options": (_labelled, "a struct of 'text' and 'label' lists"), "answer": TEXT},
+    "gpqa": {"problem": TEXT, "correct": TEXT, **{f"incorrect_{i}": TEXT for i in (1, 2, 3)}},
+}
+
+
 def _text(value: Any) -> str | None:
+    """A checked text cell as stripped text (a number as its text, a list as its first item);
+    None when empty."""
     if is_list(value):
         value = value[0] if len(value) else None
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if is_null(value):
         return None
     return str(value).strip() or None
 
 
 def _column(row: dict[str, Any], spec: BenchmarkSpec, role: str) -> Any:
+    """The row's cell of ``role``; a ValueError (a malformed row) when its type is not the role's."""
     column = spec.columns.get(role, role)
     if column not in row:
         raise KeyError(column)
-    return row[column]
+    value = row[column]
+    fits, expected = ROLE_TYPES[spec.format][role]
+    if not is_null(value) and not fits(value):
+        raise ValueError(f"column '{column}' holds {value_kind(value)[0]}, expected {expected}")
+    return value
+
+
+def check_column_types(frame: pd.DataFrame, spec: BenchmarkSpec, what: str) -> None:
+    """A ``DataError`` naming the first column none of whose (non-null) cells has its role's
+    type, e.g. an answer column of structs; single odd cells are left to the rows' checks."""
+    for role, (fits, expected) in ROLE_TYPES[spec.format].items():
+        column = spec.columns.get(role, role)
+        if column not in frame.columns:
+            continue  # the rows' check names it
+        values = [v for v in frame[column] if not is_null(v)]
+        if values and not any(fits(v) for v in values):
+            found = " and ".join(sorted({value_kind(v)[1] for v in values}))
+            raise DataError(f"{what}: column '{column}' holds {found}, expected {expected}")
 
 
 def _options(row: dict[str, Any], spec: BenchmarkSpec) -> tuple[list[str], list[str], str]:
@@ -101,6 +153,8 @@ def _options(row: dict[str, Any], spec: BenchmarkSpec) -> tuple[list[str], list[
     elif spec.format == "arc":
         choices = _column(row, spec, "options")
         texts, labels = [str(t) for t in choices["text"]], [str(label) for label in choices["label"]]
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} option texts but {len(labels)} labels")
         gold = str(_column(row, spec, "answer")).strip()
     else:  # gpqa: the correct answer among three incorrect ones, in an order fixed by the question
         correct = str(_column(row, spec, "correct")).strip()
@@ -115,7 +169,8 @@ def _options(row: dict[str, Any], spec: BenchmarkSpec) -> tuple[list[str], list[
 
 
 def from_public(frame: pd.DataFrame, spec: BenchmarkSpec, name: str, what: str) -> pd.DataFrame:
-    """Chat rows (user turn only) from the public dataset's columns."""
+    """Chat rows (user turn only) from the public dataset's columns, their types checked."""
+    check_column_types(frame, spec, what)
     rows, bad = [], {}
     for pos, row in enumerate(frame.to_dict("records")):
         try:
@@ -165,7 +220,8 @@ def build_suite(name: str, spec: BenchmarkSpec) -> pd.DataFrame:
         frame = read_local(spec.local, what)
     else:
         frame = read_hub(spec, what)
-    rows = from_reference(frame, spec, what) if is_reference_schema(frame) else from_public(frame, spec, name, what)
+    where = f"{what} ({spec.local or spec.hub_id})"  # the rows' errors name the file
+    rows = from_reference(frame, spec, where) if is_reference_schema(frame) else from_public(frame, spec, name, where)
     if rows.empty:
         raise DataError(f"{what}: no problems")
     if spec.problems is not None and len(rows) != spec.problems:

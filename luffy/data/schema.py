@@ -77,6 +77,13 @@ def decode_batch(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
     return frame
 
 
+def one_line(err: BaseException | str) -> str:
+    """A library's error text on one line: runs of whitespace (newlines included) become one
+    space, other control characters are escaped."""
+    text = " ".join(str(err).split())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def read_parquet(path: str, what: str) -> pd.DataFrame:
     """A whole parquet file as a frame; a missing or unreadable file, or text that is not
     valid UTF-8 (its column and rows named), is a ``DataError``."""
@@ -85,7 +92,7 @@ def read_parquet(path: str, what: str) -> pd.DataFrame:
     except FileNotFoundError:
         raise DataError(f"{what}: file not found: {path}") from None
     except Exception as err:  # pyarrow raises several unrelated types for a non-parquet file
-        raise DataError(f"{what}: cannot read {path} as parquet ({type(err).__name__}: {err})") from None
+        raise DataError(f"{what}: cannot read {path} as parquet ({type(err).__name__}: {one_line(err)})") from None
     if INVALID_UTF8_COLUMN in frame.columns:
         rows = np.flatnonzero(frame.pop(INVALID_UTF8_COLUMN).to_numpy()).tolist()
         raise_bad_rows({INVALID_UTF8: rows} if rows else {}, f"{what} ({path})")
@@ -100,6 +107,104 @@ def require_columns(frame: pd.DataFrame, required: Iterable[str], what: str) -> 
 
 def is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
+
+
+def is_null(value: Any) -> bool:
+    """A missing value: None, or a float NaN (how pandas fills a gap)."""
+    return value is None or (isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
+
+
+def is_nested(value: Any) -> bool:
+    """A struct (dict) or a list: what a text cell must never hold."""
+    return isinstance(value, dict) or is_list(value)
+
+
+def value_kind(value: Any) -> tuple[str, str]:
+    """(one, many): words for what a cell holds, e.g. ('a struct (dict)', 'structs (dict)'),
+    ('a list of text', 'lists of text'), ('a number', 'numbers')."""
+    if isinstance(value, str):
+        return "text", "text"
+    if isinstance(value, dict):
+        return "a struct (dict)", "structs (dict)"
+    if is_list(value):
+        inner = sorted({value_kind(v)[1] for v in value if not is_null(v)})
+        of = f" of {' and '.join(inner)}" if inner else ""
+        return f"a list{of}", f"lists{of}"
+    if is_null(value):
+        return "null", "nulls"
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean", "booleans"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "a number", "numbers"
+    if isinstance(value, bytes):
+        return "bytes", "bytes"
+    return f"a {type(value).__name__}", f"{type(value).__name__} values"
+
+
+def nested_text(column: str, value: Any) -> str | None:
+    """The malformed-row reason for a struct or list in a text column (None otherwise)."""
+    return f"{column} holds {value_kind(value)[0]}, expected text" if is_nested(value) else None
+
+
+# Arrow column types as nested shapes: TEXT, ("list", item shape) or {field: shape}.
+TEXT = "text"
+MESSAGES = ("list", {"role": TEXT, "content": TEXT})
+OPENR1_TYPES = {"problem": (TEXT, "text"), "answer": (TEXT, "text"), "generations": (("list", TEXT), "lists of text")}
+LUFFY_TYPES = {"prompt": (MESSAGES, "lists of {role, content} messages"),
+               "target": (MESSAGES, "lists of {role, content} messages"),
+               "reward_model": ({"ground_truth": TEXT}, "structs with a text ground_truth")}
+
+
+def _arrow_list(tp: pa.DataType) -> bool:
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp)
+
+
+def _arrow_struct(tp: pa.DataType) -> bool:
+    return pa.types.is_struct(tp) or pa.types.is_map(tp)
+
+
+def arrow_kind(tp: pa.DataType) -> str:
+    """Words for what a column of Arrow type ``tp`` holds, e.g. 'lists of text', 'structs (dict)'."""
+    if pa.types.is_dictionary(tp):
+        return arrow_kind(tp.value_type)
+    if pa.types.is_string(tp) or pa.types.is_large_string(tp):
+        return "text"
+    if _arrow_list(tp):
+        return f"lists of {arrow_kind(tp.value_type)}"
+    if _arrow_struct(tp):
+        return "structs (dict)"
+    if pa.types.is_boolean(tp):
+        return "booleans"
+    if pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_decimal(tp):
+        return f"numbers ({tp})"
+    if pa.types.is_binary(tp) or pa.types.is_large_binary(tp):
+        return "bytes"
+    return f"{tp} values"
+
+
+def _fits(tp: pa.DataType, shape: Any) -> bool:
+    """Whether an Arrow type has ``shape``'s nesting. Only the nesting is checked: a null
+    column fits anything, and a number or boolean fits text (per-row checks judge those)."""
+    if pa.types.is_null(tp):
+        return True
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    if shape == TEXT:
+        return not (_arrow_list(tp) or _arrow_struct(tp))
+    if isinstance(shape, tuple):
+        return _arrow_list(tp) and _fits(tp.value_type, shape[1])
+    return pa.types.is_struct(tp) and all(_fits(tp.field(name).type, sub) for name, sub in shape.items()
+                                          if tp.get_field_index(name) >= 0)
+
+
+def check_column_types(schema: pa.Schema, types: dict[str, tuple[Any, str]], what: str) -> None:
+    """A ``DataError`` naming the first column (of ``types``, where present) whose Arrow type
+    nests differently from its expected shape, e.g. structs where text is expected."""
+    for name, (shape, expected) in types.items():
+        index = schema.get_field_index(name)
+        if index >= 0 and not _fits(schema.field(index).type, shape):
+            raise DataError(f"{what}: column '{name}' holds {arrow_kind(schema.field(index).type)}, "
+                            f"expected {expected}")
 
 
 def bad_rows(frame: pd.DataFrame, check: Callable[[dict[str, Any]], str | None]) -> dict[str, list[int]]:
@@ -125,16 +230,17 @@ def raise_bad_rows(found: dict[str, list[int]], what: str) -> None:
 def check_openr1_row(row: dict[str, Any]) -> str | None:
     problem, answer = row["problem"], row["answer"]
     if not isinstance(problem, str) or not problem.strip():
-        return "empty or non-string problem"
+        return nested_text("problem", problem) or "empty or non-string problem"
     if not isinstance(answer, str) or not answer.strip():
-        return "empty or non-string answer"
+        return nested_text("answer", answer) or "empty or non-string answer"
     lists = [row["generations"], row["correctness_math_verify"], row["is_reasoning_complete"]]
     if not all(is_list(v) for v in lists):
         return "generations / correctness_math_verify / is_reasoning_complete not lists"
     if len({len(v) for v in lists}) != 1:
         return "generations, correctness_math_verify and is_reasoning_complete differ in length"
-    if not all(isinstance(g, str) for g in row["generations"]):
-        return "a generation is not a string"
+    for generation in row["generations"]:
+        if not isinstance(generation, str):
+            return nested_text("a generation", generation) or "a generation is not a string"
     for column in ("correctness_math_verify", "is_reasoning_complete"):
         if not all(isinstance(flag, (bool, np.bool_)) for flag in row[column]):
             return f"a {column} flag that is not a boolean"

@@ -37,9 +37,10 @@ import pyarrow.parquet as pq
 
 from luffy.config import HUB_PREFIX, PROMPT_TEMPLATES, is_glob
 from luffy.data.hub import open_file, parquet_files
-from luffy.data.schema import (INVALID_UTF8, INVALID_UTF8_COLUMN, LUFFY_REQUIRED, OPENR1_REQUIRED, DataError,
-                               chat_messages, check_luffy_row, check_openr1_row, decode_batch, ground_truth_of,
-                               luffy_rows, require_columns)
+from luffy.data.schema import (INVALID_UTF8, INVALID_UTF8_COLUMN, LUFFY_REQUIRED, LUFFY_TYPES, OPENR1_REQUIRED,
+                               OPENR1_TYPES, DataError, chat_messages, check_column_types, check_luffy_row,
+                               check_openr1_row, decode_batch, ground_truth_of, luffy_rows, one_line,
+                               require_columns)
 
 DROP_REASONS = ("no_correct_trace", "no_complete_correct_trace", "all_correct_traces_too_long")
 QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -239,17 +240,23 @@ def resolve_sources(traces: str, split: str = "train", config: str = "default") 
 
 
 def iter_batches(sources: Iterable[str], batch_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(source, frame) record batches of every file, with only the columns the filter reads."""
+    """(source, frame) record batches of every file, with only the columns the filter reads. A
+    text column of structs or lists (or the like, ``check_column_types``) is a ``DataError``
+    naming the file and the column; an unreadable file one naming the file, on one line."""
     for source in sources:
         try:
             with open_file(source) as fh:
                 parquet = pq.ParquetFile(fh)
                 names = parquet.schema_arrow.names
+                luffy = {"prompt", "target", "reward_model"} <= set(names)  # as ``input_schema`` decides
+                check_column_types(parquet.schema_arrow, LUFFY_TYPES if luffy else OPENR1_TYPES,
+                                   f"trace file {source}")
                 wanted = [c for c in (*OPENR1_REQUIRED, *LUFFY_REQUIRED) if c in names]
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
                     yield source, decode_batch(batch)
-        except (OSError, pa.ArrowInvalid) as err:
-            raise DataError(f"trace file {source}: cannot read as parquet ({type(err).__name__}: {err})") from None
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"trace file {source}: cannot read as parquet ({type(err).__name__}: {one_line(err)})"
+                            ) from None
 
 
 def input_schema(columns: Sequence[str], what: str) -> str:
