@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from luffy import io
-from luffy.config import (BaseModelConfig, BenchmarkSpec, DataConfig, EvaluationConfig, ExternalModelConfig,
-                          ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict)
+from luffy.config import (BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig,
+                          ExternalModelConfig, ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict)
 from luffy.compare import suite_headline, training_headline, views
 from luffy.tracking import StageRun, config_hash
 
@@ -172,12 +172,26 @@ def convert(checkpoint_dir: str, out_dir: str, group: str, rule: str) -> None:
         run.log_metrics({"probe_logits_max_abs_diff": diff})
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def suite_run_metrics(suite: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """A suite's figures for its evaluate run: ``<suite>/<figure>``, and a mapping of figures
+    one level down as ``<suite>/<figure>/<key>`` (``<suite>/grading_timeouts/<grader>``)."""
+    out = {f"{suite}/{k}": v for k, v in metrics.items() if _number(v)}
+    out.update({f"{suite}/{k}/{key}": v for k, values in metrics.items() if isinstance(values, dict)
+                for key, v in values.items() if _number(v)})
+    return out
+
+
 def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out_dir: str, group: str, rule: str,
              threads: int, gpus: int = 0, external: tuple[str, ExternalModelConfig] | None = None) -> None:
     """Evaluate one model on its suites. An ``external`` model (``evaluation.models``: name and
     settings) is checked first, gets its own vLLM dtype / context, chat template and system
     prompt where it sets them, and its source (hub id, revision and the commit evaluated, or
-    its directory) is recorded in every result file and in MLflow."""
+    its directory) is recorded in every result file and in MLflow. Each suite's result file
+    and run count the answers whose grading timed out, per grader (``grading_timeouts``)."""
     import dataclasses
 
     import torch
@@ -189,7 +203,8 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
     torch.set_num_threads(threads)
     unknown = set(suites) - set(settings.suites)
     if unknown:
-        raise ValueError(f"suites {sorted(unknown)} have no settings in evaluation.suites")
+        raise ConfigError(f"--suite: {sorted(unknown)} have no settings in evaluation.suites (known: "
+                          f"{sorted(settings.suites)})")
     source, revision, chat_template, system_prompt = None, None, None, None
     if external is None:
         model_source(model)
@@ -224,8 +239,7 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
             io.write_json(out / f"{name}.json", {"suite": name, "model": model, "backend": backend.name,
                                                  "settings": to_dict(settings.suites[name]),
                                                  **({"external": source} if source else {}), **result.metrics})
-            run.log_metrics({f"{name}/{k}": v for k, v in result.metrics.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_metrics(suite_run_metrics(name, result.metrics))
             run.log_to_parent(suite_headline(name, result.metrics))
         run.log_metrics({"engine_load_s": load_s})
         run.log_artifacts([str(out / f"{name}.json") for name in results])

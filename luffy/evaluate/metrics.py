@@ -7,6 +7,9 @@ pass@k: the unbiased estimator of Chen et al. (2021) per problem with n samples,
 
 averaged over problems.
 
+Grading timeouts: per grader, the number of answers whose grading ran out of time (reason
+``timeout``, graded wrong): load on the machine or a pathological answer decided those verdicts.
+
 Bootstrap 95% interval (percentile): resample the problems with replacement B times, take
 each resample's mean of per-problem accuracies, report the 2.5th and 97.5th percentiles.
 For the average over suites, each suite is resampled independently and the resampled
@@ -20,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from luffy.reward.math import TIMEOUT
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -55,6 +60,11 @@ def suite_metrics(samples: pd.DataFrame) -> dict[str, float]:
     low, high = bootstrap_interval([per_problem["sum"].to_numpy() / n])
     out["accuracy_ci_low"], out["accuracy_ci_high"] = low, high
     return out
+
+
+def grading_timeouts(samples: pd.DataFrame, graders: Sequence[str]) -> dict[str, int]:
+    """Per grader, the answers whose grading timed out (``reason_<grader>`` is ``timeout``)."""
+    return {grader: int((samples[f"reason_{grader}"] == TIMEOUT).sum()) for grader in graders}
 
 
 def per_problem_accuracy(samples: pd.DataFrame) -> np.ndarray:

@@ -6,6 +6,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 from transformers import AutoTokenizer
@@ -14,7 +15,7 @@ from luffy.config import GRADERS_FOR, GradingConfig, SuiteConfig
 from luffy.data.schema import DataError, load_benchmark
 from luffy.data.templates import encode_prompts
 from luffy.evaluate.backends import Backend, Sampling
-from luffy.evaluate.metrics import suite_metrics
+from luffy.evaluate.metrics import grading_timeouts, suite_metrics
 from luffy.reward.pool import GraderPool
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SuiteResult:
     samples: pd.DataFrame
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # figures, the grader's name, and grading_timeouts (grader -> answers)
 
 
 def eval_prompts(prompts: list[list[dict[str, str]]], system_prompt: str,
@@ -42,7 +43,9 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
               seed: int, system_prompt: str | None = None) -> SuiteResult:
     """Generate ``cfg.n`` samples per problem in one engine call, grade them with every grader
     of the suite's answer type; ``correct`` / ``extracted`` / ``reason`` are those of
-    ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``."""
+    ``cfg.grader`` and each grader's own verdict is kept as ``<field>_<grader>``. The metrics
+    count, per grader, the answers whose grading timed out (``grading_timeouts``: each was
+    graded wrong), with a warning when there are any."""
     problems = load_benchmark(path)
     if cfg.max_problems is not None:
         problems = problems.head(cfg.max_problems)
@@ -82,6 +85,11 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
     for grader in graders:
         metrics[f"accuracy_{grader}"] = float(samples[f"correct_{grader}"].mean())
     metrics.update({f"reason/{k}": v / len(samples) for k, v in Counter(samples["reason"]).items()})
+    metrics["grading_timeouts"] = grading_timeouts(samples, graders)
+    if any(metrics["grading_timeouts"].values()):
+        log.warning("%s: grading timed out on %s of %d answers (graded wrong; limit %.3gs per answer)", name,
+                    ", ".join(f"{n} ({g})" for g, n in metrics["grading_timeouts"].items() if n), len(samples),
+                    pool.timeout_s)
     log.info("%s: accuracy %.4f (%s) over %d problems x %d samples (%.1fs generation, %.1fs grading)", name,
              metrics["accuracy"], cfg.grader, metrics["problems"], cfg.n, generation_s, grading_s)
     return SuiteResult(samples, metrics)

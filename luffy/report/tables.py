@@ -7,7 +7,7 @@ over each experiment's seeds; the CSV keeps every seed's values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -44,22 +44,60 @@ def per_seed(frame: pd.DataFrame, external: dict[str, str] | None = None) -> pd.
     return out
 
 
-def external_sources(eval_dir: str | Path, models: list[str], suites: list[str]) -> dict[str, str]:
-    """External model -> where it came from, as its evaluation recorded it: 'hub:<id>[@<revision>]
-    (commit <sha>)' or 'path:<directory>', and its cap on new tokens if it had one."""
-    out = {}
+def _results(eval_dir: str | Path, models: list[str], suites: list[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(model, suite, its evaluation's JSON) for each evaluation with a result file."""
     for model in models:
         for suite in suites:
             path = Path(eval_dir) / model / f"{suite}.json"
-            if not path.exists():
-                continue
-            source = read_json(path).get("external")
-            if source:
-                commit, cap = source.get("commit"), source.get("max_tokens")
-                out[model] = (source["source"] + (f" (commit {commit})" if commit else "")
-                              + (f", at most {cap} new tokens" if cap else ""))
-            break
+            if path.exists():
+                yield model, suite, read_json(path)
+
+
+def external_sources(eval_dir: str | Path, models: list[str], suites: list[str]) -> dict[str, str]:
+    """External model -> where it came from, as its evaluation recorded it: 'hub:<id>[@<revision>]
+    (commit <sha>)' or 'path:<directory>', and its cap on new tokens if it had one."""
+    out, seen = {}, set()
+    for model, _, record in _results(eval_dir, models, suites):
+        if model in seen:  # a model's first evaluation says it
+            continue
+        seen.add(model)
+        source = record.get("external")
+        if source:
+            commit, cap = source.get("commit"), source.get("max_tokens")
+            out[model] = (source["source"] + (f" (commit {commit})" if commit else "")
+                          + (f", at most {cap} new tokens" if cap else ""))
     return out
+
+
+def grading_timeouts(eval_dir: str | Path, models: list[str], suites: list[str]
+                     ) -> dict[tuple[str, str], tuple[dict[str, int], int | None]]:
+    """(model, suite) -> (grader -> answers whose grading timed out, answers graded) for each
+    evaluation with any, the suite's counted grader first; a result file without
+    ``grading_timeouts`` (written before they were counted) says nothing and is passed over."""
+    out = {}
+    for model, suite, record in _results(eval_dir, models, suites):
+        counted = record.get("grader")  # the verdict the tables count: named first
+        found = record.get("grading_timeouts") or {}
+        counts = {g: int(found[g]) for g in sorted(found, key=lambda g: (g != counted, g)) if found[g]}
+        if counts:
+            out[(model, suite)] = (counts, record.get("samples"))
+    return out
+
+
+TIMEOUT_NOTE = ("Answers whose grading timed out were graded wrong: load on the machine or a pathological answer "
+                "decided these verdicts (limit: evaluation.grading.timeout_s per answer).")
+
+
+def timeout_note(eval_dir: str | Path, models: list[str], suites: list[str], meta: dict[str, dict[str, Any]]) -> str:
+    """A note with a line per evaluation whose grading timed out on some answers, e.g. '- AIME24
+    (luffy): 2 of 64 answers' grading timed out (math_verify), graded wrong'; '' when none did."""
+    lines = []
+    for (model, suite), (counts, samples) in grading_timeouts(eval_dir, models, suites).items():
+        (first, n), *rest = counts.items()
+        answers = f"{n} of {samples} answers'" if samples else ("1 answer's" if n == 1 else f"{n} answers'")
+        others = "".join(f" and {m} ({grader})" for grader, m in rest)
+        lines.append(f"- {title(suite, meta)} ({model}): {answers} grading timed out ({first}){others}, graded wrong")
+    return f"{TIMEOUT_NOTE}\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def summarize(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
@@ -267,7 +305,8 @@ def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], met
                  external: dict[str, str] | None = None
                  ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Markdown (no heading) of one table per suite group (our rows, then the paper's reported
-    rows) with its bootstrap intervals, and per group the accuracy frame and the intervals;
+    rows) with its bootstrap intervals, then the notes (external models, reported rows, answers
+    whose grading timed out), and per group the accuracy frame and the intervals;
     ``external``: the external models' sources (null: read from the evaluations)."""
     groups = suite_groups(suites, meta)
     external = external_sources(eval_dir, models, suites) if external is None else external
@@ -291,6 +330,8 @@ def paper_layout(eval_dir: str | Path, models: list[str], suites: list[str], met
     if any_reported:
         parts += ["Rows marked (reported) are the LUFFY paper's published numbers for Qwen2.5-Math-7B models, "
                   "not measured by this pipeline.", ""]
+    timeouts = timeout_note(eval_dir, models, suites, meta)
+    parts += [timeouts.strip(), ""] if timeouts else []
     return "\n".join(parts), frames, intervals
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from math_verify import parse, verify
 
 THINK_END = "</think>"
-REASONS = ("correct", "wrong", "no_think_end", "no_answer", "parse_failure", "timeout", "error")
+TIMEOUT = "timeout"  # the reason of a grade whose time ran out (graded wrong); suites count these per grader
+REASONS = ("correct", "wrong", "no_think_end", "no_answer", "parse_failure", TIMEOUT, "error")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def grade_answer(answer: str, gold: str, timeout_s: float | None = 2) -> Grade:
             extracted = str(predicted[-1])
             ok = verify(_parse_gold(gold), predicted, timeout_seconds=None, raise_on_error=True)
     except AnswerTimeout:
-        return Grade(False, extracted, "timeout")
+        return Grade(False, extracted, TIMEOUT)
     except Exception:  # a grader crash on model text is a wrong answer, never a failed batch
         return Grade(False, extracted, "error")
     return Grade(bool(ok), extracted, "correct" if ok else "wrong")

@@ -12,7 +12,8 @@ Time limit, two layers:
   one timer);
 - in the parent: a worker still busy at ``timeout_s + grace_s`` (stuck inside C code, such as
   sympy computing ``9^{9^{9^{9}}}``, where no signal handler can run) is killed and replaced.
-Either way the answer is graded wrong with reason ``timeout``; a worker that crashes or runs
+Either way the answer is graded wrong with reason ``timeout`` (``TIMEOUT``; each suite's results
+count these per grader, ``luffy.evaluate.metrics.grading_timeouts``); a worker that crashes or runs
 out of its address-space cap (``memory_mb``) gives ``error``. The batch always completes.
 
 Nothing here evaluates model text as code: math-verify and latex2sympy parse LaTeX with
@@ -32,7 +33,7 @@ from pebble import ProcessPool
 
 from luffy.reward.boxed import grade_boxed
 from luffy.reward.choice import grade_choice
-from luffy.reward.math import AnswerTimeout, Grade, answer_deadline, grade
+from luffy.reward.math import TIMEOUT, AnswerTimeout, Grade, answer_deadline, grade
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def grade_one(completion: str, gold: str, graders: Sequence[str], timeout_s: flo
                 out[name] = GRADERS[name](completion, gold)
     except AnswerTimeout:
         pass
-    return {name: out.get(name, Grade(False, None, "timeout")) for name in graders}
+    return {name: out.get(name, Grade(False, None, TIMEOUT)) for name in graders}
 
 
 def _init_worker(memory_mb: int) -> None:
@@ -93,7 +94,7 @@ class GraderPool:
             try:
                 out.append(future.result())
             except FutureTimeout:
-                out.append({name: Grade(False, None, "timeout") for name in graders})
+                out.append({name: Grade(False, None, TIMEOUT) for name in graders})
             except Exception as err:  # ProcessExpired (a crashed worker), MemoryError...: this answer only
                 log.debug("grader worker failed: %r", err)
                 out.append({name: Grade(False, None, "error") for name in graders})
