@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse(stage: str, err: Exception) -> int:
     """Bad input ends a command with one line on stderr (also in the job's log file) and exit
     status 2. A file the system cannot open is named with the system's reason."""
+    from luffy.data.schema import one_line
     from luffy.io import DiskFull
 
     if isinstance(err, OSError) and err.filename is not None and not isinstance(err, DiskFull):
@@ -349,7 +350,7 @@ def _refuse(stage: str, err: Exception) -> int:
         text = f"not UTF-8 text ({err.reason} at byte {err.start})"
     else:
         text = str(err)
-    line = f"luffy {stage}: error: {' '.join(text.split())}"
+    line = f"luffy {stage}: error: {one_line(text)}"
     record = logging.LogRecord("luffy", logging.ERROR, __file__, 0, "%s", (line,), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
