@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the study's comparison in the MLflow UI: store its views and print their URLs "
                                        "(one row per model with accuracy and intervals; training curves)")
     p.add_argument("configfile")
-    p.add_argument("--port", type=_ranged(int, Valid(low=1, high=65535)), default=5000, help="the port of `mlflow ui` (SQLite stores)")
+    p.add_argument("--port", type=_ranged(int, Valid(low=1, high=65535)), default=5000,
+                   help="the port of `mlflow ui` (SQLite stores)")
     p.add_argument("--serve", action="store_true", help="also run `mlflow ui` on the config's SQLite store")
 
     p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
@@ -191,9 +192,9 @@ def _tokenizer_path(value: str) -> str:
         from luffy.models.tokenizer import SHIPPED_DIR
 
         return str(SHIPPED_DIR)
-    from luffy.models import model_source
+    from luffy.models import TOKENIZER_FILES, model_source
 
-    return model_source(value, "tokenizer")
+    return model_source(value, "tokenizer", TOKENIZER_FILES)
 
 
 def allocated_threads(requested: int, env: dict[str, str] | None = None) -> int:

@@ -14,10 +14,10 @@ from typing import Any
 from omegaconf import MISSING
 
 from luffy.config.checking import BOOL, ConfigError, Valid, _key, to_dict
-from luffy.config.sections import (BaseModelConfig, BenchmarkSpec, Config, DataConfig, EvaluationConfig, ExternalModelConfig,
-                                   GradingConfig, JobResources, ReportConfig, ResourcesConfig, StandInConfig,
-                                   SuiteConfig, TinyModelConfig, ToyTaskConfig, TrackingConfig, TrainConfig,
-                                   ValidationConfig, VerlConfig, VllmConfig)
+from luffy.config.sections import (BaseModelConfig, BenchmarkSpec, Config, DataConfig, EvaluationConfig,
+                                   ExternalModelConfig, GradingConfig, JobResources, ReportConfig, ResourcesConfig,
+                                   StandInConfig, SuiteConfig, TinyModelConfig, ToyTaskConfig, TrackingConfig,
+                                   TrainConfig, ValidationConfig, VerlConfig, VllmConfig)
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}

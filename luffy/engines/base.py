@@ -18,6 +18,7 @@ A finished training job's checkpoint directory (``results/train/<experiment>/fin
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,32 @@ def torch_file_problem(path: Path) -> str | None:
     except OSError as err:
         return f"cannot be read: {err.strerror or err}"
     return None if whole else "not a torch file: no data.pkl in its archive"
+
+
+def checkpoint_dirs(root: Path, folder: re.Pattern[str]) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoint folders under ``root`` whose names match ``folder`` (its
+    group 1: the step), newest first."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := folder.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def resume_candidates(root: Path, pointer: Path, folder: re.Pattern[str], named: re.Pattern[str],
+                      folder_of: Callable[[int], str]) -> tuple[list[tuple[int, Path]], list[str]]:
+    """Both engines' rule for what a resume may use: the checkpoint folders under ``root`` up to
+    the step ``pointer`` names (its text matched by ``named``, group 1 the step; all of them when
+    it names none), newest first, and what is wrong with the pointer itself (it names no
+    checkpoint, or one ``folder_of(step)`` that does not exist). No pointer: nothing to resume."""
+    if not pointer.exists():
+        return [], []
+    text = pointer.read_text(errors="replace").strip()
+    found = checkpoint_dirs(root, folder)
+    match = named.fullmatch(text)
+    if match is None:
+        return found, [f"{pointer} names no checkpoint ({text[:40]!r})"]
+    step = int(match.group(1))
+    missing = root / folder_of(step)
+    problems = [] if missing.is_dir() else [f"checkpoint {missing} (named by {pointer}) does not exist"]
+    return [(s, path) for s, path in found if s <= step], problems
 
 
 def write_manifest(directory: Path, *, engine: str, base_model: str, steps: int, selected: dict[str, Any],

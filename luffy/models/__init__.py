@@ -13,15 +13,14 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 # a directory is a model (or a tokenizer) when it holds one of these files
-MARKERS = {"model": ("config.json",), "tokenizer": ("tokenizer_config.json", "tokenizer.json", "config.json")}
+MODEL_FILES, TOKENIZER_FILES = ("config.json",), ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 
-def model_source(path: str, what: str = "model") -> str:
-    """``path`` when it is a local model directory or has the shape of a HuggingFace hub id
-    ('Qwen/Qwen2.5-Math-7B'); a missing local path is a one-line error naming it, instead of
-    transformers' traceback about repo ids."""
+def model_source(path: str, what: str = "model", wanted: tuple[str, ...] = MODEL_FILES) -> str:
+    """``path`` when it is a local model directory (holding one of ``wanted``) or has the shape of
+    a HuggingFace hub id ('Qwen/Qwen2.5-Math-7B'); a missing local path, or a directory without
+    those files, is a one-line error naming it, instead of transformers' traceback."""
     if os.path.isdir(path):
-        wanted = MARKERS["tokenizer" if "tokenizer" in what else "model"]
         if not any(os.path.exists(os.path.join(path, name)) for name in wanted):
             raise FileNotFoundError(f"{what} '{path}': a directory without {' or '.join(wanted)}, not a {what} "
                                     "directory")

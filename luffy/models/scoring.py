@@ -52,9 +52,9 @@ def encode_frame(tokenizer, frame) -> tuple[list[list[int]], list[list[int]]]:
 def score_traces(teacher: str, policy_tokenizer: str, data: str, out: str, micro_batch_tokens: int = 8192,
                  device: str = "auto") -> int:
     """Write ``data`` with a ``teacher_logprobs`` column computed by ``teacher``; returns rows."""
-    from luffy.models import model_source
+    from luffy.models import TOKENIZER_FILES, model_source
 
-    tokenizer = AutoTokenizer.from_pretrained(model_source(policy_tokenizer, "policy tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(policy_tokenizer, "policy tokenizer", TOKENIZER_FILES))
     teacher = model_source(teacher, "teacher")
     teacher_vocab = AutoTokenizer.from_pretrained(teacher).get_vocab()
     if teacher_vocab != tokenizer.get_vocab():

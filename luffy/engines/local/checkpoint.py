@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from luffy.engines.base import torch_file_problem
+from luffy.engines.base import checkpoint_dirs, resume_candidates, torch_file_problem
 from luffy.io import atomic_dir, write_text
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,16 @@ def save(work_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
          scheduler: Any, state: dict[str, Any], keep: int = 1) -> Path:
     """Write the checkpoint of ``step``, point ``latest`` at it, then keep it and the ``keep - 1``
     newest before it (checkpoints after it, left by an attempt that resumed before them, go)."""
-    name = f"step_{step:06d}"
+    name = _folder(step)
     with atomic_dir(work_dir / name) as tmp:
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))
     write_text(work_dir / LATEST, name)
-    older = [path for s, path in _step_dirs(work_dir) if s < step]
-    for stale in [path for s, path in _step_dirs(work_dir) if s > step] + older[max(0, keep - 1):]:
+    found = checkpoint_dirs(work_dir, _STEP_DIR)
+    older = [path for s, path in found if s < step]
+    for stale in [path for s, path in found if s > step] + older[max(0, keep - 1):]:
         shutil.rmtree(stale, ignore_errors=True)
     return work_dir / name
 
@@ -81,26 +82,15 @@ def load_latest(work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return Resumed(step=int(state["step"]), state=state)
 
 
-def _step_dirs(work_dir: Path) -> list[tuple[int, Path]]:
-    """The checkpoint directories, as (step, path), newest first."""
-    found = [(int(m.group(1)), p) for p in work_dir.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
-    return sorted(found, reverse=True)
+def _folder(step: int) -> str:
+    return f"step_{step:06d}"
 
 
 def _candidates(work_dir: Path) -> tuple[list[Path], list[str]]:
     """The checkpoints a resume may use, newest first (the one ``latest`` names and those before
     it), and what is wrong with ``latest`` itself (it names no existing checkpoint)."""
-    pointer = work_dir / LATEST
-    if not pointer.exists():
-        return [], []
-    name = pointer.read_text(errors="replace").strip()
-    match = _STEP_DIR.fullmatch(name)
-    if match is None:
-        return [p for _, p in _step_dirs(work_dir)], [f"{pointer} names no checkpoint ({name[:40]!r})"]
-    found = [p for s, p in _step_dirs(work_dir) if s <= int(match.group(1))]
-    if not (work_dir / name).is_dir():
-        return found, [f"checkpoint {work_dir / name} (named by {pointer}) does not exist"]
-    return found, []
+    found, problems = resume_candidates(work_dir, work_dir / LATEST, _STEP_DIR, _STEP_DIR, _folder)
+    return [path for _, path in found], problems
 
 
 def _newest_readable(work_dir: Path, check: Callable[[Path], tuple[Any, str | None]]

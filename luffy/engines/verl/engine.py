@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from luffy import io
 from luffy.config import VerlConfig, from_json, to_dict
-from luffy.engines.base import EngineError, MetricsSink, TrainJob, torch_file_problem, write_manifest
+from luffy.engines.base import (EngineError, MetricsSink, TrainJob, resume_candidates, torch_file_problem,
+                                write_manifest)
 from luffy.engines.verl import cpu
 from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray
 from luffy.engines.verl.overrides import PLUGIN_MODULE, TIME_UP_FILE, VerlJob, ppo_overrides, sft_overrides
@@ -51,6 +52,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 WEIGHTS = "actor"  # the checkpoint directory's model shards, in verl's FSDP layout
 SHARD_FILES = ("model_world_size_", "fsdp_config.json", "huggingface")
 MODEL_SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
+STEP_FOLDER, TRACKED_STEP = re.compile(r"global_step_(\d+)"), re.compile(r"(\d+)")  # a folder; the tracker's text
 CURRENT_LOG = "current.jsonl"
 # verl saves a checkpoint when this epoch time nears (verl.utils.checkpoint.checkpoint_manager.
 # should_save_ckpt_esi: within 60 s + its longest step + trainer.esi_redundant_time)
@@ -102,18 +104,7 @@ def resume_check(root: Path, sft: bool) -> int | None:
     from (None: a fresh start). ``sft``: verl's SFT trainer, whose shards lie in the step folder
     itself (the PPO trainer's in its ``actor`` folder)."""
     tracker = root / TRACKER
-    if not tracker.exists():
-        return None
-    text = tracker.read_text(errors="replace").strip()
-    steps = sorted(((int(m.group(1)), p) for p in root.glob("global_step_*")
-                    if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and p.is_dir()), reverse=True)
-    problems = []
-    if text.isdigit():
-        steps = [(step, folder) for step, folder in steps if step <= int(text)]
-        if not (root / f"global_step_{int(text)}").is_dir():
-            problems.append(f"checkpoint {root / f'global_step_{int(text)}'} (named by {tracker}) does not exist")
-    else:
-        problems.append(f"{tracker} names no checkpoint ({text[:40]!r})")
+    steps, problems = resume_candidates(root, tracker, STEP_FOLDER, TRACKED_STEP, lambda step: f"global_step_{step}")
     found = None
     for step, folder in steps:
         problem = _verl_checkpoint_problem(folder, sft)
