@@ -271,7 +271,10 @@ def test_verl_is_launched_after_the_check_with_its_resume_settings_unchanged(tin
     """Through the engine's train entry, verl's process standing in: at launch verl's resume
     (trainer.resume_mode=auto) finds the readable checkpoint, and the overrides are those of the
     first attempt (verl logs them as the MLflow run's parameters, which a resumed run may not
-    change)."""
+    change). Only verl's process is stood in (it records what verl would start from): the
+    fallback is decided before launch, and verl's own ``find_latest_ckpt_path``, which its
+    resume_mode=auto calls, runs for real; verl's loop resuming from it is the resume the
+    verl_e2e tests run (tests/test_verl_e2e.py)."""
     from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
     from luffy.engines.verl.engine import TRACKER, VerlEngine

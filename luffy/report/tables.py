@@ -56,12 +56,10 @@ def _results(eval_dir: str | Path, models: list[str], suites: list[str]) -> Iter
 def external_sources(eval_dir: str | Path, models: list[str], suites: list[str]) -> dict[str, str]:
     """External model -> where it came from, as its evaluation recorded it: 'hub:<id>[@<revision>]
     (commit <sha>)' or 'path:<directory>', and its cap on new tokens if it had one."""
-    out, seen = {}, set()
-    for model, _, record in _results(eval_dir, models, suites):
-        if model in seen:  # a model's first evaluation says it
-            continue
-        seen.add(model)
-        source = record.get("external")
+    out = {}
+    for model in models:
+        first = next(_results(eval_dir, [model], suites), None)  # a model's first evaluation says it
+        source = first[2].get("external") if first else None
         if source:
             commit, cap = source.get("commit"), source.get("max_tokens")
             out[model] = (source["source"] + (f" (commit {commit})" if commit else "")
