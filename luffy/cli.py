@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tokenizer_path(value: str) -> str:
     if value == "shipped":
-        from luffy.models.tokenizer import SHIPPED_DIR
+        from luffy.models import SHIPPED_DIR
 
         return str(SHIPPED_DIR)
     from luffy.models import TOKENIZER_FILES, model_source
@@ -323,12 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.stage == "rehearse":
         args.snakemake_args = passed_on
-    from luffy.data.schema import DataError
-    from luffy.engines.base import EngineError
-    from luffy.io import Busy, DiskFull
-    from luffy.models import ModelUnreadable
-    from luffy.models.export import ExportMismatch
-    from luffy.rehearsal import RehearsalFailed
+    from luffy.errors import Busy, DataError, DiskFull, EngineError, ExportMismatch, ModelUnreadable, RehearsalFailed
 
     try:
         _setup_logging(getattr(args, "log", None))
@@ -342,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse(stage: str, err: Exception) -> int:
     """Bad input ends a command with one line on stderr (also in the job's log file) and exit
     status 2. A file the system cannot open is named with the system's reason."""
-    from luffy.data.schema import one_line
-    from luffy.io import DiskFull
+    from luffy.errors import DiskFull, one_line
 
     if isinstance(err, OSError) and err.filename is not None and not isinstance(err, DiskFull):
         text = f"{err.filename}: {err.strerror or err}"

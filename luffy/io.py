@@ -21,20 +21,11 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from luffy.errors import Busy, DiskFull  # noqa: F401  (raised here; importable from here)
+
 log = logging.getLogger(__name__)
 
 LOW_SPACE_BYTES = 64 * 2**20  # below this, a failed write is taken for a full device
-
-
-class DiskFull(OSError):
-    """A write failed because the device (or the user's quota) ran out of space."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-class Busy(RuntimeError):
-    """A resource another process holds (its lock file names the process)."""
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from luffy.config import TrainConfig, load_config, resolve_train_config, to_dict
+from luffy.errors import RehearsalFailed
 
 log = logging.getLogger(__name__)
 SUFFIX = "-rehearsal"
@@ -196,7 +197,3 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
         raise RehearsalFailed(f"the rehearsal of {configfile} failed (Snakemake exit status {status}); the failing "
                               f"job's log is named above (logs under {results}/logs)")
     return results / "report" / "results.md"
-
-
-class RehearsalFailed(RuntimeError):
-    """A job of the rehearsal failed; Snakemake printed which, and its log."""

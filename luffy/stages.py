@@ -47,15 +47,21 @@ def prepare_benchmark(settings: BenchmarkSpec, name: str, out: str, group: str, 
 
 def prepare_traces(settings: DataConfig, traces: str, tokenizer_path: str, out: str, report_path: str,
                    group: str, rule: str, validation_out: str | None = None) -> None:
+    import functools
+
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from luffy.data.traces import PromptTemplate, TraceFilter, prepare_stream, resolve_sources, token_counter
 
+    @functools.cache
+    def counter():  # at the first count: an input file with wrong columns is refused before transformers loads
+        from transformers import AutoTokenizer
+
+        return token_counter(AutoTokenizer.from_pretrained(tokenizer_path))
+
     with StageRun("prepare_traces", group, rule, params={**to_dict(settings), "tokenizer": tokenizer_path}) as run:
         sources = resolve_sources(traces, settings.traces_split, settings.traces_config)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        flt = TraceFilter(token_counter(tokenizer), settings.max_trace_tokens,
+        flt = TraceFilter(lambda texts: counter()(texts), settings.max_trace_tokens,
                           PromptTemplate(settings.template, settings.system_prompt), settings.data_source,
                           settings.validation_fraction)
         began, complete = time.perf_counter(), False
@@ -133,13 +139,14 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     template or grader problems that would otherwise show up hours later as zero reward. With
     ``chain``, inside SLURM, the engine stops at a checkpoint before the job's end and raises
     ``luffy.chain.TimeLimitReached`` (the CLI then requeues the job)."""
+    from luffy.models import model_source
+
+    model_source(base_model, "base model")  # before the engine's imports: a wrong path is refused at once
     from luffy.chain import job_deadline
     from luffy.engines.base import TrainJob
     from luffy.engines.registry import make_engine
-    from luffy.models import model_source
     from luffy.preflight import preflight
 
-    model_source(base_model, "base model")
     key = {"settings": to_dict(settings), "data": data, "base": base_model}
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
@@ -194,13 +201,8 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
     and run count the answers whose grading timed out, per grader (``grading_timeouts``)."""
     import dataclasses
 
-    import torch
-
-    from luffy.evaluate.backends import make_backend
-    from luffy.evaluate.runner import evaluate_model
     from luffy.models import check_external_model, model_source
 
-    torch.set_num_threads(threads)
     unknown = set(suites) - set(settings.suites)
     if unknown:
         raise ConfigError(f"--suite: {sorted(unknown)} have no settings in evaluation.suites (known: "
@@ -222,6 +224,12 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
         source["max_tokens"] = ext.max_tokens
         log.info("external model %s: %s%s", name, source["source"],
                  f" (commit {source['commit']})" if source["commit"] else "")
+    import torch  # after the checks above: bad input is refused in a second, before torch and vLLM load
+
+    from luffy.evaluate.backends import make_backend
+    from luffy.evaluate.runner import evaluate_model
+
+    torch.set_num_threads(threads)
     params = {**to_dict(settings), "model": model,
               **({f"external/{k}": v for k, v in source.items()} if source else {}),
               **({"external/settings": to_dict(external[1])} if external else {})}

@@ -13,15 +13,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from luffy.errors import DataError, one_line  # noqa: F401  (raised and used here; importable from here)
+
 OPENR1_REQUIRED = ("problem", "answer", "generations", "correctness_math_verify", "is_reasoning_complete")
 LUFFY_REQUIRED = ("data_source", "prompt", "target", "ability", "reward_model", "extra_info")
 BENCHMARK_REQUIRED = ("data_source", "prompt", "reward_model")
 TEACHER_LOGPROBS = "teacher_logprobs"  # optional LUFFY column: log pi_phi per trace token
 MAX_LISTED_ROWS = 10
-
-
-class DataError(ValueError):
-    """A dataset that does not match its schema; the message names the column or rows."""
 
 
 INVALID_UTF8 = "text that is not valid UTF-8"
@@ -75,13 +73,6 @@ def decode_batch(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
     frame = pd.DataFrame(raw, columns=schema.names)
     frame[INVALID_UTF8_COLUMN] = flags
     return frame
-
-
-def one_line(err: BaseException | str) -> str:
-    """A library's error text on one line: runs of whitespace (newlines included) become one
-    space, other control characters are escaped."""
-    text = " ".join(str(err).split())
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def read_parquet(path: str, what: str) -> pd.DataFrame:

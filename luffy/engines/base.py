@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from luffy.errors import EngineError  # noqa: F401  (raised by the engines; importable from here)
 from luffy.io import read_json
 
 if TYPE_CHECKING:
@@ -32,10 +33,6 @@ if TYPE_CHECKING:
 
 MANIFEST = "checkpoint.json"
 MetricsSink = Callable[[dict[str, float], int], None]
-
-
-class EngineError(RuntimeError):
-    """An engine could not do the job (its own tool failed or refused); the message says why."""
 
 
 @dataclass

@@ -6,11 +6,7 @@ as the user turn, temperature 0.6, top_p 1.0, up to 8192 new tokens.
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from luffy.config import ConfigError, EvaluationConfig, VllmConfig
-from luffy.data.templates import encode_prompts
-from luffy.evaluate.backends import Sampling, make_backend
 from luffy.models import model_source
 
 
@@ -22,6 +18,11 @@ def generate_answers(model: str, question: str, system: str | None = None, tempe
     if temperature == 0 and n > 1:
         raise ConfigError(f"temperature 0 (greedy) gives {n} identical samples; use n 1 or a temperature > 0")
     model = model_source(model)
+    from transformers import AutoTokenizer  # after the checks: bad input is refused before it loads
+
+    from luffy.data.templates import encode_prompts
+    from luffy.evaluate.backends import Sampling, make_backend
+
     tokenizer = AutoTokenizer.from_pretrained(model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     _, (prompt_ids,) = encode_prompts(tokenizer, [messages])

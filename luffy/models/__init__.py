@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from luffy.errors import ModelUnreadable
 
 if TYPE_CHECKING:
     from luffy.config import ExternalModelConfig
@@ -14,6 +17,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 # a directory is a model (or a tokenizer) when it holds one of these files
 MODEL_FILES, TOKENIZER_FILES = ("config.json",), ("tokenizer_config.json", "tokenizer.json", "config.json")
+SHIPPED_DIR = Path(__file__).parent / "tokenizer"  # the demo's byte-level tokenizer (luffy.models.tokenizer)
 
 
 def model_source(path: str, what: str = "model", wanted: tuple[str, ...] = MODEL_FILES) -> str:
@@ -32,18 +36,11 @@ def model_source(path: str, what: str = "model", wanted: tuple[str, ...] = MODEL
     raise FileNotFoundError(f"{what} '{path}': the path does not exist (and it is not a HuggingFace hub id)")
 
 
-class ModelUnreadable(Exception):
-    """A model that cannot be read (missing, not a model directory, unknown hub id or revision),
-    named with where it was looked for."""
-
-
 def check_external_model(name: str, model: ExternalModelConfig) -> dict[str, str | None]:
     """Read an external model's config and tokenizer before its evaluation loads it, and say
     where it came from: ``source`` ('hub:<id>[@<revision>]' or 'path:<dir>') and, for a hub
     model, ``commit`` (the revision resolved to a commit, also offline from the local cache).
     Anything unreadable is a ``ModelUnreadable`` naming the model, its source and the reason."""
-    from transformers import AutoConfig, AutoTokenizer
-
     where = f"external model '{name}' ({model.source})"
     if model.path is not None:
         if not os.path.exists(model.path):
@@ -52,6 +49,8 @@ def check_external_model(name: str, model: ExternalModelConfig) -> dict[str, str
             raise ModelUnreadable(f"{where}: a file, not a model directory (config.json, weights, tokenizer)")
         if not os.path.isfile(os.path.join(model.path, "config.json")):
             raise ModelUnreadable(f"{where}: no config.json in the directory; is it a HuggingFace model?")
+    from transformers import AutoConfig, AutoTokenizer
+
     target = model.hub or str(model.path)
     try:
         config = AutoConfig.from_pretrained(target, revision=model.revision)

@@ -14,14 +14,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from luffy.errors import ExportMismatch
 from luffy.io import atomic_dir
 
 log = logging.getLogger(__name__)
 PROBE_TEXTS = ("What is 12+7-5?", "The answer is \\boxed{14}.", "<think>\n1+2=3\n</think>")
-
-
-class ExportMismatch(RuntimeError):
-    """The exported model does not reproduce the trained model's logits."""
 
 
 @torch.no_grad()

@@ -11,13 +11,12 @@ template follows Qwen's ChatML with the reference's generation prompt, which end
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-SHIPPED_DIR = Path(__file__).parent / "tokenizer"
+from luffy.models import SHIPPED_DIR
+
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Qwen2's pre-tokenizer pattern (transformers' Qwen2Tokenizer uses the same).
