@@ -1,5 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the embedded demo config (CPU, minutes).
-# `make test`: set up and run the test suite.
+# `make test`: set up and run the fast tier of the test suite (minutes; docs/testing.md).
+# `make test-all`: set up and run every test, the slow end-to-end ones too (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ SLURM_VENV ?= .venv-slurm
 SLURM_STAMP := $(SLURM_VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test clean-results
+.PHONY: setup demo test test-all clean-results
 
 setup: $(STAMP) $(SLURM_STAMP)
 
@@ -39,6 +40,9 @@ demo: setup
 	@cat results/report/results.md
 
 test: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest
 
 clean-results:

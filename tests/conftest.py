@@ -10,6 +10,31 @@ SHARED = REPO.parent / "shared"
 BIN = Path(sys.executable).parent
 # The `luffy` and `snakemake` commands of this environment, for subprocess-level tests.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+from tier_guard import TierGuard, add_options  # noqa: E402  (tests/helpers, just put on the path)
+
+pytest_plugins = ("pytester",)  # tests/test_tier_guard.py runs small suites of its own
+
+# What needs the slow tier, by the marker naming what a test runs (pyproject.toml describes each).
+SLOW_FAMILIES = ("verl_e2e", "slurm", "browser")
+
+
+def pytest_addoption(parser):
+    add_options(parser)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(TierGuard(config), "tier_guard")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """A test of a slow family is in the slow tier, whether or not it says so itself (before
+    ``-m "not slow"`` deselects)."""
+    for item in items:
+        if any(item.get_closest_marker(family) for family in SLOW_FAMILIES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

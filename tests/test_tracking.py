@@ -2,6 +2,7 @@ import logging
 import time
 
 import pandas as pd
+import pytest
 
 from luffy.config import DataConfig, ToyTaskConfig
 from luffy.stages import make_toy_traces
@@ -34,6 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # an MLflow server and 16 processes importing MLflow at once: a minute on 2 cores
 def test_sixteen_concurrent_stages_log_every_run_and_metric_through_a_tracking_server(tmp_path):
     """Jobs on several nodes share one store through an MLflow tracking server (a SQLite file
     written by many processes at once is not safe); every run and every metric arrives."""
@@ -92,6 +94,7 @@ def test_sixteen_concurrent_stages_log_every_run_and_metric_through_a_tracking_s
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # eight stages at once on 2 cores: half a minute
 def test_stages_started_at_once_on_an_uninitialised_store_keep_every_run(tmp_path):
     """Eight `luffy make-toy-traces` started together on a SQLite store nobody initialised: each
     logs its run (no lost runs, no 'MLflow logging disabled') and the store stays usable."""
