@@ -143,6 +143,9 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120): the chained
+# training test requeues its job, and 120 s of idling per part is most of that test's time
+AuthInfo=cred_expire=${CRED_EXPIRE_S:-30}
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=$proct
@@ -159,6 +162,8 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SchedulerType=sched/backfill
+# a pass every 5 s (defaults 60 and 30): a requeued job starts when it may, not up to a minute later
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500

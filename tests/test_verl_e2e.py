@@ -14,6 +14,7 @@ vLLM server: tests/test_verl_rollout.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -108,10 +109,13 @@ def test_rehearsal_of_the_shipped_verl_config_runs_every_algorithm_end_to_end(tm
 
 # ---- a stalled run stops; its rerun resumes from the checkpoint it kept ----
 
-@pytest.mark.timeout(1200)
-def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny_model_dir, train_parquet, tmp_path):
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture(scope="module")
+def stalled_then_resumed(tiny_model_dir, train_parquet, tmp_path_factory):
+    """A LUFFY run on verl whose rollout hangs at its second step (stall limit 30 s), and its
+    rerun, which resumes from the checkpoint the first kept. Besides what the stall test checks,
+    what a verl run takes to its first step on this machine (its attempts' figures): the
+    chained test sizes its SLURM job by it."""
+    tmp_path = tmp_path_factory.mktemp("stalled")
     data = train_parquet(24, 48)
     settings = {**TRAIN, "algorithm": "luffy", "runtime": to_dict(
         VerlConfig(**{**to_dict(CPU_RUNTIME), "stall_timeout_s": 30.0, "startup_timeout_s": 900.0}))}
@@ -126,16 +130,32 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny
     hanging = {**env, "VERL_USE_EXTERNAL_MODULES": "hang_step", "LUFFY_TEST_HANG_AT_STEP": "2",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
     stalled = subprocess.run(command, env=hanging, capture_output=True, text=True, timeout=900)
+    (work,) = (root / "work").iterdir() if (root / "work").is_dir() else (None,)
+    run = {"root": root, "work": work, "env": env, "stalled": stalled,
+           "checkpoints_after_stall": sorted(p.parent.name for p in (work / "checkpoints").glob("global_step_*/actor")
+                                             if p.is_dir()) if work else [],
+           "final_after_stall": (root / "final").exists(),
+           "left_after_stall": run_processes_of(str(work)) if work else []}
+    run["resumed"] = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    run["left_after_resume"] = run_processes_of(str(work)) if work else []
+    run["first_step_s"] = max(json.loads(f.read_text())["to_first_step_s"] or 0.0
+                              for f in (work / "verl_log").glob("attempt-*.figures.json")) if work else None
+    return run
+
+
+@pytest.mark.timeout(1200)
+def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(stalled_then_resumed):
+    from mlflow.tracking import MlflowClient
+
+    run = stalled_then_resumed
+    root, work, stalled, resumed = run["root"], run["work"], run["stalled"], run["resumed"]
     assert stalled.returncode == 2, stalled.stderr[-3000:]
     last = stalled.stderr.strip().splitlines()[-1]
     assert last.startswith("luffy train: error: verl's run stopped: no new step for ")
     assert "after step 0 (stall limit 30 s)" in last and "its checkpoints kept" in last  # steps from 0
-    (work,) = (root / "work").iterdir()
-    assert (work / "checkpoints" / "global_step_1" / "actor").is_dir()
-    assert not (work / "checkpoints" / "global_step_2").exists() and not (root / "final").exists()
-    assert run_processes_of(str(work)) == []  # Ray's processes and vLLM's ended with it
+    assert run["checkpoints_after_stall"] == ["global_step_1"] and not run["final_after_stall"]  # actor shards kept
+    assert run["left_after_stall"] == []  # Ray's processes and vLLM's ended with it
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr and "global_step_1" in resumed.stdout + resumed.stderr
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -144,26 +164,32 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(tiny
     attempts = sorted((work / "verl_log").glob("attempt-*.jsonl"))
     # verl's own log of each attempt (at our step numbers): step 0, then after the resume step 1 alone
     assert [[json.loads(line)["step"] for line in a.read_text().splitlines()] for a in attempts] == [[0], [1]]
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
-                                filter_string="tags.`luffy.stage` = 'train'")
+    client = MlflowClient(tracking_uri=run["env"]["MLFLOW_TRACKING_URI"])
+    (train_run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
+                                      filter_string="tags.`luffy.stage` = 'train'")
     for key in ("reward/mean", "loss/policy", "off_policy/token_share", "critic/score/mean"):
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
-    assert run_processes_of(str(work)) == []
+        assert sorted(m.step for m in client.get_metric_history(train_run.info.run_id, key)) == [0, 1], key
+    assert run["left_after_resume"] == []
+
+
+CHAIN_STEPS = 24
 
 
 @pytest.mark.timeout(1500)
 def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_resumes(tiny_model_dir, train_parquet,
-                                                                                      tmp_path):
-    """A part of a chain (``luffy train --chain 1``) inside a SLURM job that ends 200 s after it
-    starts: verl saves a checkpoint at the step the time runs short, the supervisor ends the run
-    and the job requeues itself; the next part resumes from that checkpoint to the last step.
-    SLURM's side is a stand-in ``scontrol`` (the chain on a real SLURM: tests/test_slurm.py):
-    ``show job`` answers the end time, ``requeue`` ends the part as SLURM would (SIGTERM)."""
+                                                                                      tmp_path, stalled_then_resumed):
+    """A part of a chain (``luffy train --chain 1``) inside a SLURM job that ends 90 s after a verl
+    run's first step on this machine (the slower attempt of ``stalled_then_resumed``): verl saves
+    a checkpoint at the step the time runs short (its regular checkpoints are too far apart to
+    be the one), the supervisor ends the run and the job requeues itself; the next part resumes
+    from that checkpoint to the last step. SLURM's side is a stand-in ``scontrol`` (the chain on
+    a real SLURM: tests/test_slurm.py): ``show job`` answers the end time, ``requeue`` ends the
+    part as SLURM would (SIGTERM)."""
     from mlflow.tracking import MlflowClient
 
+    part_s = math.ceil(stalled_then_resumed["first_step_s"] + 90)
     data = train_parquet(24, 48)
-    settings = {**TRAIN, "algorithm": "luffy", "steps": 60, "checkpoint_every": 100,
+    settings = {**TRAIN, "algorithm": "luffy", "steps": CHAIN_STEPS, "checkpoint_every": 100,
                 "runtime": to_dict(VerlConfig(**{**to_dict(CPU_RUNTIME), "startup_timeout_s": 900.0}))}
     root = tmp_path / "luffy"
     command = ["luffy", "train", "--settings", json.dumps(settings), "--data", data, "--base-model", tiny_model_dir,
@@ -181,22 +207,22 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
         {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
 
-    first = subprocess.run(command, env={**env, "PART_S": "200"}, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, env={**env, "PART_S": str(part_s)}, capture_output=True, text=True, timeout=600)
     assert first.returncode == -15, first.stderr[-3000:]  # ended by the requeue, as SLURM ends a requeued job
     assert (tmp_path / "requeues").read_text() == "requeued\n"
     (work,) = (root / "work").iterdir()
     saved = int((work / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= saved < 60 and not (root / "final").exists()
-    assert f"training stopped at step {saved} of 60 with a checkpoint" in first.stderr
+    assert 1 <= saved < CHAIN_STEPS and not (root / "final").exists()
+    assert f"training stopped at step {saved} of {CHAIN_STEPS} with a checkpoint" in first.stderr
     assert run_processes_of(str(work)) == []
 
     second = subprocess.run(command, env={**env, "PART_S": "3600"}, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"global_step_{saved}" in second.stdout + second.stderr
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(60))
-    assert json.loads((root / "final" / "checkpoint.json").read_text())["selected"]["verl_global_step"] == 60
+    assert steps == list(range(CHAIN_STEPS))
+    assert json.loads((root / "final" / "checkpoint.json").read_text())["selected"]["verl_global_step"] == CHAIN_STEPS
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
                                 filter_string="tags.`luffy.stage` = 'train'")
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")) == list(range(60))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")) == list(range(CHAIN_STEPS))

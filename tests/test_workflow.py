@@ -1,10 +1,12 @@
 """The real Snakemake DAG on a micro config: outputs, MLflow runs, no-op rerun, targeted reruns, bad config."""
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -56,13 +58,59 @@ def embedded_files(report_html: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.slow
-def test_micro_pipeline_end_to_end(tmp_path):
-    (tmp_path / "discussion.md").write_text("## Discussion\n\nHand-written words.\n")
-    config = write_config(tmp_path, "micro.yaml")
-    first = snakemake(tmp_path, "--configfile", config)
-    assert first.returncode == 0, first.stderr[-3000:]
+def external_models(where: Path) -> dict[str, dict]:
+    """Two tiny models made here stand in for published checkpoints (nothing is downloaded),
+    with per-model settings: a token cap, a system prompt and a chat template of their own."""
+    from luffy.config import TinyModelConfig
+    from luffy.models.export import export_verified
+    from luffy.models.tiny import build_tiny_model
+    from luffy.models.tokenizer import load_shipped_tokenizer
 
+    tokenizer = load_shipped_tokenizer()
+    for name, seed in (("ext_a", 1), ("ext_b", 2)):
+        model = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                 intermediate_size=64, seed=seed), tokenizer)
+        export_verified(model, tokenizer, where / "elsewhere" / name)
+    (where / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    return {"ext_a": {"path": str(where / "elsewhere" / "ext_a"), "max_tokens": 8},
+            "ext_b": {"path": str(where / "elsewhere" / "ext_b"), "system_prompt": "Answer.",
+                      "chat_template": "plain.jinja"}}
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory):
+    """The micro config's whole DAG, run once for the tests below: three experiments, the base
+    model, and two external models scored beside them. A test that edits ``micro.yaml`` for a
+    dry run puts it back (``study_config``)."""
+    workdir = tmp_path_factory.mktemp("micro")
+    (workdir / "discussion.md").write_text("## Discussion\n\nHand-written words.\n")
+    cfg = yaml.safe_load(MICRO.read_text())
+    cfg["report"].update(publish="docs/micro.md", discussion="discussion.md")
+    cfg["evaluation"]["models"] = external_models(workdir)
+    (workdir / "micro.yaml").write_text(yaml.safe_dump(cfg))
+    run = snakemake(workdir, "--configfile", "micro.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir
+
+
+@contextlib.contextmanager
+def study_config(workdir: Path, edit) -> Iterator[str]:
+    """``micro.yaml`` edited by ``edit(cfg)`` for the block's dry runs, then put back as it was
+    (the results folder belongs to that file: another file's runs are refused)."""
+    path = workdir / "micro.yaml"
+    original = path.read_text()
+    cfg = yaml.safe_load(original)
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        yield "micro.yaml"
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.slow
+def test_micro_pipeline_end_to_end(micro_study):
+    tmp_path, config = micro_study, "micro.yaml"
     results = tmp_path / "results"
     table = (results / "report" / "results.md").read_text()
     for row in ("| base |", "| grpo |", "| sft |", "| luffy |"):
@@ -85,7 +133,7 @@ def test_micro_pipeline_end_to_end(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("luffy-micro").experiment_id])
     parents = {r.data.tags["luffy.group"]: r.info.run_id for r in runs if r.data.tags.get("luffy.role") == "parent"}
-    assert set(parents) == {"data", "base", "report", "grpo", "sft", "luffy"}
+    assert set(parents) == {"data", "base", "report", "grpo", "sft", "luffy", "ext_a", "ext_b"}
     children = [r for r in runs if r.data.tags.get("luffy.role") == "stage"]
     stages = {(r.data.tags["luffy.group"], r.data.tags["luffy.stage"]) for r in children}
     for exp in ("grpo", "sft", "luffy"):
@@ -146,8 +194,8 @@ def test_micro_pipeline_end_to_end(tmp_path):
             "add --configfile micro.yaml") in refused.stdout + refused.stderr
 
     # one experiment's learning rate changed: only its train, convert, evaluate and the report rerun
-    changed = write_config(tmp_path, "micro.yaml", luffy={"lr": 2.0e-3})
-    dry = snakemake(tmp_path, "--configfile", changed, "--dry-run")
+    with study_config(tmp_path, lambda c: c["experiments"]["luffy"].update(lr=2.0e-3)) as changed:
+        dry = snakemake(tmp_path, "--configfile", changed, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     output = dry.stdout + dry.stderr
     assert planned_jobs(output) == {"train": 1, "convert": 1, "evaluate": 1, "report": 1, "all": 1}
@@ -229,33 +277,13 @@ def test_seeds_that_vary_the_base_model_through_the_real_dag_and_bit_exact_rerun
 
 
 @pytest.mark.slow
-def test_external_models_are_scored_beside_an_experiment_and_rerun_alone(tmp_path):
-    """Two tiny models made here stand in for published checkpoints (nothing is downloaded):
-    they are evaluated by the same rule and suites as the config's own models, marked
-    (external) with their source in the report, the results and MLflow; changing one's
-    settings reruns only its evaluation and the report."""
+def test_external_models_are_scored_beside_an_experiment_and_rerun_alone(micro_study):
+    """The two external models of ``micro_study`` are evaluated by the same rule and suites as
+    the config's own models, marked (external) with their source in the report, the results and
+    MLflow; changing one's settings reruns only its evaluation and the report."""
     from mlflow.tracking import MlflowClient
 
-    from luffy.config import TinyModelConfig
-    from luffy.models.export import export_verified
-    from luffy.models.tiny import build_tiny_model
-    from luffy.models.tokenizer import load_shipped_tokenizer
-
-    tokenizer = load_shipped_tokenizer()
-    for name, seed in (("ext_a", 1), ("ext_b", 2)):
-        model = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
-                                                 intermediate_size=64, seed=seed), tokenizer)
-        export_verified(model, tokenizer, tmp_path / "elsewhere" / name)
-    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    cfg = yaml.safe_load(MICRO.read_text())
-    cfg["experiments"] = {"luffy": {"algorithm": "luffy"}}
-    cfg["evaluation"]["models"] = {
-        "ext_a": {"path": str(tmp_path / "elsewhere" / "ext_a"), "max_tokens": 8},
-        "ext_b": {"path": str(tmp_path / "elsewhere" / "ext_b"), "system_prompt": "Answer.",
-                  "chat_template": "plain.jinja"}}
-    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
-    first = snakemake(tmp_path, "--configfile", "ext.yaml")
-    assert first.returncode == 0, first.stderr[-3000:]
+    tmp_path = micro_study
     results = tmp_path / "results"
     table = (results / "report" / "results.md").read_text()
     for row in ("| base |", "| luffy |", "| ext_a (external) |", "| ext_b (external) |"):
@@ -276,9 +304,9 @@ def test_external_models_are_scored_beside_an_experiment_and_rerun_alone(tmp_pat
     assert evaluation.data.params["external/source"] == f"path:{tmp_path}/elsewhere/ext_b"
     assert evaluation.info.status == "FINISHED"
 
-    cfg["evaluation"]["models"]["ext_b"]["system_prompt"] = "Answer in one line."
-    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
-    dry = snakemake(tmp_path, "--configfile", "ext.yaml", "--dry-run")
+    with study_config(tmp_path, lambda c: c["evaluation"]["models"]["ext_b"].update(
+            system_prompt="Answer in one line.")) as changed:
+        dry = snakemake(tmp_path, "--configfile", changed, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     output = dry.stdout + dry.stderr
     assert planned_jobs(output) == {"evaluate": 1, "report": 1, "all": 1}
