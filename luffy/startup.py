@@ -20,7 +20,7 @@ from luffy.config import ConfigError
 from luffy.io import write_json
 
 STUDY_FILE = ".luffy-study.json"  # in a results folder: the config that writes into it
-SBATCH_HINT = "README: Running on a SLURM cluster"
+SBATCH_HINT = "docs/slurm.md: Running on a SLURM cluster"
 
 
 def job_command_problem(command: str, from_env: bool) -> str | None:

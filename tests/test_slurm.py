@@ -50,7 +50,7 @@ def jobs_in(workdir: Path) -> dict[int, dict[str, str]]:
 
 def snakemake(workdir: Path, *args: str, luffy: str | None = str(Path(sys.executable).parent / "luffy"),
               timeout: float = 1800) -> subprocess.CompletedProcess:
-    """``snakemake --profile slurm ...`` as the README has it typed: no status command although
+    """``snakemake --profile slurm ...`` as docs/slurm.md has it typed: no status command although
     CI's SLURM has no accounting (the workflow finds that out). The one addition, for speed: the
     first status check after 1 s instead of the executor's 40."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}
@@ -132,12 +132,12 @@ def test_a_submitting_environment_taken_for_the_jobs_stops_the_plan_in_one_line(
     assert first_error(unset) == (
         f"the jobs' command {SUBMITTER.parent / 'luffy'} (LUFFY_COMMAND is not set) cannot run the jobs: its "
         "environment lacks torch, transformers, pyarrow, mlflow, math_verify, tqdm (needed by the workflow's jobs); "
-        "set LUFFY_COMMAND to the luffy of the job environment (README: Running on a SLURM cluster)")
+        "set LUFFY_COMMAND to the luffy of the job environment (docs/slurm.md: Running on a SLURM cluster)")
     wrong = snakemake(tmp_path, "-n", "--configfile", "micro.yaml", luffy=str(tmp_path / "venv" / "bin" / "luffy"))
     assert first_error(wrong).startswith(f"LUFFY_COMMAND={tmp_path}/venv/bin/luffy: no such executable")
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @needs_slurm
 def test_a_failed_job_is_reported_within_two_minutes_without_accounting(tmp_path):
     """A job that fails on a SLURM without accounting, and no status command typed: Snakemake

@@ -34,7 +34,7 @@ def test_job_command_problem_names_luffy_command(tmp_path):
     assert startup.job_command_problem(LUFFY, from_env=False) is None
     missing = startup.job_command_problem(str(tmp_path / "nope" / "luffy"), from_env=True)
     assert missing == (f"LUFFY_COMMAND={tmp_path}/nope/luffy: no such executable; set LUFFY_COMMAND to the luffy of "
-                       f"the job environment (README: Running on a SLURM cluster)")
+                       f"the job environment (docs/slurm.md: Running on a SLURM cluster)")
     failing = tmp_path / "luffy"
     failing.write_text("#!/bin/sh\necho 'Traceback ...' >&2\necho \"ModuleNotFoundError: No module named 'pyarrow'\" >&2\n"
                        "exit 1\n")
