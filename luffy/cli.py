@@ -323,14 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.stage == "rehearse":
         args.snakemake_args = passed_on
-    from luffy.errors import Busy, DataError, DiskFull, EngineError, ExportMismatch, ModelUnreadable, RehearsalFailed
+    from luffy.errors import (Busy, Cancelled, DataError, DiskFull, EngineError, ExportMismatch, ModelUnreadable,
+                              RehearsalFailed, cancellable)
 
     try:
         _setup_logging(getattr(args, "log", None))
-        run(args)
+        with cancellable():  # SIGTERM or Ctrl-C unwinds: the run's processes ended, its MLflow run marked KILLED
+            run(args)
     except (ConfigError, DataError, ExportMismatch, json.JSONDecodeError, EngineError, Busy, DiskFull,
             ModelUnreadable, RehearsalFailed, OSError, UnicodeDecodeError) as err:
         return _refuse(args.stage, err)
+    except Cancelled as err:
+        logging.getLogger("luffy").error("luffy %s: %s", args.stage, err)
+        return 128 + err.signum
     return 0
 
 

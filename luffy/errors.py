@@ -7,6 +7,12 @@ second. Each is also importable from the module that raises it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import threading
+from typing import Iterator
+
 
 class DataError(ValueError):
     """A dataset that does not match its schema; the message names the column or rows."""
@@ -38,6 +44,53 @@ class Busy(RuntimeError):
 
 class RehearsalFailed(RuntimeError):
     """A job of the rehearsal failed; Snakemake printed which, and its log."""
+
+
+class Cancelled(BaseException):
+    """A signal asked the command to stop: SIGTERM (``kill``, a job manager, SLURM's ``scancel``)
+    or SIGINT (Ctrl-C). Raised where the signal arrives (``luffy.engines.verl.launcher``), so
+    that the cleanups on the way out run (a verl run's processes ended, its checkpoints kept);
+    the command then exits with 128 + the signal's number, as a shell reports a signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"cancelled by {signal.Signals(self.signum).name}"
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stopping: list[int] = []  # the signal being handled, while a Cancelled unwinds
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    if _stopping:  # a second signal while the first one's cleanup runs: let the cleanup finish
+        logging.getLogger(__name__).warning("%s again: still stopping", signal.Signals(signum).name)
+        return
+    _stopping.append(signum)
+    raise Cancelled(signum)
+
+
+@contextlib.contextmanager
+def cancellable() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise ``Cancelled`` where they arrive, once: a
+    further signal while that unwinds is logged and otherwise ignored, so that the cleanups on
+    the way out finish. A SIGINT the process was started ignoring (a command started with
+    ``&`` from a script) stays ignored. Nested blocks share the outermost one's handlers; off
+    the main thread (where Python cannot install handlers) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _on_stop_signal:
+        yield
+        return
+    _stopping.clear()
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS
+                if not (signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stopping.clear()
 
 
 def one_line(err: BaseException | str) -> str:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from luffy.errors import Cancelled
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -307,6 +309,9 @@ class StageRun:
         if self.client is None or self.run_id is None:
             return
         try:
-            self.client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+            status = "FINISHED" if exc_type is None else "FAILED"
+            if exc_type is not None and issubclass(exc_type, (Cancelled, KeyboardInterrupt)):
+                status = "KILLED"  # stopped by a signal (kill, scancel, Ctrl-C), not failed
+            self.client.set_terminated(self.run_id, status)
         except Exception as err:  # noqa: BLE001
             self._disable(err)

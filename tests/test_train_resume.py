@@ -116,6 +116,31 @@ def test_a_work_directory_has_one_writer(tiny_model_dir, train_data, tmp_path):
         first.wait()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_training_run_as_killed_in_one_line(tiny_model_dir, train_data, tmp_path, signum):
+    """SIGTERM (kill, a job manager, SLURM's scancel) or Ctrl-C: `luffy train` unwinds, says so
+    in one line, exits 128 + the signal, and its MLflow run is KILLED, not left RUNNING."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    root = tmp_path / "run"
+    long = [arg if arg != json.dumps(SETTINGS) else json.dumps({**SETTINGS, "steps": 100_000})
+            for arg in train_command(tiny_model_dir, train_data, root)]
+    run = subprocess.Popen(long, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while logged_steps(root) < 1:
+        assert run.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    run.send_signal(signum)
+    assert run.wait(timeout=120) == 128 + signum
+    name = signal.Signals(signum).name
+    assert run.stderr.read().strip().splitlines()[-1].endswith(f"luffy train: cancelled by {name}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (train,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
+                                  filter_string="tags.`luffy.stage` = 'train'")
+    assert train.info.status == "KILLED"
+
+
 def test_a_full_disk_names_the_path(tiny_model_dir, train_data, tmp_path):
     """The work directory on a 300 KiB file system (a private mount): the first checkpoint does
     not fit, and the error says which path and that space ran out (not an iostream error)."""

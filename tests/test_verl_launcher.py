@@ -7,6 +7,7 @@ holds until ``ray stop`` on its node; ``ray status`` lists the nodes started and
 The launcher, its signal handling and the trainer process are real.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -153,3 +154,61 @@ def test_a_node_count_other_than_the_jobs_is_refused(fake_slurm, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_NODELIST")
     with pytest.raises(LaunchError, match="not inside a SLURM job"):
         run_on_ray(trainer(fake_slurm, "sys.exit(0)"), os.environ, nodes=3, gpus=12)
+
+
+# ---- one node: SIGTERM or Ctrl-C to the supervising process ends everything the run started ----
+
+RUN_TREE = textwrap.dedent("""
+    import subprocess, sys, time
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    child = subprocess.Popen(sleeper)
+    # an orphan: its parent exits at once, so init adopts it (it stays in the run's session)
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                               "print(subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL).pid)", *sleeper],
+                              stdout=subprocess.PIPE, text=True)
+    orphan = int(parent.communicate()[0])
+    open(sys.argv[1], "w").write(f"{child.pid} {orphan}")
+    time.sleep(120)
+""")
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_one_node_run_ends_every_process_the_run_started(tmp_path, signum):
+    """verl runs in its own session (so that it can be ended as a whole), which keeps a job
+    manager's SIGTERM and the terminal's Ctrl-C from reaching it: the supervising process ends
+    it, and what it started (adopted orphans too), before it exits 128 + the signal."""
+    script, pids = tmp_path / "run.py", tmp_path / "pids"
+    script.write_text(RUN_TREE)
+    supervisor = subprocess.Popen([sys.executable, "-m", "luffy.engines.verl.launcher", "--nodes", "1", "--gpus", "0",
+                                   "--", sys.executable, str(script), str(pids)], stderr=subprocess.PIPE, text=True)
+    run = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and len(pids.read_text().split()) == 2):
+            assert supervisor.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        run = [int(pid) for pid in pids.read_text().split()]
+        assert all(alive(pid) for pid in run)
+        supervisor.send_signal(signum)
+        assert supervisor.wait(timeout=60) == 128 + signum
+        assert f"cancelled by {signal.Signals(signum).name}" in supervisor.stderr.read()
+        assert not [pid for pid in run if alive(pid)], "processes of the run outlived it"
+    finally:  # a failed test leaves nothing behind either
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            run += [p.pid for p in psutil.Process(supervisor.pid).children(recursive=True)]
+        supervisor.kill()
+        supervisor.wait()
+        for pid in run:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 from luffy.chain import Deadline, TimeLimitReached
 from luffy.engines.base import EngineError
+from luffy.errors import Cancelled, cancellable
 
 log = logging.getLogger(__name__)
 
@@ -125,50 +126,75 @@ def end_processes(processes: list, grace_s: float) -> int:
 def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> int:
     """Run ``command`` in its own session under ``watch``; returns its exit status, or raises
     ``Stalled`` (after ending it and everything it started). Whatever it leaves running when it
-    exits (Ray processes orphaned by a crash) is ended too."""
-    process = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
-    began = last_change = time.monotonic()
-    last_step, seen = None, {}
-    problem, time_up = None, None
-    saved_before = watch.checkpointed() if watch.deadline is not None else None
-    try:
-        while process.poll() is None:
-            time.sleep(watch.poll_s)
-            memory, count = _remember(process, seen)
-            if memory > watch.peak_memory_bytes:
-                watch.peak_memory_bytes, watch.peak_processes = memory, count
-            now, step = time.monotonic(), watch.progress()
-            if step != last_step:
-                last_step, last_change = step, now
-                if step is not None:
-                    watch.step_times.setdefault(step, now - began)
-            if watch.limit_s is not None and now - began > watch.limit_s:
-                problem = (f"the run reached its time limit of {watch.limit_s:.0f} s "
-                           f"({_last(last_step)})")
-            elif last_step is None and now - began > watch.startup_s:
-                problem = (f"no step logged within {watch.startup_s:.0f} s of the start (the start-up limit; "
-                           "the run may be hanging in its start-up)")
-            elif last_step is not None and now - last_change > watch.stall_s:
-                problem = (f"no new step for {now - last_change:.0f} s after step {last_step} (stall limit "
-                           f"{watch.stall_s:.0f} s): the run hangs")
-            if problem:
-                log.error("stopping the run: %s", problem)
-                break
-            time_up = _time_up(watch, saved_before)
-            if time_up is not None:
-                log.warning("stopping the run at the checkpoint of step %s: the job's time limit is near", time_up)
-                break
-    finally:
-        _remember(process, seen)
-        left = end_processes(list(seen.values()), watch.grace_s)
-        if left and not problem and process.poll() is not None:
-            log.warning("ended %d process(es) the run left behind", left)
+    exits (Ray processes orphaned by a crash) is ended too, and so is everything when SIGTERM or
+    SIGINT reaches this process (``Cancelled``, raised on after the cleanup): the run's own
+    session keeps the terminal's Ctrl-C and a job manager's signal from reaching it, so nothing
+    else would end it."""
+    with cancellable():
+        process, seen = None, {}
+        problem, time_up, cancelled = None, None, None
+        try:
+            process = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
+            began = last_change = time.monotonic()
+            last_step = None
+            saved_before = watch.checkpointed() if watch.deadline is not None else None
+            while process.poll() is None:
+                time.sleep(watch.poll_s)
+                memory, count = _remember(process, seen)
+                if memory > watch.peak_memory_bytes:
+                    watch.peak_memory_bytes, watch.peak_processes = memory, count
+                now, step = time.monotonic(), watch.progress()
+                if step != last_step:
+                    last_step, last_change = step, now
+                    if step is not None:
+                        watch.step_times.setdefault(step, now - began)
+                if watch.limit_s is not None and now - began > watch.limit_s:
+                    problem = (f"the run reached its time limit of {watch.limit_s:.0f} s "
+                               f"({_last(last_step)})")
+                elif last_step is None and now - began > watch.startup_s:
+                    problem = (f"no step logged within {watch.startup_s:.0f} s of the start (the start-up limit; "
+                               "the run may be hanging in its start-up)")
+                elif last_step is not None and now - last_change > watch.stall_s:
+                    problem = (f"no new step for {now - last_change:.0f} s after step {last_step} (stall limit "
+                               f"{watch.stall_s:.0f} s): the run hangs")
+                if problem:
+                    log.error("stopping the run: %s", problem)
+                    break
+                time_up = _time_up(watch, saved_before)
+                if time_up is not None:
+                    log.warning("stopping the run at the checkpoint of step %s: the job's time limit is near", time_up)
+                    break
+        except Cancelled as err:
+            cancelled = err
+            log.warning("%s: ending the run and every process it started (its checkpoints are kept)", err)
+        finally:
+            if process is not None:
+                _remember(process, seen)
+                _remember_session(process.pid, seen)
+                left = end_processes(list(seen.values()), watch.grace_s)
+                if cancelled is not None:
+                    log.warning("ended %d process(es) of the run", left)
+                elif left and not problem and process.poll() is not None:
+                    log.warning("ended %d process(es) the run left behind", left)
+    if cancelled is not None:
+        raise cancelled
     if problem:
         raise Stalled(f"stopped: {problem}; its processes were ended, its checkpoints kept (rerun the job to "
                       "resume from the last one)")
     if time_up is not None:
         raise TimeLimitReached(time_up, watch.total_steps, watch.deadline.end)
     return process.returncode
+
+
+def _remember_session(session: int, seen: dict) -> None:
+    """Add to ``seen`` every process of the session ``session`` leads: what the run started and
+    then lost track of (an orphan re-parented to init stays in its session)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            if os.getsid(p.pid) == session:
+                seen.setdefault((p.pid, p.create_time()), p)
 
 
 def _time_up(watch: Watch, saved_before: int | None) -> int | None:
@@ -194,10 +220,6 @@ def _time_up(watch: Watch, saved_before: int | None) -> int | None:
 
 def _last(step: int | None) -> str:
     return "no step logged yet" if step is None else f"last step logged: {step}"
-
-
-class Cancelled(BaseException):
-    """SIGTERM (SLURM cancelling the job): unwinds through the cleanup."""
 
 
 def _count(value: str) -> int:
@@ -292,37 +314,32 @@ class RayCluster:
 def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int,
                watch: Watch | None = None) -> int:
     """Run ``command`` (a verl entry point) on ``nodes`` nodes with ``gpus`` GPUs in all; returns
-    its exit status (143 when the job was cancelled). ``watch`` stops a run that stalls
-    (``supervise``), on one node or several."""
-    if nodes <= 1:
-        if watch is not None:
-            return supervise(command, env, watch)
-        return subprocess.run(list(command), env=dict(env)).returncode
+    its exit status. ``watch`` stops a run that stalls (``supervise``), on one node or several;
+    SIGTERM or SIGINT (SLURM cancelling the job, Ctrl-C) ends the trainer and Ray, then raises
+    ``Cancelled``."""
+    if nodes <= 1:  # without a watch, one that never stops the run (but still ends what it leaves running)
+        return supervise(command, env, watch or Watch(progress=lambda: None, stall_s=math.inf, startup_s=math.inf))
     cluster = RayCluster(allocation_nodes(env), gpus_per_node(env, nodes, gpus))
     if len(cluster.nodes) != nodes:
         raise LaunchError(f"the allocation has {len(cluster.nodes)} nodes, the job asked for {nodes}")
 
-    def cancelled(signum, frame):
-        raise Cancelled()
-
-    previous = signal.signal(signal.SIGTERM, cancelled)
     trainer = None
-    try:
-        cluster.start(env=env)
-        trainer_env = {**env, "RAY_ADDRESS": cluster.address}
-        if watch is not None:  # a stalled or cancelled trainer is ended by supervise, Ray below
-            return supervise(command, trainer_env, watch)
-        trainer = subprocess.Popen(list(command), env=trainer_env)
-        return trainer.wait()
-    except Cancelled:
-        log.warning("cancelled (SIGTERM): stopping the trainer and Ray")
-        if trainer is not None and trainer.poll() is None:
-            trainer.terminate()
-            trainer.wait()
-        return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        cluster.stop()
+    with cancellable():
+        try:
+            cluster.start(env=env)
+            trainer_env = {**env, "RAY_ADDRESS": cluster.address}
+            if watch is not None:  # a stalled or cancelled trainer is ended by supervise, Ray below
+                return supervise(command, trainer_env, watch)
+            trainer = subprocess.Popen(list(command), env=trainer_env)
+            return trainer.wait()
+        except Cancelled as err:
+            log.warning("%s: stopping the trainer and Ray", err)
+            if trainer is not None and trainer.poll() is None:
+                trainer.terminate()
+                trainer.wait()
+            raise
+        finally:
+            cluster.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"luffy launcher: error: {err}", file=sys.stderr)
         return 2
+    except Cancelled as err:
+        print(f"luffy launcher: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":
