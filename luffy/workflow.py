@@ -36,15 +36,22 @@ def luffy_command(env: dict[str, str] | None = None) -> str:
     return str(beside) if beside.exists() else (shutil.which("luffy") or "luffy")
 
 
-def _snakemake_resources(job: JobResources) -> dict[str, int]:
-    """A job's resources under the names Snakemake and its SLURM executor use: ``gpu`` is the
-    job's total (the executor asks for ``--gpus=<total>``), ``nodes`` its nodes, and
-    ``cpus_per_task`` its cores (the executor's ``--cpus-per-task``)."""
-    return {"mem_mb": job.mem_mb, "runtime": job.runtime, "gpu": job.gpus * job.nodes, "nodes": job.nodes,
-            "cpus_per_task": job.cpus}
+def _snakemake_resources(job: JobResources) -> dict[str, int | str | None]:
+    """A job's resources under the names Snakemake and its SLURM executor (2.8, job step 0.6)
+    use: ``nodes``, ``cpus_per_task`` (``--cpus-per-task``), ``mem_mb``, ``runtime``, and
+    ``job_gpus``, the job's GPUs on all its nodes together (the command's ``--gpus``). On one
+    node ``gpu`` asks for them (``--gpus=<n>``). On several, ``gres`` asks for the GPUs of each
+    node (``--gres=gpu:<n>``) and ``gpu`` is 0: the executor runs the rule as a one-task job step
+    on the first node and would ask that step for ``--gpus=<all of them>``, which SLURM refuses
+    when they are spread over the nodes. A job of several nodes without GPUs asks one task per
+    node (``tasks``): the executor's default ``--ntasks=1`` makes sbatch cut it to one node."""
+    several = job.nodes > 1
+    return {"mem_mb": job.mem_mb, "runtime": job.runtime, "nodes": job.nodes, "cpus_per_task": job.cpus,
+            "gpu": 0 if several else job.gpus, "gres": f"gpu:{job.gpus}" if several and job.gpus else "",
+            "tasks": job.nodes if several and not job.gpus else None, "job_gpus": job.gpus * job.nodes}
 
 
-def stage_resources(cfg: ResolvedConfig, stage: str) -> dict[str, int]:
+def stage_resources(cfg: ResolvedConfig, stage: str) -> dict[str, int | str | None]:
     return _snakemake_resources(job_resources(cfg.root, stage))
 
 
@@ -55,7 +62,7 @@ def stage_threads(cfg: ResolvedConfig, stage: str) -> int:
 CHAIN_SBATCH = "--requeue --open-mode=append"  # a chained job requeues itself; its SLURM log keeps every part
 
 
-def train_job_resources(cfg: ResolvedConfig, experiment: str) -> dict[str, int | str]:
+def train_job_resources(cfg: ResolvedConfig, experiment: str) -> dict[str, int | str | None]:
     """An experiment's train job resources, with ``chain`` 1 when its runtime exceeds
     ``resources.job_time_limit``: then each SLURM job of the chain asks for the limit, may be
     requeued (``slurm_extra``), and ``luffy train --chain 1`` stops it at a checkpoint before
@@ -63,7 +70,7 @@ def train_job_resources(cfg: ResolvedConfig, experiment: str) -> dict[str, int |
     job = job_resources(cfg.root, "train", experiment)
     limit = cfg.root.resources.job_time_limit
     chained = limit is not None and job.runtime > limit
-    out: dict[str, int | str] = _snakemake_resources(job)
+    out = _snakemake_resources(job)
     if chained:
         out["runtime"] = limit
     out.update(chain=int(chained), slurm_extra=CHAIN_SBATCH if chained else "")
@@ -75,7 +82,8 @@ def train_resources(cfg: ResolvedConfig) -> dict[str, Callable[[Any], int | str]
     def one(key: str) -> Callable[[Any], int | str]:
         return lambda w: train_job_resources(cfg, w.experiment)[key]
 
-    return {key: one(key) for key in ("mem_mb", "runtime", "gpu", "nodes", "cpus_per_task", "chain", "slurm_extra")}
+    return {key: one(key) for key in ("mem_mb", "runtime", "nodes", "cpus_per_task", "gpu", "gres", "tasks", "job_gpus",
+                                      "chain", "slurm_extra")}
 
 
 def train_threads(cfg: ResolvedConfig) -> Callable[[Any], int]:

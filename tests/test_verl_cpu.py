@@ -141,6 +141,43 @@ def test_verl_on_the_cpu_is_accepted_and_needs_sdpa_and_one_replica():
         load_config(gpu)  # a GPU run without GPUs
 
 
+def test_verl_on_the_cpu_may_run_on_several_nodes_with_or_without_gres_gpus():
+    """A multi-node run on the CPU (one FSDP rank and one vLLM server per node) is accepted, as
+    SLURM sees it: one logical GPU per node as a GRES, or no GPUs (then one task per node)."""
+    from luffy.workflow import train_job_resources
+
+    for gpus, expected in ((1, {"gpu": 0, "gres": "gpu:1", "tasks": None, "job_gpus": 2}),
+                           (0, {"gpu": 0, "gres": "", "tasks": 2, "job_gpus": 0})):
+        raw = verl_cpu_config()
+        raw["resources"] = {"default": {"cpus": 2, "mem_mb": 8000, "runtime": 60, "gpus": 0, "nodes": 1},
+                            "stages": {"train": {"nodes": 2, "gpus": gpus}}}
+        cfg = load_config(raw)
+        resources = train_job_resources(cfg, "luffy")
+        assert {key: resources[key] for key in expected} == expected, gpus
+        assert resources["nodes"] == 2
+    local = verl_cpu_config()
+    local["train_defaults"]["engine"] = "local"
+    local["resources"] = {"stages": {"train": {"nodes": 2}}}
+    with pytest.raises(ConfigError, match="several nodes need the verl engine"):
+        load_config(local)
+
+
+def test_a_gpu_job_of_several_nodes_asks_gpus_per_node_never_a_total_on_one_step():
+    """The SLURM executor's job step would ask its one node for --gpus=<the job's total>, which
+    SLURM refuses when they are spread over the nodes: several nodes ask --gres=gpu:<per node>."""
+    from luffy.workflow import train_job_resources
+
+    raw = verl_cpu_config()
+    raw["train_defaults"]["device"] = "auto"
+    raw["resources"] = {"default": {"cpus": 2, "mem_mb": 8000, "runtime": 60, "gpus": 0, "nodes": 1},
+                        "stages": {"train": {"nodes": 4, "gpus": 8}}}
+    resources = train_job_resources(load_config(raw), "luffy")
+    assert (resources["gpu"], resources["gres"], resources["tasks"], resources["job_gpus"]) == (0, "gpu:8", None, 32)
+    raw["resources"]["stages"]["train"]["nodes"] = 1
+    resources = train_job_resources(load_config(raw), "luffy")
+    assert (resources["gpu"], resources["gres"], resources["tasks"], resources["job_gpus"]) == (8, "", None, 8)
+
+
 # ---- the rehearsal's config ----
 
 def test_the_rehearsal_of_the_paper_config_shrinks_only_what_costs_gpus():

@@ -93,9 +93,9 @@ def _check_resources(root: Config, experiments: dict[str, TrainConfig]) -> None:
                               f"resources.job_time_limit ({limit}); only training runs as a chain of jobs")
     for name, cfg in experiments.items():
         job = job_resources(root, "train", name)
-        if job.nodes > 1 and (cfg.engine != "verl" or job.gpus < 1):
+        if job.nodes > 1 and (cfg.engine != "verl" or (job.gpus < 1 and cfg.device != "cpu")):
             raise ConfigError(f"config key 'resources.experiments.{experiment_family(name)}.nodes': several nodes "
-                              "need the verl engine and GPUs (gpus >= 1)")
+                              "need the verl engine and GPUs (gpus >= 1), or verl on the CPU (device: cpu)")
 
 
 def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
@@ -113,7 +113,7 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
         key = f"experiments.{name}"
         job = job_resources(root, "train", name)
         on_cpu = cfg.device == "cpu"
-        gpus = 1 if on_cpu else job.nodes * job.gpus
+        gpus = job.nodes if on_cpu else job.nodes * job.gpus  # on the CPU: one logical GPU per node
         rows = (cfg.prompts_per_step // cfg.mini_batches) * (1 if cfg.algorithm == "sft" else cfg.n + int(
             cfg.algorithm == "rl_sft"))
         checks = [
@@ -121,7 +121,6 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
              "with engine verl; set validation.every: 0 or use engine local"),
             (gpus < 1, "engine", "verl trains on GPUs: give its train job gpus >= 1 (resources), or set device: cpu "
              "(verl's own loop on the CPU, for small models)"),
-            (on_cpu and job.nodes != 1, "device", "verl on the CPU runs on one node (resources: nodes 1)"),
             (on_cpu and v.attn_implementation != "sdpa", "device", "verl on the CPU needs verl.attn_implementation: "
              "sdpa (flash-attn runs on GPUs only)"),
             (on_cpu and v.rollout_tensor_parallel != 1, "device", "verl on the CPU needs "

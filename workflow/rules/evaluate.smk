@@ -17,7 +17,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/{{model}}.log",
     shell:
         "{LUFFY} evaluate --settings {params.settings:q} --model {params.model:q} {params.suites}"
-        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu}"
+        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.job_gpus}"
         " --group {wildcards.model} --rule {rule} > {log} 2>&1"
 
 

@@ -18,7 +18,7 @@ rule train:
     shell:
         "{LUFFY} train --settings {params.settings:q} --data {input.data[0]} --base-model {params.start_model:q}"
         " --out-dir {output.checkpoint} --metrics {output.metrics} --work-dir {params.work_dir}"
-        " --threads {threads} --nodes {resources.nodes} --gpus {resources.gpu} --runtime {resources.runtime}"
+        " --threads {threads} --nodes {resources.nodes} --gpus {resources.job_gpus} --runtime {resources.runtime}"
         " --chain {resources.chain}"
         " --log {params.work_dir}/train.log"  # every attempt and part of a chain (Snakemake clears {log})
         " --group {wildcards.experiment} --rule {rule} > {log} 2>&1"

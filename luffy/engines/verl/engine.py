@@ -43,7 +43,7 @@ from luffy.config import VerlConfig, from_json, to_dict
 from luffy.engines.base import (EngineError, MetricsSink, TrainJob, resume_candidates, torch_file_problem,
                                 write_manifest)
 from luffy.engines.verl import cpu
-from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray
+from luffy.engines.verl.launcher import Stalled, Watch, run_on_ray, without_slurms_rocr
 from luffy.engines.verl.overrides import PLUGIN_MODULE, TIME_UP_FILE, VerlJob, ppo_overrides, sft_overrides
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,6 @@ class VerlEngine:
         from luffy.tracking import experiment_name
 
         on_cpu = on_the_cpu(job)
-        if on_cpu and job.nodes != 1:
-            raise VerlRunFailed(f"verl on the CPU runs on one node: this job has {job.nodes} (resources of its train job)")
         if not on_cpu and (job.gpus < 1 or job.gpus % job.nodes):
             raise VerlRunFailed(f"verl needs GPUs, the same number on every node: this job has {job.gpus} on "
                                 f"{job.nodes} node(s) (resources of its train job)")
@@ -268,7 +266,7 @@ class VerlEngine:
             shared.update(cpu.environment(self._paths(job.work_dir)["cpu"]))
         if run_id:
             shared["MLFLOW_RUN_ID"] = run_id
-        return {**os.environ, **shared}
+        return {**without_slurms_rocr(os.environ), **shared}
 
     def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
         paths = self._paths(job.work_dir)
@@ -295,8 +293,8 @@ class VerlEngine:
             # Hydra's own files (its log of the run, the composed config) go with the attempt, not into the
             # directory the job was started in
             hydra_dir = f"hydra.run.dir={paths['logs'] / 'hydra' / attempt}"
-            status = self._launch([sys.executable, "-m", entry, *overrides, hydra_dir], env, job.nodes,
-                                  job.gpus, watch)
+            gpus = job.nodes if on_the_cpu(job) else job.gpus  # on the CPU: one logical GPU per node
+            status = self._launch([sys.executable, "-m", entry, *overrides, hydra_dir], env, job.nodes, gpus, watch)
         finally:
             self._keep_attempt(current, attempt)
             if watch.step_times:
