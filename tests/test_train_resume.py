@@ -124,7 +124,10 @@ def test_a_signal_ends_a_training_run_as_killed_in_one_line(tiny_model_dir, trai
     root = tmp_path / "run"
     long = [arg if arg != json.dumps(SETTINGS) else json.dumps({**SETTINGS, "steps": 100_000})
             for arg in train_command(tiny_model_dir, train_data, root)]
-    run = subprocess.Popen(long, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as typed in a terminal: SIGINT at its default (a test suite started in the background, with
+    # `&`, passes it on ignored, and a command then keeps ignoring it, as it should)
+    run = subprocess.Popen(long, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while logged_steps(root) < 1:
         assert run.poll() is None and time.time() < deadline

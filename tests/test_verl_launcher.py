@@ -1,10 +1,11 @@
 """Ray on a SLURM allocation for a multi-node verl run.
 
-Stand-ins (this machine has no SLURM allocation of several nodes and no Ray cluster to join):
-``scontrol``, ``srun`` and ``ray`` are small recording scripts on PATH. ``srun`` logs its
-options and runs the ``ray`` command it was given as if on that node; ``ray start --block``
-holds until ``ray stop`` on its node; ``ray status`` lists the nodes started and not stopped.
-The launcher, its signal handling and the trainer process are real.
+Stand-ins (for what the two-node SLURM of tests/test_slurm_multinode.py runs for real):
+``scontrol``, ``srun`` and ``ray`` are small recording scripts. ``scontrol show job`` prints a
+job record with the nodes and GPUs of ``FAKE_*``; ``srun`` logs its options and runs its
+command as if on that node; ``ray start --block`` holds until it is ended; ``ray status``
+lists the nodes whose ``ray start`` still runs. The launcher (each node's too), its signal
+handling and the trainer process are real.
 """
 
 import contextlib
@@ -24,8 +25,15 @@ from luffy.engines.verl.launcher import LaunchError, gpus_per_node, run_on_ray
 
 FAKES = {
     "scontrol": """
-        import os
-        print("\\n".join(os.environ["FAKE_NODES"].split()))
+        import os, sys
+        args = sys.argv[1:]
+        if args[:2] == ["show", "job"]:
+            print(f"JobId={args[-1]} JobName=train JobState=RUNNING ReqNodeList=(null) NodeList="
+                  f"{os.environ['FAKE_NODELIST']} BatchHost=gpu-a TRES={os.environ['FAKE_TRES']} MinCPUsNode=1")
+        elif args[:2] == ["show", "hostnames"]:
+            print("\\n".join(os.environ["FAKE_NODES"].split()))
+        else:
+            sys.exit(f"scontrol: unexpected {args}")
     """,
     "srun": """
         import json, os, sys
@@ -33,7 +41,7 @@ FAKES = {
         node = next(a.split("=", 1)[1] for a in args if a.startswith("--nodelist="))
         with open(os.environ["FAKE_LOG"], "a") as fh:
             fh.write(json.dumps(["srun", *args]) + "\\n")
-        command = args[args.index("ray"):]
+        command = args[next(i for i, a in enumerate(args) if not a.startswith("-")):]
         os.execvpe(command[0], command, {**os.environ, "FAKE_NODE": node})
     """,
     "ray": """
@@ -42,18 +50,25 @@ FAKES = {
         node = os.environ.get("FAKE_NODE", "-")
         with open(os.environ["FAKE_LOG"], "a") as fh:
             fh.write(json.dumps(["ray", node, *args]) + "\\n")
-        if args[0] == "start":
-            open(os.path.join(state, "up." + node), "w").close()
-            while not os.path.exists(os.path.join(state, "down." + node)):
-                time.sleep(0.05)
-        elif args[0] == "stop":
-            open(os.path.join(state, "down." + node), "w").close()
-        elif args[0] == "status":
-            up = [f[3:] for f in os.listdir(state) if f.startswith("up.")]
+        token = os.environ.get("RAY_AUTH_TOKEN", "") if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+        if args[0] == "start":  # a worker joins only with the head's token (Ray's token authentication)
+            head = [n for n in os.listdir(state) if n.startswith("token.")]
+            assert token and (not head or open(os.path.join(state, head[0])).read() == token), "no or wrong token"
+            open(os.path.join(state, "token." + node), "w").write(token)
+            open(os.path.join(state, "up." + node), "w").write(str(os.getpid()))
+            time.sleep(600)
+        elif args[0] == "status":  # Ray refuses a client without the cluster's token
+            tokens = {open(os.path.join(state, n)).read() for n in os.listdir(state) if n.startswith("token.")}
+            if not token or tokens != {token}:
+                sys.exit("AuthenticationError: InvalidAuthToken")
             print("Active:")
-            for n in up:
-                if not os.path.exists(os.path.join(state, "down." + n)):
-                    print(f" 1 node_{n}")
+            for name in os.listdir(state):
+                if name.startswith("up."):
+                    try:
+                        os.kill(int(open(os.path.join(state, name)).read()), 0)
+                    except ProcessLookupError:
+                        continue
+                    print(f" 1 node_{name[3:]}")
     """,
 }
 
@@ -69,15 +84,26 @@ def fake_slurm(tmp_path, monkeypatch):
         path.chmod(0o755)
     log = tmp_path / "calls.jsonl"
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_STATE": str(state), "FAKE_LOG": str(log),
-           "FAKE_NODES": "gpu-a gpu-b gpu-c", "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_GPUS": "12"}
+           "FAKE_NODES": "gpu-a gpu-b gpu-c", "FAKE_NODELIST": "gpu-[a-c]",
+           "FAKE_TRES": "cpu=6,mem=3G,node=3,billing=6,gres/gpu=12", "SLURM_JOB_ID": "42",
+           # what the SLURM executor's job step leaves: its own node only
+           "SLURM_JOB_NODELIST": "gpu-a"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURMD_NODENAME", raising=False)
     monkeypatch.setattr(launcher, "POLL_S", 0.05)
+    monkeypatch.setattr(launcher, "RAY", str(bin_dir / "ray"))
     return log
 
 
 def calls(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def ray_running(log: Path) -> list[str]:
+    """The nodes whose stand-in ``ray start`` still runs."""
+    state = Path(os.environ["FAKE_STATE"])
+    return sorted(f.name[3:] for f in state.glob("up.*") if alive(int(f.read_text())))
 
 
 def trainer(log: Path, code: str) -> list[str]:
@@ -86,13 +112,13 @@ def trainer(log: Path, code: str) -> list[str]:
             f"'[\"trainer\", \"' + os.environ.get('RAY_ADDRESS', '') + '\"]\\n'); {code}"]
 
 
-def test_gpus_per_node_from_slurm():
-    assert gpus_per_node({"SLURM_GPUS_PER_NODE": "a100:4"}, 3, 0) == 4
-    assert gpus_per_node({"SLURM_GPUS": "12"}, 3, 0) == 4  # the executor asks --gpus=<total>
-    assert gpus_per_node({"SLURM_GPUS": "h100:16"}, 2, 0) == 8
-    assert gpus_per_node({}, 3, 24) == 8  # outside SLURM's variables: the job's request
+def test_gpus_per_node_from_the_jobs_record():
+    assert gpus_per_node("JobId=1 NodeList=a,b TRES=cpu=4,node=2,gres/gpu=2 TresPerNode=gres:gpu:1", 2, 0) == 1
+    assert gpus_per_node("JobId=1 TresPerNode=gres:gpu:a100:4 TRES=cpu=4,node=3", 3, 0) == 4
+    assert gpus_per_node("JobId=1 TRES=cpu=8,mem=1G,node=3,billing=8,gres/gpu=12", 3, 0) == 4  # --gpus=<total>
+    assert gpus_per_node("JobId=1 TRES=cpu=8,node=3", 3, 24) == 8  # no GPUs in the record: the job's request
     with pytest.raises(LaunchError, match="10 GPUs do not split evenly over 3 nodes"):
-        gpus_per_node({"SLURM_GPUS": "10"}, 3, 0)
+        gpus_per_node("JobId=1 TRES=cpu=8,node=3,gres/gpu=10", 3, 0)
 
 
 def test_one_node_runs_the_trainer_alone(fake_slurm):
@@ -100,39 +126,53 @@ def test_one_node_runs_the_trainer_alone(fake_slurm):
     assert calls(fake_slurm) == [["trainer", ""]]  # verl's ray.init starts its own local Ray
 
 
+def ray_starts(recorded: list[list[str]]) -> list[list[str]]:
+    return [c for c in recorded if c[0] == "ray" and c[2] == "start"]
+
+
 @pytest.mark.parametrize("exit_code", [0, 3])
-def test_three_nodes_start_ray_run_the_trainer_and_stop_ray(fake_slurm, exit_code):
-    status = run_on_ray(trainer(fake_slurm, f"sys.exit({exit_code})"), os.environ, nodes=3, gpus=12)
+def test_three_nodes_start_ray_run_the_trainer_and_end_ray(fake_slurm, exit_code, monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-b")  # the launcher's own node: the head goes there
+    status = run_on_ray(trainer(fake_slurm, f"sys.exit({exit_code})"), os.environ, nodes=3, gpus=3)
     assert status == exit_code
     recorded = calls(fake_slurm)
-    starts = [c for c in recorded if c[0] == "ray" and c[2] == "start"]
-    assert starts[0][1:] == ["gpu-a", "start", "--head", "--node-ip-address=gpu-a", "--port=6379", "--num-gpus=4",
-                             "--block"]
-    assert sorted(c[1] for c in starts[1:]) == ["gpu-b", "gpu-c"]
-    assert all("--address=gpu-a:6379" in c and "--num-gpus=4" in c for c in starts[1:])
-    assert ["trainer", "gpu-a:6379"] in recorded
-    trainer_at = recorded.index(["trainer", "gpu-a:6379"])
-    assert len([c for c in recorded[:trainer_at] if c[0] == "ray" and c[2] == "start"]) == 3  # all joined first
-    stops = [c[1] for c in recorded[trainer_at:] if c[0] == "ray" and c[2] == "stop"]
-    assert sorted(stops) == ["gpu-a", "gpu-b", "gpu-c"]
-    assert all("--overlap" in c for c in recorded if c[0] == "srun")
+    starts = ray_starts(recorded)
+    port = starts[0][5].removeprefix("--port=")
+    assert starts[0][1:] == ["gpu-b", "start", "--head", "--node-ip-address=gpu-b", f"--port={port}",
+                             "--num-gpus=4", "--block"]  # 12 GPUs in the job's record over 3 nodes
+    assert sorted(c[1] for c in starts[1:]) == ["gpu-a", "gpu-c"]
+    assert all(f"--address=gpu-b:{port}" in c and f"--node-ip-address={c[1]}" in c and "--num-gpus=4" in c
+               for c in starts[1:])
+    trainer_at = recorded.index(["trainer", f"gpu-b:{port}"])
+    assert len(ray_starts(recorded[:trainer_at])) == 3  # all joined first
+    assert ray_running(fake_slurm) == []  # ended on every node, by the node's own launcher
+    assert not [c for c in recorded if c[0] == "ray" and c[2] == "stop"]  # never `ray stop`: it ends every Ray there
+    sruns = [c for c in recorded if c[0] == "srun"]
+    assert len(sruns) == 3 and all("--overlap" in c and c[c.index("--") + 1] == launcher.RAY for c in sruns)
 
 
 def test_sigterm_stops_the_trainer_and_ray_on_every_node(fake_slurm):
-    command = [sys.executable, "-m", "luffy.engines.verl.launcher", "--nodes", "3", "--gpus", "12", "--",
+    script = (f"import sys, luffy.engines.verl.launcher as launcher; launcher.RAY = {launcher.RAY!r}; "
+              f"sys.exit(launcher.main(sys.argv[1:]))")
+    command = [sys.executable, "-c", script, "--nodes", "3", "--gpus", "12", "--",
                *trainer(fake_slurm, "import time; time.sleep(60)")]
-    process = subprocess.Popen(command, env=os.environ)
-    deadline = time.monotonic() + 60
-    while not any(c[0] == "trainer" for c in calls(fake_slurm)):
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    stops = [c[1] for c in calls(fake_slurm) if c[0] == "ray" and c[2] == "stop"]
-    assert sorted(stops) == ["gpu-a", "gpu-b", "gpu-c"]
+    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c[0] == "trainer" for c in calls(fake_slurm)):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        assert ray_running(fake_slurm) == ["gpu-a", "gpu-b", "gpu-c"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "luffy launcher: cancelled by SIGTERM" in process.stderr.read()
+        assert ray_running(fake_slurm) == []
+    finally:
+        process.kill()
+        process.wait()
 
 
-def test_a_stalled_trainer_on_three_nodes_is_stopped_and_ray_stopped_on_every_node(fake_slurm, tmp_path):
+def test_a_stalled_trainer_on_three_nodes_is_stopped_and_ray_ended_on_every_node(fake_slurm, tmp_path):
     steps = tmp_path / "steps.jsonl"
     logs_a_step_then_hangs = trainer(fake_slurm, f"open({str(steps)!r}, 'a').write('{{\"step\": 0}}\\n'); "
                                                  "import time; time.sleep(60)")
@@ -142,16 +182,15 @@ def test_a_stalled_trainer_on_three_nodes_is_stopped_and_ray_stopped_on_every_no
     with pytest.raises(launcher.Stalled, match="after step 0"):
         run_on_ray(logs_a_step_then_hangs, os.environ, nodes=3, gpus=12, watch=watch)
     assert time.monotonic() - began < 30
-    assert ["trainer", "gpu-a:6379"] in calls(fake_slurm)
-    stops = [c[1] for c in calls(fake_slurm) if c[0] == "ray" and c[2] == "stop"]
-    assert sorted(stops) == ["gpu-a", "gpu-b", "gpu-c"]
+    assert any(c[0] == "trainer" and c[1].startswith("gpu-a:") for c in calls(fake_slurm))
+    assert ray_running(fake_slurm) == []
 
 
 def test_a_node_count_other_than_the_jobs_is_refused(fake_slurm, monkeypatch):
     monkeypatch.setenv("FAKE_NODES", "gpu-a gpu-b")
     with pytest.raises(LaunchError, match="has 2 nodes, the job asked for 3"):
         run_on_ray(trainer(fake_slurm, "sys.exit(0)"), os.environ, nodes=3, gpus=12)
-    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    monkeypatch.delenv("SLURM_JOB_ID")
     with pytest.raises(LaunchError, match="not inside a SLURM job"):
         run_on_ray(trainer(fake_slurm, "sys.exit(0)"), os.environ, nodes=3, gpus=12)
 
@@ -185,11 +224,14 @@ def alive(pid: int) -> bool:
 def test_a_signal_to_a_one_node_run_ends_every_process_the_run_started(tmp_path, signum):
     """verl runs in its own session (so that it can be ended as a whole), which keeps a job
     manager's SIGTERM and the terminal's Ctrl-C from reaching it: the supervising process ends
-    it, and what it started (adopted orphans too), before it exits 128 + the signal."""
+    it, and what it started (adopted orphans too), before it exits 128 + the signal. Started
+    ignoring SIGINT (as a job started in the background is): SIGINT is how a multi-node run
+    stops each node's launcher, so the launcher takes it all the same."""
     script, pids = tmp_path / "run.py", tmp_path / "pids"
     script.write_text(RUN_TREE)
     supervisor = subprocess.Popen([sys.executable, "-m", "luffy.engines.verl.launcher", "--nodes", "1", "--gpus", "0",
-                                   "--", sys.executable, str(script), str(pids)], stderr=subprocess.PIPE, text=True)
+                                   "--", sys.executable, str(script), str(pids)], stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     run = []
     try:
         deadline = time.monotonic() + 60
@@ -212,3 +254,15 @@ def test_a_signal_to_a_one_node_run_ends_every_process_the_run_started(tmp_path,
         for pid in run:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_rocr_variable_slurm_sets_beside_cuda_is_dropped_for_verls_workers():
+    """SLURM 22.05 sets ROCR_VISIBLE_DEVICES (and CUDA_VISIBLE_DEVICES, ...) for any GPU it gives
+    as a GRES; verl's workers refuse to start with both set (seen on the CI's two nodes)."""
+    from luffy.engines.verl.launcher import without_slurms_rocr
+
+    slurm = {"CUDA_VISIBLE_DEVICES": "0,1", "ROCR_VISIBLE_DEVICES": "0,1", "GPU_DEVICE_ORDINAL": "0,1", "X": "1"}
+    assert without_slurms_rocr(slurm) == {"CUDA_VISIBLE_DEVICES": "0,1", "GPU_DEVICE_ORDINAL": "0,1", "X": "1"}
+    amd = {"ROCR_VISIBLE_DEVICES": "2"}
+    assert without_slurms_rocr(amd) == amd  # set alone, or to other devices: the site's own, kept
+    assert without_slurms_rocr({"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1"})["ROCR_VISIBLE_DEVICES"] == "1"

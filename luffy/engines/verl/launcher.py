@@ -4,15 +4,17 @@ verl drives its workers through Ray. On one node, ``ray.init()`` inside verl sta
 Ray and nothing is needed here. On N > 1 nodes (one SLURM job with ``--nodes=N``) this
 launcher:
 
-1. lists the job's nodes (``scontrol show hostnames $SLURM_JOB_NODELIST``);
-2. derives the GPUs per node: SLURM sets ``SLURM_GPUS_PER_NODE`` only when the job asked
-   ``--gpus-per-node``; Snakemake's SLURM executor asks ``--gpus=<total>`` instead, so the
-   count is ``SLURM_GPUS`` (or the requested total) divided by the nodes;
-3. starts a Ray head on the first node and a worker on each other one (``srun --overlap``,
-   one task per node, ``ray start --block``) and waits until all N have joined;
-4. runs the trainer with ``RAY_ADDRESS`` pointing at the head (verl attaches to it);
-5. stops Ray on every node (``ray stop``) when the trainer ends, fails, or the job is
-   cancelled (SLURM sends SIGTERM first), so no Ray process outlives the job.
+1. reads the job's nodes and GPUs per node from SLURM's record of the job (``scontrol show
+   job $SLURM_JOB_ID``): Snakemake's SLURM executor runs the rule as a one-task job step on
+   the first node, whose ``SLURM_JOB_NODELIST`` names that node only, and removes the other
+   ``SLURM_*`` variables;
+2. starts a Ray head on its own node (at a free port) and a worker on each other one (``srun
+   --overlap``, one task per node, the job environment's ``ray start --block`` under a
+   launcher of its own) and waits until all N have joined;
+3. runs the trainer with ``RAY_ADDRESS`` pointing at the head (verl attaches to it);
+4. ends Ray on every node when the trainer ends, fails, or the job is cancelled (SIGTERM or
+   SIGINT): each node's launcher ends its Ray's session, so no Ray process of the job
+   outlives it, and no other job's Ray on the same node is touched.
 
 ``python -m luffy.engines.verl.launcher --nodes N --gpus G -- COMMAND...`` runs COMMAND this
 way; the verl engine calls ``run_on_ray``.
@@ -31,10 +33,14 @@ import logging
 import math
 import os
 import re
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from luffy.chain import Deadline, TimeLimitReached
@@ -43,7 +49,7 @@ from luffy.errors import Cancelled, cancellable
 
 log = logging.getLogger(__name__)
 
-RAY_PORT = 6379
+MODULE = "luffy.engines.verl.launcher"
 JOIN_TIMEOUT_S = 600.0
 POLL_S = 1.0
 
@@ -222,66 +228,113 @@ def _last(step: int | None) -> str:
     return "no step logged yet" if step is None else f"last step logged: {step}"
 
 
-def _count(value: str) -> int:
-    """A SLURM GPU count: '8', 'a100:8' or '8(x2)' (per-node lists) -> 8."""
-    match = re.match(r"^(?:[A-Za-z0-9_.]+:)?(\d+)", value.strip())
-    if not match:
-        raise LaunchError(f"cannot read a GPU count from '{value}'")
-    return int(match.group(1))
+def without_slurms_rocr(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the ``ROCR_VISIBLE_DEVICES`` SLURM sets beside ``CUDA_VISIBLE_DEVICES``
+    (SLURM 22.05 sets both, and more, for any GPU it allocates as a GRES): verl's workers refuse
+    to start with both set ("Please don't set ROCR_VISIBLE_DEVICES when HIP/CUDA_VISIBLE_DEVICES
+    is set", ``single_controller/base/worker.py:266``). Kept where it differs (an AMD site that
+    sets it alone, or to other devices)."""
+    out = dict(env)
+    rocr = out.get("ROCR_VISIBLE_DEVICES")
+    if rocr is not None and rocr == out.get("CUDA_VISIBLE_DEVICES"):
+        del out["ROCR_VISIBLE_DEVICES"]
+    return out
 
 
-def gpus_per_node(env: Mapping[str, str], nodes: int, requested_total: int) -> int:
-    """GPUs on each node of the allocation (the same on every node, or a LaunchError)."""
-    if env.get("SLURM_GPUS_PER_NODE"):
-        return _count(env["SLURM_GPUS_PER_NODE"])
-    total = _count(env["SLURM_GPUS"]) if env.get("SLURM_GPUS") else requested_total
+def job_record(env: Mapping[str, str]) -> str:
+    """SLURM's record of the job the process runs in (``scontrol show job --oneliner``). The
+    launcher reads the job's nodes and GPUs from it, not from ``SLURM_*`` variables: the SLURM
+    executor runs a rule as a one-task job step (``srun -n1``, whose ``SLURM_JOB_NODELIST`` names
+    its one node) and removes every ``SLURM_*`` variable but the job id and a few others."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        raise LaunchError("not inside a SLURM job (SLURM_JOB_ID is unset): a multi-node run needs one")
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LaunchError(f"scontrol show job {job}: {' '.join(out.stderr.split()) or f'exit status {out.returncode}'}")
+    return out.stdout
+
+
+def _field(record: str, name: str) -> str | None:
+    match = re.search(rf"(?:^|\s){name}=(\S+)", record)
+    return match.group(1) if match else None
+
+
+def allocation_nodes(record: str) -> list[str]:
+    """Host names of the job's nodes, in SLURM's order (its record's ``NodeList``)."""
+    nodelist = _field(record, "NodeList")
+    if not nodelist or nodelist == "(null)":
+        raise LaunchError("SLURM's record of this job names no nodes (NodeList); is it running?")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def gpus_per_node(record: str, nodes: int, requested_total: int) -> int:
+    """GPUs on each node of the job (the same on every node, or a LaunchError): its GRES per
+    node (``TresPerNode=gres:gpu[:type]:N``, what ``--gres``/``--gpus-per-node`` ask), else its
+    allocated total (``TRES=...,gres/gpu=N``) split over the nodes, else the job's request."""
+    per_node = re.search(r"gres[:/]gpu(?::[^:,\s]+)?[:=](\d+)", _field(record, "TresPerNode") or "")
+    if per_node:
+        return int(per_node.group(1))
+    allocated = re.search(r"gres/gpu=(\d+)", _field(record, "TRES") or "")
+    total = int(allocated.group(1)) if allocated else requested_total
     if total < nodes or total % nodes:
         raise LaunchError(f"{total} GPUs do not split evenly over {nodes} nodes")
     return total // nodes
 
 
-def allocation_nodes(env: Mapping[str, str]) -> list[str]:
-    """Host names of the SLURM job's nodes, in SLURM's order."""
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        raise LaunchError("not inside a SLURM job (SLURM_JOB_NODELIST is unset): a multi-node run needs one")
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+RAY = str(Path(sys.executable).with_name("ray"))  # the job environment's Ray: a job's PATH need not have it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 class RayCluster:
-    """A Ray head and workers started on the allocation's nodes with srun."""
+    """A Ray head and workers started on the allocation's nodes with srun, this job's own: each
+    node's Ray runs under a launcher of its own (``--nodes 1``: its own session, ended as a
+    whole on SIGINT or SIGTERM), so stopping it ends exactly what it started, never another job's Ray on
+    the same node (``ray stop`` would end every Ray process of the user there)."""
 
-    def __init__(self, nodes: Sequence[str], gpus_per_node: int, port: int = RAY_PORT):
-        self.nodes, self.gpus, self.port = list(nodes), gpus_per_node, port
+    def __init__(self, nodes: Sequence[str], gpus_per_node: int, port: int | None = None, cpus: int | None = None):
+        self.nodes, self.gpus, self.cpus = list(nodes), gpus_per_node, cpus
+        self.port = port if port is not None else _free_port()  # the head runs on this node (nodes[0])
         self.processes: list[subprocess.Popen] = []
+        # Ray's token authentication with a token of this job's own: Ray 2.60 turns it on for a new
+        # head by default, with the user's ~/.ray/auth_token, and refuses a client without it
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     @property
     def address(self) -> str:
         return f"{self.nodes[0]}:{self.port}"
 
     def _on(self, node: str, *ray_args: str) -> list[str]:
-        return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap", "ray", *ray_args]
+        cpus = [f"--cpus-per-task={self.cpus}"] if self.cpus else []  # else srun gives the step one CPU
+        # --disable-status: one SIGINT to srun reaches the node's launcher (SIGTERM to srun would
+        # SIGKILL it, SLURM 22.05's srun_job.c:2325, and its Ray would not be ended as a whole)
+        return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap", "--disable-status", *cpus,
+                sys.executable, "-m",
+                MODULE, "--nodes", "1", "--gpus", str(self.gpus), "--", RAY, *ray_args]
 
     def start_commands(self) -> list[list[str]]:
         head = self._on(self.nodes[0], "start", "--head", f"--node-ip-address={self.nodes[0]}", f"--port={self.port}",
                         f"--num-gpus={self.gpus}", "--block")
-        workers = [self._on(node, "start", f"--address={self.address}", f"--num-gpus={self.gpus}", "--block")
-                   for node in self.nodes[1:]]
+        workers = [self._on(node, "start", f"--address={self.address}", f"--node-ip-address={node}",
+                            f"--num-gpus={self.gpus}", "--block") for node in self.nodes[1:]]
         return [head, *workers]
-
-    def stop_commands(self) -> list[list[str]]:
-        return [self._on(node, "stop", "--force") for node in self.nodes]
 
     def joined(self) -> int:
         """Nodes the head reports alive (0 while it does not answer)."""
-        out = subprocess.run(["ray", "status", f"--address={self.address}"], capture_output=True, text=True)
+        out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
+                             env={**os.environ, **self.auth})
         return len(re.findall(r"^\s*\d+\s+node_", out.stdout, flags=re.M)) if out.returncode == 0 else 0
 
     def start(self, timeout_s: float = JOIN_TIMEOUT_S, env: Mapping[str, str] | None = None) -> None:
         """Start the head and the workers, in ``env`` (srun hands it to each node; the workers
         verl's driver places there inherit it)."""
-        env = dict(env) if env is not None else None
+        env = {**(os.environ if env is None else env), **self.auth}
         head, *workers = self.start_commands()
         self.processes.append(subprocess.Popen(head, env=env))
         deadline = time.monotonic() + timeout_s
@@ -294,21 +347,25 @@ class RayCluster:
         log.info("Ray cluster of %d nodes x %d GPUs at %s", len(self.nodes), self.gpus, self.address)
 
     def _check(self, deadline: float, what: str) -> None:
-        if any(p.poll() is not None for p in self.processes):
-            raise LaunchError(f"a `ray start` ended while waiting for {what} (see this job's log)")
+        ended = [node for node, p in zip(self.nodes, self.processes) if p.poll() is not None]
+        if ended:
+            raise LaunchError(f"Ray on node {ended[0]} ended while waiting for {what} (see this job's log)")
         if time.monotonic() > deadline:
             raise LaunchError(f"timed out waiting for {what}")
         time.sleep(POLL_S)
 
-    def stop(self) -> None:
-        """Ray stopped on every node, and the srun steps that held it ended."""
-        for command in self.stop_commands():
-            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Ray ended on every node: SIGINT to each node's srun, which hands it to that node's
+        launcher (it ends its Ray's session); SIGTERM (srun then kills the step) and SIGKILL to
+        an srun still there after ``grace_s`` each."""
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            running = [p for p in self.processes if p.poll() is None]
+            for process in running:
+                process.send_signal(signum)
+            deadline = time.monotonic() + grace_s
+            for process in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int,
@@ -319,15 +376,20 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     ``Cancelled``."""
     if nodes <= 1:  # without a watch, one that never stops the run (but still ends what it leaves running)
         return supervise(command, env, watch or Watch(progress=lambda: None, stall_s=math.inf, startup_s=math.inf))
-    cluster = RayCluster(allocation_nodes(env), gpus_per_node(env, nodes, gpus))
-    if len(cluster.nodes) != nodes:
-        raise LaunchError(f"the allocation has {len(cluster.nodes)} nodes, the job asked for {nodes}")
+    record = job_record(env)
+    hosts = allocation_nodes(record)
+    if len(hosts) != nodes:
+        raise LaunchError(f"the allocation has {len(hosts)} nodes, the job asked for {nodes}")
+    here = env.get("SLURMD_NODENAME")  # the head runs where this launcher runs (its port is free here)
+    hosts.sort(key=lambda host: host != here)
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    cluster = RayCluster(hosts, gpus_per_node(record, nodes, gpus), cpus=int(cpus) if cpus and cpus.isdigit() else None)
 
     trainer = None
     with cancellable():
         try:
             cluster.start(env=env)
-            trainer_env = {**env, "RAY_ADDRESS": cluster.address}
+            trainer_env = {**env, **cluster.auth, "RAY_ADDRESS": cluster.address}
             if watch is not None:  # a stalled or cancelled trainer is ended by supervise, Ray below
                 return supervise(command, trainer_env, watch)
             trainer = subprocess.Popen(list(command), env=trainer_env)
@@ -350,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGINT is how a multi-node run stops each node's launcher (through srun): taken even where
+    # the launcher was started ignoring it (a job started in the background)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run_on_ray(command, os.environ, args.nodes, args.gpus)
+        # a node's Ray (--nodes 1) runs in its srun step, where SLURM set the GPU variables again
+        return run_on_ray(command, without_slurms_rocr(os.environ), args.nodes, args.gpus)
     except LaunchError as err:
         print(f"luffy launcher: error: {err}", file=sys.stderr)
         return 2
