@@ -17,7 +17,7 @@ from tier_guard import TierGuard, add_options  # noqa: E402  (tests/helpers, jus
 pytest_plugins = ("pytester",)  # tests/test_tier_guard.py runs small suites of its own
 
 # What needs the slow tier, by the marker naming what a test runs (pyproject.toml describes each).
-SLOW_FAMILIES = ("verl_e2e", "slurm", "browser")
+SLOW_FAMILIES = ("verl_e2e", "slurm", "slurm_multinode", "browser")
 
 
 def pytest_addoption(parser):

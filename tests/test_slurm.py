@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from slurm_records import job_records
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMITTER = REPO / ".venv-slurm" / "bin" / "snakemake"
@@ -39,13 +40,8 @@ needs_slurm = pytest.mark.skipif(not (slurm_running() and SUBMITTER.exists()),
 
 def jobs_in(workdir: Path) -> dict[int, dict[str, str]]:
     """SLURM's record of every job that ran in ``workdir``: id -> {rule comment, state}."""
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True).stdout
-    jobs = {}
-    for line in out.splitlines():
-        fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        if fields.get("WorkDir") == str(workdir):
-            jobs[int(fields["JobId"])] = {"comment": fields.get("Comment", ""), "state": fields.get("JobState", "")}
-    return jobs
+    return {job: {"comment": fields.get("Comment", ""), "state": fields.get("JobState", "")}
+            for job, fields in job_records(workdir).items()}
 
 
 def snakemake(workdir: Path, *args: str, luffy: str | None = str(Path(sys.executable).parent / "luffy"),
