@@ -375,6 +375,10 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     SIGTERM or SIGINT (SLURM cancelling the job, Ctrl-C) ends the trainer and Ray, then raises
     ``Cancelled``."""
     if nodes <= 1:  # without a watch, one that never stops the run (but still ends what it leaves running)
+        # a Ray of its own: Ray's ray.init() without an address attaches to the cluster a `ray start`
+        # last recorded on this machine (/tmp/ray/ray_current_cluster), another job's or a dead one
+        if not env.get("RAY_ADDRESS"):
+            env = {**env, "RAY_ADDRESS": "local"}
         return supervise(command, env, watch or Watch(progress=lambda: None, stall_s=math.inf, startup_s=math.inf))
     record = job_record(env)
     hosts = allocation_nodes(record)
