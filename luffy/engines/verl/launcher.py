@@ -374,12 +374,14 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     its exit status. ``watch`` stops a run that stalls (``supervise``), on one node or several;
     SIGTERM or SIGINT (SLURM cancelling the job, Ctrl-C) ends the trainer and Ray, then raises
     ``Cancelled``."""
-    if nodes <= 1:  # without a watch, one that never stops the run (but still ends what it leaves running)
+    # without a watch, one that never stops the run (but still ends what it leaves running)
+    watch = watch or Watch(progress=lambda: None, stall_s=math.inf, startup_s=math.inf)
+    if nodes <= 1:
         # a Ray of its own: Ray's ray.init() without an address attaches to the cluster a `ray start`
         # last recorded on this machine (/tmp/ray/ray_current_cluster), another job's or a dead one
         if not env.get("RAY_ADDRESS"):
             env = {**env, "RAY_ADDRESS": "local"}
-        return supervise(command, env, watch or Watch(progress=lambda: None, stall_s=math.inf, startup_s=math.inf))
+        return supervise(command, env, watch)
     record = job_record(env)
     hosts = allocation_nodes(record)
     if len(hosts) != nodes:
@@ -389,21 +391,11 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     cpus = env.get("SLURM_CPUS_PER_TASK")
     cluster = RayCluster(hosts, gpus_per_node(record, nodes, gpus), cpus=int(cpus) if cpus and cpus.isdigit() else None)
 
-    trainer = None
     with cancellable():
         try:
             cluster.start(env=env)
-            trainer_env = {**env, **cluster.auth, "RAY_ADDRESS": cluster.address}
-            if watch is not None:  # a stalled or cancelled trainer is ended by supervise, Ray below
-                return supervise(command, trainer_env, watch)
-            trainer = subprocess.Popen(list(command), env=trainer_env)
-            return trainer.wait()
-        except Cancelled as err:
-            log.warning("%s: stopping the trainer and Ray", err)
-            if trainer is not None and trainer.poll() is None:
-                trainer.terminate()
-                trainer.wait()
-            raise
+            # a stalled or cancelled trainer is ended by supervise, Ray below
+            return supervise(command, {**env, **cluster.auth, "RAY_ADDRESS": cluster.address}, watch)
         finally:
             cluster.stop()
 
