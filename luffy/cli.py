@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -335,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(args.stage, err)
     except Cancelled as err:
         logging.getLogger("luffy").error("luffy %s: %s", args.stage, err)
+        logging.shutdown()
+        # then end by the signal, as the process would have without the cleanup (a shell reports
+        # 128 + its number; SLURM's requeue of a chained job expects its job ended by SIGTERM)
+        signal.signal(err.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), err.signum)
         return 128 + err.signum
     return 0
 

@@ -50,7 +50,7 @@ class Cancelled(BaseException):
     """A signal asked the command to stop: SIGTERM (``kill``, a job manager, SLURM's ``scancel``)
     or SIGINT (Ctrl-C). Raised where the signal arrives (``luffy.engines.verl.launcher``), so
     that the cleanups on the way out run (a verl run's processes ended, its checkpoints kept);
-    the command then exits with 128 + the signal's number, as a shell reports a signal."""
+    the command then ends by the signal itself (a shell reports 128 + its number)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
