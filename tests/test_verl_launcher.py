@@ -267,3 +267,16 @@ def test_the_rocr_variable_slurm_sets_beside_cuda_is_dropped_for_verls_workers()
     amd = {"ROCR_VISIBLE_DEVICES": "2"}
     assert without_slurms_rocr(amd) == amd  # set alone, or to other devices: the site's own, kept
     assert without_slurms_rocr({"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1"})["ROCR_VISIBLE_DEVICES"] == "1"
+
+
+@pytest.mark.parametrize("recorded, kept", [("vm:40001", False), ("other:40002", True)])
+def test_an_ended_cluster_leaves_no_address_for_a_later_ray_init(tmp_path, monkeypatch, recorded, kept):
+    # Ray's `ray start --head` records its address for ray.init() on the node; a later ray.init()
+    # there without an address tried to attach to a finished two-node job's head (CI: the verl
+    # rollout tests' Ray setup failed so). The record goes with this cluster, another head's stays.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.write_text(recorded)
+    launcher.RayCluster(["vm", "vm-n2"], gpus_per_node=1, port=40001).stop(grace_s=0.1)
+    assert record.exists() == kept

@@ -67,27 +67,34 @@ def real_server(tmp_path_factory, tiny_model_dir, train_parquet):
     alias = tmp_path_factory.mktemp("alias")
     env = {**cpu.environment(alias), "VERL_USE_EXTERNAL_MODULES": f"{cpu.MODULE},luffy.engines.verl.plugin"}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    sys.path.insert(0, str(alias))  # verl's vLLM modules, imported by this process too, ask for vllm's version
     previous = platform_manager._current_platform
-    platform_manager.set_platform(cpu._platform_class()())  # this process drives verl's objects too
-    import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
+    started = []
+    try:  # whatever fails below, the tests after this module find the process as it was
+        os.environ.update(env)
+        sys.path.insert(0, str(alias))  # verl's vLLM modules, imported by this process too, ask for vllm's version
+        platform_manager.set_platform(cpu._platform_class()())  # this process drives verl's objects too
+        import luffy.engines.verl.plugin  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports on a Ray worker)
 
-    _, config = rollout_config(tiny_model_dir, train_parquet(4), tmp_path_factory.mktemp("job"), algorithm="luffy")
-    ray.init(num_cpus=cpu.LOGICAL_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
-    OmegaConf.set_struct(config, False)
-    config.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
-    tq.init(config.transfer_queue)
-    config.actor_rollout_ref.rollout.nnodes = 1
-    config.actor_rollout_ref.rollout.n_gpus_per_node = 1
-    try:
+        _, config = rollout_config(tiny_model_dir, train_parquet(4), tmp_path_factory.mktemp("job"),
+                                   algorithm="luffy")
+        # address="local": a Ray of its own, never the cluster a `ray start` last recorded on the machine
+        # (/tmp/ray/ray_current_cluster, e.g. the two-node test's finished head: ray.init() attached to it)
+        ray.init(address="local", num_cpus=cpu.LOGICAL_CPUS, num_gpus=1, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": env})
+        started.append(ray.shutdown)
+        OmegaConf.set_struct(config, False)
+        config.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
+        tq.init(config.transfer_queue)
+        started.append(tq.close)
+        config.actor_rollout_ref.rollout.nnodes = 1
+        config.actor_rollout_ref.rollout.n_gpus_per_node = 1
         yield LLMServerManager.create(config)
     finally:
-        tq.close()
-        ray.shutdown()
+        for stop in reversed(started):
+            stop()
         platform_manager._current_platform = previous
-        sys.path.remove(str(alias))
+        if str(alias) in sys.path:
+            sys.path.remove(str(alias))
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -366,6 +366,19 @@ class RayCluster:
             for process in running:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self.forget()
+
+    def forget(self) -> None:
+        """The head's ``ray start`` recorded its address on this node (Ray's temp dir,
+        ``ray_current_cluster``); a later ``ray.init()`` without an address on the node would try to
+        attach to this ended cluster and hang. ``ray stop`` removes the record; without it, this
+        does, only while it still names this cluster (a later job's head may have written its own)."""
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))
+        with contextlib.suppress(OSError):
+            if record.read_text().strip() == self.address:
+                record.unlink()
 
 
 def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus: int,
