@@ -187,6 +187,32 @@ def test_a_stalled_trainer_on_three_nodes_is_stopped_and_ray_ended_on_every_node
     assert ray_running(fake_slurm) == []
 
 
+def test_a_worker_nodes_ray_killed_mid_run_stops_the_run_at_once_naming_the_node(fake_slurm, tmp_path):
+    """Not a hang until the stall limit: the node's Ray gone (its `ray start --block` ends, and the
+    node's srun with it) stops the run within a poll, in one line naming the node."""
+    watch = launcher.Watch(progress=lambda: None, stall_s=600.0, startup_s=600.0, poll_s=0.1, grace_s=2.0)
+    state = Path(os.environ["FAKE_STATE"])
+
+    def kill_gpu_c_once_the_trainer_runs():
+        deadline = time.monotonic() + 60
+        while not any(c[0] == "trainer" for c in calls(fake_slurm)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int((state / "up.gpu-c").read_text()), signal.SIGKILL)
+
+    import threading
+
+    killer = threading.Thread(target=kill_gpu_c_once_the_trainer_runs, daemon=True)
+    killer.start()
+    began = time.monotonic()
+    with pytest.raises(launcher.Stalled) as stopped:
+        run_on_ray(trainer(fake_slurm, "import time; time.sleep(120)"), os.environ, nodes=3, gpus=12, watch=watch)
+    killer.join()
+    assert time.monotonic() - began < 60
+    message = str(stopped.value)
+    assert "Ray on node gpu-c ended" in message and "\n" not in message, message
+    assert ray_running(fake_slurm) == []
+
+
 def test_a_node_count_other_than_the_jobs_is_refused(fake_slurm, monkeypatch):
     monkeypatch.setenv("FAKE_NODES", "gpu-a gpu-b")
     with pytest.raises(LaunchError, match="has 2 nodes, the job asked for 3"):

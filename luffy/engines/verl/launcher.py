@@ -80,6 +80,8 @@ class Watch:
     checkpointed: Callable[[], int | None] = lambda: None  # the newest checkpoint's step
     saved_for_time: Callable[[], int | None] = lambda: None  # the step the trainer saved at for the time limit
     total_steps: int = 0
+    # a fault outside the trainer that ends the run at once (a node's Ray gone: None while all is well)
+    lost: Callable[[], str | None] = lambda: None
     poll_s: float = 2.0
     grace_s: float = 10.0            # SIGTERM, then this long, then SIGKILL
     # measured while it runs: seconds from the start to each newly logged step, and the largest
@@ -149,6 +151,10 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
                 memory, count = _remember(process, seen)
                 if memory > watch.peak_memory_bytes:
                     watch.peak_memory_bytes, watch.peak_processes = memory, count
+                problem = watch.lost()
+                if problem:
+                    log.error("stopping the run: %s", problem)
+                    break
                 now, step = time.monotonic(), watch.progress()
                 if step != last_step:
                     last_step, last_change = step, now
@@ -174,6 +180,8 @@ def supervise(command: Sequence[str], env: Mapping[str, str], watch: Watch) -> i
             cancelled = err
             log.warning("%s: ending the run and every process it started (its checkpoints are kept)", err)
         finally:
+            if process is not None and not problem and process.poll() not in (None, 0):
+                problem = watch.lost()  # the trainer failed because of it before it was seen
             if process is not None:
                 _remember(process, seen)
                 _remember_session(process.pid, seen)
@@ -346,10 +354,18 @@ class RayCluster:
             self._check(deadline, f"{len(self.nodes)} Ray nodes")
         log.info("Ray cluster of %d nodes x %d GPUs at %s", len(self.nodes), self.gpus, self.address)
 
+    def lost(self) -> str | None:
+        """Which node's Ray has ended (its ``ray start --block`` returns when a Ray process of the
+        node dies, and its srun with it), or None while every node's runs."""
+        for node, process in zip(self.nodes, self.processes):
+            if process.poll() is not None:
+                return f"Ray on node {node} ended (exit status {process.returncode})"
+        return None
+
     def _check(self, deadline: float, what: str) -> None:
-        ended = [node for node, p in zip(self.nodes, self.processes) if p.poll() is not None]
+        ended = self.lost()
         if ended:
-            raise LaunchError(f"Ray on node {ended[0]} ended while waiting for {what} (see this job's log)")
+            raise LaunchError(f"{ended} while waiting for {what} (see this job's log)")
         if time.monotonic() > deadline:
             raise LaunchError(f"timed out waiting for {what}")
         time.sleep(POLL_S)
@@ -407,6 +423,7 @@ def run_on_ray(command: Sequence[str], env: Mapping[str, str], nodes: int, gpus:
     with cancellable():
         try:
             cluster.start(env=env)
+            watch.lost = cluster.lost  # a node's Ray gone ends the run at once, naming the node
             # a stalled or cancelled trainer is ended by supervise, Ray below
             return supervise(command, {**env, **cluster.auth, "RAY_ADDRESS": cluster.address}, watch)
         finally:
