@@ -179,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=_ranged(int, GE1), default=None, help="cores for Snakemake (default: all)")
     p.add_argument("--response-tokens", type=_ranged(int, GE1), default=None,
                    help="cap of traces and responses in tokens (default 1024)")
+    p.add_argument("--nodes", type=_ranged(int, GE1), default=1,
+                   help="nodes of each training job (>= 1; default 1); above 1 the jobs go to a SLURM cluster: "
+                        "pass its profile after `--`, e.g. `-- --profile slurm` (verl experiments only)")
+    p.add_argument("--snakemake", default=None, metavar="PATH",
+                   help="the Snakemake to run (default: the one beside luffy); e.g. the submitting environment's, "
+                        "which has the SLURM executor")
     p.add_argument("--snakemake-args", nargs="*", default=[], help=argparse.SUPPRESS)  # what follows `--`
 
     sub.add_parser("schema", help="print the config JSON schema (workflow/schemas/config.schema.yaml)")
@@ -288,7 +294,7 @@ def run(args: argparse.Namespace) -> None:
 
         scale = Scale() if args.response_tokens is None else dataclasses.replace(Scale(),
                                                                                   response_tokens=args.response_tokens)
-        table = rehearse(args.configfile, args.cores, scale, args.snakemake_args)
+        table = rehearse(args.configfile, args.cores, scale, args.snakemake_args, args.nodes, args.snakemake)
         if table.exists():
             print(table.read_text())
     elif args.stage == "schema":

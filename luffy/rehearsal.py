@@ -21,9 +21,15 @@ Everything else is the config's own: group sizes, algorithms, losses, templates,
 lengths, data columns, verl overrides, graders and suites. So whatever would fail in the real
 run for a reason other than scale fails here, with the same message.
 
-What a rehearsal cannot show: GPU kernels, CUDA IPC / NCCL weight sync, vLLM sleep and wake,
-tensor parallelism above 1, several FSDP ranks, flash-attn sequence packing, memory and time at
-full scale.
+On several nodes (``--nodes N``, through a SLURM profile: ``luffy rehearse CONFIG --nodes 2 --
+--profile slurm``) each training job runs on N nodes of the cluster, one FSDP rank, one Ray node
+and one vLLM rollout server per node, as a multi-node GPU run lays them out: Ray across the
+nodes, FSDP's sharding over several ranks, the weight sync of each node's rollout server and the
+model merger of several shards are rehearsed too.
+
+What a rehearsal cannot show: GPU kernels, CUDA IPC / NCCL weight sync (on the CPU it goes
+through gloo), vLLM sleep and wake, tensor parallelism above 1, more than one rank per node,
+flash-attn sequence packing, memory and time at full scale.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any
 import yaml
 
 from luffy.config import TrainConfig, load_config, resolve_train_config, to_dict
+from luffy.config.rules import sequences_per_prompt
 from luffy.errors import RehearsalFailed
 
 log = logging.getLogger(__name__)
@@ -66,9 +73,11 @@ class Scale:
     verl_mem_mb: int = 9000      # ... and a verl training job (verl's own loop: about 8 GB)
 
 
-def _shrunk_experiment(cfg: TrainConfig, scale: Scale, max_prompt_tokens: int) -> dict[str, Any]:
+def _shrunk_experiment(cfg: TrainConfig, scale: Scale, max_prompt_tokens: int, nodes: int) -> dict[str, Any]:
     out = to_dict(cfg)
     per_minibatch = math.ceil(scale.prompts / cfg.mini_batches)
+    while cfg.engine == "verl" and per_minibatch * sequences_per_prompt(cfg) % nodes:
+        per_minibatch += 1  # verl splits each mini-batch evenly over its ranks, one per node here
     response = min(cfg.max_response_tokens, scale.response_tokens)
     out.update(steps=min(cfg.steps, scale.steps), prompts_per_step=per_minibatch * cfg.mini_batches,
                max_response_tokens=response, checkpoint_every=1, device="cpu")
@@ -79,9 +88,10 @@ def _shrunk_experiment(cfg: TrainConfig, scale: Scale, max_prompt_tokens: int) -
     return out
 
 
-def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale()) -> dict[str, Any]:
-    """The rehearsal of the (raw, as in its YAML file) config ``raw``; validated first, so a
-    config the real run would refuse is refused here with the same message."""
+def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale(), nodes: int = 1) -> dict[str, Any]:
+    """The rehearsal of the (raw, as in its YAML file) config ``raw``, its training jobs on
+    ``nodes`` nodes (one logical GPU each, on the CPU: SLURM is asked for none); validated first,
+    so a config the real run would refuse is refused here with the same message."""
     resolved = load_config(raw)
     root = resolved.root
     out = copy.deepcopy(raw)
@@ -110,7 +120,7 @@ def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale()) -> dict[str, A
     max_prompt = root.verl.max_prompt_tokens
     out["train_defaults"] = {}
     out["experiments"] = {name: _shrunk_experiment(resolve_train_config(name, raw.get("train_defaults") or {},
-                                                                        settings or {}), scale, max_prompt)
+                                                                        settings or {}), scale, max_prompt, nodes)
                           for name, settings in (raw.get("experiments") or {}).items()}
     if root.seeds:
         out["seeds"] = root.seeds[:1]
@@ -132,10 +142,13 @@ def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale()) -> dict[str, A
     report["publish"] = None
     report["teacher_traces"] = min(root.report.teacher_traces, scale.teacher_traces)
 
+    verl_jobs = any(cfg.engine == "verl" for cfg in resolved.experiments.values())
+    if nodes > 1 and not verl_jobs:
+        raise RehearsalFailed(f"--nodes {nodes}: only verl's training runs on several nodes, and no experiment of "
+                              "this config uses engine: verl")
     out["resources"] = {"default": {"cpus": 1, "mem_mb": scale.job_mem_mb, "runtime": scale.runtime_minutes,
                                     "gpus": 0, "nodes": 1},
-                        "stages": {"train": {"mem_mb": scale.verl_mem_mb}} if any(
-                            cfg.engine == "verl" for cfg in resolved.experiments.values()) else {}}
+                        "stages": {"train": {"mem_mb": scale.verl_mem_mb, "nodes": nodes}} if verl_jobs else {}}
     load_config(out)  # the rehearsal's own config is valid too
     return out
 
@@ -163,12 +176,29 @@ def memory_mb() -> int:
     return int(psutil.virtual_memory().total / 2**20)
 
 
+CLUSTER_OPTIONS = ("--profile", "--executor", "-e")
+
+
+def on_a_cluster(snakemake_args: list[str]) -> bool:
+    """Whether Snakemake's arguments send the jobs elsewhere (a profile or an executor)."""
+    return any(arg == option or arg.startswith(option + "=") for arg in snakemake_args for option in CLUSTER_OPTIONS)
+
+
 def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
-             snakemake_args: list[str] | None = None) -> Path:
+             snakemake_args: list[str] | None = None, nodes: int = 1, snakemake: str | None = None) -> Path:
     """Write the rehearsal config of ``configfile`` and run its DAG with Snakemake in the working
     directory (with its Snakefile, else this package's repository's); returns the report's
-    results table."""
+    results table. ``nodes`` > 1: its training jobs on that many nodes, which needs Snakemake
+    arguments that send the jobs to a cluster (``--profile slurm``) and a ``snakemake`` that
+    has its executor (default: the one beside this luffy, else on PATH)."""
     from luffy.config import read_config_file
+
+    snakemake_args = list(snakemake_args or [])
+    cluster = on_a_cluster(snakemake_args)
+    if nodes > 1 and not cluster:
+        raise RehearsalFailed(f"--nodes {nodes}: a rehearsal on several nodes runs its training jobs on a SLURM "
+                              f"allocation of {nodes} nodes; pass the cluster's profile after `--` (luffy rehearse "
+                              f"{configfile} --nodes {nodes} -- --profile slurm)")
 
     snakefile = Path("Snakefile") if Path("Snakefile").exists() else Path(__file__).resolve().parents[1] / "Snakefile"
     if not snakefile.exists():
@@ -176,7 +206,7 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
 
     raw = read_config_file(configfile) or {}
     cores = cores or os.cpu_count() or 1
-    rehearsal = rehearsal_config(raw, scale)
+    rehearsal = rehearsal_config(raw, scale, nodes)
     results = Path(rehearsal["results_dir"])
     results.mkdir(parents=True, exist_ok=True)
     derived = results / "rehearsal.yaml"
@@ -185,14 +215,21 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
     io.write_text(derived, f"# the rehearsal of {configfile} (luffy rehearse); do not edit\n"
                            + yaml.safe_dump(rehearsal, sort_keys=False))
     print(describe(raw, rehearsal, scale), flush=True)
-    snakemake = Path(sys.executable).with_name("snakemake")
-    command = [str(snakemake if snakemake.exists() else "snakemake"), "-s", str(snakefile), "--configfile", str(derived),
-               "--cores", str(cores), "--resources", f"mem_mb={int(memory_mb() * 0.85)}",
+    beside = Path(sys.executable).with_name("snakemake")
+    snakemake = snakemake or (str(beside) if beside.exists() else "snakemake")
+    # on this machine: its cores and memory; on a cluster, the scheduler's (the profile's settings)
+    here = [] if cluster else ["--cores", str(cores), "--resources", f"mem_mb={int(memory_mb() * 0.85)}"]
+    command = [snakemake, "-s", str(snakefile), "--configfile", str(derived), *here,
                "--keep-going",  # every independent failure in one rehearsal
-               "--rerun-incomplete", "--show-failed-logs",
-               *(snakemake_args or [])]
+               "--rerun-incomplete", "--show-failed-logs", *snakemake_args]
+    # the cluster's jobs run this luffy (the profile's jobs take LUFFY_COMMAND), unless told otherwise
+    jobs_luffy = os.environ.get("LUFFY_COMMAND") or str(Path(sys.executable).with_name("luffy"))
+    env = {**os.environ, "LUFFY_COMMAND": jobs_luffy}
     log.info("running %s", " ".join(command))
-    status = subprocess.run(command).returncode
+    try:
+        status = subprocess.run(command, env=env).returncode
+    except FileNotFoundError:
+        raise RehearsalFailed(f"no Snakemake at {snakemake} (--snakemake names the one to run)") from None
     if status != 0:
         raise RehearsalFailed(f"the rehearsal of {configfile} failed (Snakemake exit status {status}); the failing "
                               f"job's log is named above (logs under {results}/logs)")

@@ -208,6 +208,36 @@ def test_the_rehearsal_of_the_paper_config_shrinks_only_what_costs_gpus():
     assert root.report.publish is None and root.resources.default.gpus == 0
 
 
+def test_a_rehearsal_on_two_nodes_runs_each_training_job_on_two_nodes_one_logical_gpu_each():
+    from luffy.rehearsal import rehearsal_config
+    from luffy.workflow import train_job_resources
+
+    raw = yaml.safe_load((REPO / "config" / "experiments" / "paper_qwen2.5_math_7b.yaml").read_text())
+    resolved = load_config(rehearsal_config(raw, nodes=2))
+    for name in resolved.experiments:
+        resources = train_job_resources(resolved, name)
+        # SLURM is asked for 2 nodes, one task on each, no GPUs; verl gets one logical GPU per node
+        assert (resources["nodes"], resources["tasks"], resources["gpu"], resources["job_gpus"]) == (2, 2, 0, 0)
+        assert resolved.experiments[name].device == "cpu"
+    assert load_config(rehearsal_config(raw)).root.resources.stages["train"].nodes == 1
+
+
+def test_a_rehearsal_on_several_nodes_without_a_cluster_or_verl_is_refused_before_anything_runs(tmp_path,
+                                                                                             monkeypatch):
+    from luffy.errors import RehearsalFailed
+    from luffy.rehearsal import on_a_cluster, rehearsal_config, rehearse
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RehearsalFailed, match=r"pass the cluster's profile after `--` .*--nodes 2 -- --profile slurm"):
+        rehearse(str(REPO / "config" / "verl_toy.yaml"), nodes=2, snakemake_args=["--dry-run"])
+    assert not (tmp_path / "results-rehearsal").exists()  # nothing written
+    assert on_a_cluster(["--profile", "slurm"]) and on_a_cluster(["--executor=slurm"]) and not on_a_cluster(["-n"])
+    local = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert all(e.get("engine", "local") != "verl" for e in local["experiments"].values())
+    with pytest.raises(RehearsalFailed, match="only verl's training runs on several nodes"):
+        rehearsal_config(local, nodes=2)
+
+
 def test_a_config_the_real_run_refuses_is_refused_by_its_rehearsal_with_the_same_message():
     from luffy.rehearsal import rehearsal_config
 

@@ -98,6 +98,12 @@ def _check_resources(root: Config, experiments: dict[str, TrainConfig]) -> None:
                               "need the verl engine and GPUs (gpus >= 1), or verl on the CPU (device: cpu)")
 
 
+def sequences_per_prompt(cfg: TrainConfig) -> int:
+    """Sequences a training step holds per prompt (what verl splits over its ranks): the group of
+    ``n`` (rl_sft: and the trace's SFT sequence); SFT: the trace alone."""
+    return 1 if cfg.algorithm == "sft" else cfg.n + int(cfg.algorithm == "rl_sft")
+
+
 def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
     """The verl section's ranges, and what the verl engine needs of each experiment run on it."""
     from luffy.engines.verl.overrides import check_extra_overrides
@@ -114,8 +120,7 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
         job = job_resources(root, "train", name)
         on_cpu = cfg.device == "cpu"
         gpus = job.nodes if on_cpu else job.nodes * job.gpus  # on the CPU: one logical GPU per node
-        rows = (cfg.prompts_per_step // cfg.mini_batches) * (1 if cfg.algorithm == "sft" else cfg.n + int(
-            cfg.algorithm == "rl_sft"))
+        rows = (cfg.prompts_per_step // cfg.mini_batches) * sequences_per_prompt(cfg)
         checks = [
             (root.validation.every > 0, "engine", "in-training validation (validation.every > 0) is not available "
              "with engine verl; set validation.every: 0 or use engine local"),
