@@ -145,3 +145,36 @@ def test_verl_logger_of_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch)
         trainer.logger.finish()
     history = client.get_metric_history(run_id, "reward/mean")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]
+
+
+def test_a_verl_steps_checkpoint_is_saved_after_its_metrics_are_logged(monkeypatch):
+    """verl's loop saves a step's checkpoint (step 2 of its fit), then records the step (step 5:
+    metrics.jsonl, MLflow). A run ended in between resumed after a step no record held (on two
+    SLURM nodes, Ctrl-C just after checkpoint 1: MLflow never got step 0). The LUFFY trainer
+    saves once the step is logged, also when logging fails."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from luffy.engines.verl.trainer import LuffyTrainer
+
+    events = []
+
+    class Logged:
+        def log(self, data, step):
+            events.append(("log", step))
+            if data.get("fail"):
+                raise ConnectionError("tracking server gone")
+
+    monkeypatch.setattr(PPOTrainerSync, "_save_checkpoint", lambda self: events.append(("save", self.global_steps)))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    trainer = LuffyTrainer.__new__(LuffyTrainer)  # the attributes alone: no GPUs, no workers here
+    trainer.logger = Logged()
+    for trainer.global_steps in (1, 2):
+        trainer._save_checkpoint()  # where verl's fit saves: the step is not recorded yet
+        assert ("save", trainer.global_steps) not in events
+        trainer.logger.log(data={"reward/mean": 0.5}, step=trainer.global_steps)
+    trainer.logger.log(data={"reward/mean": 0.5}, step=3)  # a step without a checkpoint saves nothing
+    trainer.global_steps = 4
+    trainer._save_checkpoint()
+    with pytest.raises(ConnectionError):
+        trainer.logger.log(data={"fail": True}, step=4)
+    assert events == [("log", 0), ("save", 1), ("log", 1), ("save", 2), ("log", 2), ("log", 3), ("save", 4)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,22 @@ def our_names(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class SaveAfterLogging:
+    """A metrics logger that runs ``save()`` after each ``log`` (even one that fails)."""
+
+    def __init__(self, inner: Any, save: Callable[[], None]):
+        self.inner, self.save = inner, save
+
+    def log(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.inner.log(*args, **kwargs)
+        finally:
+            self.save()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 @register_trainer(TRAINER_MODE)
 class LuffyTrainer(PPOTrainerSync):
     def on_init_end(self):
@@ -151,9 +167,25 @@ class LuffyTrainer(PPOTrainerSync):
         """verl's ``Tracking`` (set in ``fit``) at our step numbers (from 0, as ``metrics.jsonl`` and
         the local engine), minus the steps the MLflow run already holds: a resumed run repeats the
         steps after its checkpoint, and each step is logged once. (The stage logs its preflight at
-        step 0 before the run starts: only a metric of verl's own steps tells what is held.)"""
-        self._luffy_logger = OnceLogger(tracking, logged_through(os.environ.get("MLFLOW_RUN_ID"), STEP_KEY),
-                                        shift=1)
+        step 0 before the run starts: only a metric of verl's own steps tells what is held.) A
+        step's checkpoint is saved once its metrics are logged (``_save_checkpoint``)."""
+        self._luffy_logger = SaveAfterLogging(
+            OnceLogger(tracking, logged_through(os.environ.get("MLFLOW_RUN_ID"), STEP_KEY), shift=1),
+            self._save_pending_checkpoint)
+
+    def _save_checkpoint(self):
+        """Deferred to the end of the step. verl saves a step's checkpoint before it records the
+        step (``metrics.jsonl``, MLflow): a run ended between the two (scancel, Ctrl-C) resumed
+        after a step that no record held, and its metrics were lost (seen on two SLURM nodes:
+        MLflow without step 0). Saved after the step's metrics are logged, a checkpoint's steps
+        are always recorded; a run ended before the save repeats the step, whose MLflow values
+        stay the first attempt's (logged once), as for any step after the last checkpoint."""
+        self._checkpoint_pending = True
+
+    def _save_pending_checkpoint(self) -> None:
+        if getattr(self, "_checkpoint_pending", False):
+            self._checkpoint_pending = False
+            super()._save_checkpoint()
 
     def _rows(self, batch, fields: list[str]) -> TensorDict:
         return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
