@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -109,12 +110,17 @@ def test_rehearsal_of_the_shipped_verl_config_runs_every_algorithm_end_to_end(tm
 
 # ---- a stalled run stops; its rerun resumes from the checkpoint it kept ----
 
+def checkpoints_of(work: Path) -> list[str]:
+    """verl's checkpoints in a run's work directory that hold actor shards."""
+    return sorted(p.parent.name for p in (work / "checkpoints").glob("global_step_*/actor") if p.is_dir())
+
+
 @pytest.fixture(scope="module")
 def stalled_then_resumed(tiny_model_dir, train_parquet, tmp_path_factory):
-    """A LUFFY run on verl whose rollout hangs at its second step (stall limit 30 s), and its
-    rerun, which resumes from the checkpoint the first kept. Besides what the stall test checks,
-    what a verl run takes to its first step on this machine (its attempts' figures): the
-    chained test sizes its SLURM job by it."""
+    """A LUFFY run on verl whose rollout hangs at its second step (stall limit 30 s), a rerun
+    interrupted by Ctrl-C, and the rerun after it, which resumes from the checkpoint the first
+    kept. Besides what the stall test checks, what a verl run takes to its first step on this
+    machine (its attempts' figures): the chained test sizes its SLURM job by it."""
     tmp_path = tmp_path_factory.mktemp("stalled")
     data = train_parquet(24, 48)
     settings = {**TRAIN, "algorithm": "luffy", "runtime": to_dict(
@@ -132,10 +138,24 @@ def stalled_then_resumed(tiny_model_dir, train_parquet, tmp_path_factory):
     stalled = subprocess.run(command, env=hanging, capture_output=True, text=True, timeout=900)
     (work,) = (root / "work").iterdir() if (root / "work").is_dir() else (None,)
     run = {"root": root, "work": work, "env": env, "stalled": stalled,
-           "checkpoints_after_stall": sorted(p.parent.name for p in (work / "checkpoints").glob("global_step_*/actor")
-                                             if p.is_dir()) if work else [],
+           "checkpoints_after_stall": checkpoints_of(work) if work else [],
            "final_after_stall": (root / "final").exists(),
            "left_after_stall": run_processes_of(str(work)) if work else []}
+    # Ctrl-C in the rerun's terminal (SIGINT to its process group; verl runs in a session of its
+    # own, which the terminal's signal does not reach) once its FSDP worker runs
+    stderr = tmp_path / "interrupted.stderr"
+    interrupted = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr.open("w"),
+                                   start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 600
+    while not any("WorkerDict" in " ".join(p.cmdline()) for p in run_processes_of(str(work))):
+        assert interrupted.poll() is None and time.monotonic() < deadline, "the rerun ended before its workers ran"
+        time.sleep(0.5)
+    began = time.monotonic()
+    os.killpg(interrupted.pid, signal.SIGINT)
+    run["interrupted"] = {"status": interrupted.wait(timeout=120), "ended_s": time.monotonic() - began,
+                          "left": run_processes_of(str(work)), "stderr": stderr.read_text(),
+                          "checkpoints": checkpoints_of(work)}
     run["resumed"] = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     run["left_after_resume"] = run_processes_of(str(work)) if work else []
     run["first_step_s"] = max(json.loads(f.read_text())["to_first_step_s"] or 0.0
@@ -156,6 +176,11 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(stal
     assert run["checkpoints_after_stall"] == ["global_step_1"] and not run["final_after_stall"]  # actor shards kept
     assert run["left_after_stall"] == []  # Ray's processes and vLLM's ended with it
 
+    interrupted = run["interrupted"]  # Ctrl-C to a rerun: ended by the signal, every process with it
+    assert interrupted["status"] == -signal.SIGINT, interrupted["stderr"][-3000:]
+    assert "luffy train: cancelled by SIGINT" in interrupted["stderr"]
+    assert interrupted["left"] == [] and interrupted["checkpoints"] == ["global_step_1"]
+
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr and "global_step_1" in resumed.stdout + resumed.stderr
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -163,7 +188,8 @@ def test_a_stalled_run_is_stopped_and_its_rerun_resumes_from_its_checkpoint(stal
     assert json.loads((root / "final" / "checkpoint.json").read_text())["selected"]["verl_global_step"] == 2
     attempts = sorted((work / "verl_log").glob("attempt-*.jsonl"))
     # verl's own log of each attempt (at our step numbers): step 0, then after the resume step 1 alone
-    assert [[json.loads(line)["step"] for line in a.read_text().splitlines()] for a in attempts] == [[0], [1]]
+    logged = [[json.loads(line)["step"] for line in a.read_text().splitlines()] for a in attempts]
+    assert [steps for steps in logged if steps] == [[0], [1]]  # the interrupted attempt logged no step
     client = MlflowClient(tracking_uri=run["env"]["MLFLOW_TRACKING_URI"])
     (train_run,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
                                       filter_string="tags.`luffy.stage` = 'train'")
