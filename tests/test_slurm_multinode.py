@@ -4,25 +4,26 @@ experiment on verl over both nodes, on the CPU (``tests/multinode.yaml``), throu
 --profile slurm`` as a user types it: the profile's partition set to ``multi`` (the one site
 setting), ``LUFFY_COMMAND`` naming the jobs' luffy, the jobs' environment not on ``PATH``.
 
-What ran where is read from the processes themselves: a process SLURM started for a job carries
-that job's ``SLURM_JOB_ID`` and its node's ``SLURMD_NODENAME`` in its environment, and so does
-every process it starts (Ray's raylet, the FSDP workers and vLLM servers Ray starts there).
-Job states come from ``scontrol`` (CI's SLURM has no accounting).
+What ran where is read from the processes themselves (each carries its job's id and its node's
+name: tests/helpers/slurm_records.py); job states come from ``scontrol`` (CI's SLURM has no
+accounting). On the way the study meets three faults: Ctrl-C to Snakemake, a worker node's Ray
+killed, and the rerun that resumes and completes it.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from slurm_records import job_records
+from slurm_records import Census, job_processes, job_records, kind_of
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMITTER = REPO / ".venv-slurm" / "bin" / "snakemake"
@@ -46,17 +47,16 @@ pytestmark = [pytest.mark.slurm_multinode,
                                         "`.ci/slurm_setup.sh start` (as root) and `make setup`, as .ci/run does")]
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
+def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     """``snakemake --profile slurm ...`` from the submitting environment, as docs/slurm.md has it
     typed, with the jobs' environment named by LUFFY_COMMAND and not on PATH (but a first status
-    check after 1 s instead of 40, for speed)."""
+    check after 1 s instead of 40, for speed): the command and its environment."""
     venv = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_", "SLURM_"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv)
     env["LUFFY_COMMAND"] = str(JOBS_LUFFY)
-    return subprocess.run([str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
-                           "--slurm-init-seconds-before-status-checks", "1", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
+            "--slurm-init-seconds-before-status-checks", "1", *args], env
 
 
 def profile_for(workdir: Path) -> None:
@@ -68,59 +68,110 @@ def profile_for(workdir: Path) -> None:
     profile.write_text(text.replace('  slurm_partition: ""', f'  slurm_partition: "{PARTITION}"'))
 
 
-def job_processes(job: int) -> list[tuple[str, int, str]]:
-    """(node, pid, command line) of every live process of SLURM job ``job``."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter():
-        try:
-            env = p.environ()
-            if env.get("SLURM_JOB_ID") == str(job):
-                found.append((env.get("SLURMD_NODENAME", "?"), p.pid, " ".join(p.cmdline())[:300]))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+def wait_for(what: str, condition, process: subprocess.Popen, timeout: float = 900.0):
+    """Poll ``condition()`` until it returns something true (returned); fails if the Snakemake run
+    ``process`` ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = condition()
+        if found:
+            return found
+        assert process.poll() is None, f"snakemake ended (status {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
 
 
-class Census(threading.Thread):
-    """Samples, every two seconds, which processes each running train job has on each node."""
-
-    def __init__(self, workdir: Path):
-        super().__init__(daemon=True)
-        self.workdir, self.seen, self.done = workdir, {}, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(2.0):
-            for job, fields in job_records(self.workdir).items():
-                if fields.get("JobState") == "RUNNING" and "rule_train" in fields.get("Comment", ""):
-                    for node, _, command in job_processes(job):
-                        self.seen.setdefault(node, set()).add(kind_of(command))
+def running_train_job(workdir: Path, not_in: set[int]) -> int | None:
+    for job, fields in job_records(workdir).items():
+        if job not in not_in and fields.get("JobState") == "RUNNING" and "rule_train" in fields.get("Comment", ""):
+            return job
+    return None
 
 
-def kind_of(command: str) -> str:
-    """What a process of a verl run is, by its command line."""
-    for kind, marker in (("raylet", "raylet"), ("gcs", "gcs_server"), ("ray start", " start "),
-                         ("vllm", "vllm"), ("vllm", "EngineCore"), ("fsdp worker", "WorkerDict"),
-                         ("trainer", "main_ppo"), ("luffy train", "luffy train")):
-        if marker in command:
-            return kind
-    return command.split(" ")[0].rsplit("/", 1)[-1]
+def newest_checkpoint(work: Path) -> int:
+    """The step of the newest checkpoint verl recorded in the job's work directory (0: none)."""
+    for tracker in work.glob("*/checkpoints/latest_checkpointed_iteration.txt"):  # work/<settings key>/
+        if tracker.read_text().strip():
+            return int(tracker.read_text())
+    return 0
+
+
+def left_on_each_node(job: int, within_s: float) -> dict[str, list[str]]:
+    """What of ``job`` still runs, per node, once ``within_s`` has passed (polled: empty as soon as
+    nothing is left)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = job_processes(job)
+        if not left or time.monotonic() > deadline:
+            return {node: [kind_of(command) for n, _, command in left if n == node] for node, _, _ in left}
+        time.sleep(0.5)
+
+
+def start_snakemake(workdir: Path, log: Path) -> subprocess.Popen:
+    """``snakemake`` as typed in a terminal: its own process group (the terminal's foreground
+    group, which Ctrl-C signals) with SIGINT at its default."""
+    command, env = snakemake_command(workdir, "--configfile", "multinode.yaml")
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.fixture(scope="module")
 def two_node_study(tmp_path_factory):
+    """The two-node study, through three faults on the way: Ctrl-C to Snakemake once the train job
+    has kept a checkpoint (the executor cancels the job: scancel), the rerun's worker node's Ray
+    killed mid-run, and the third run, which resumes and completes the study."""
     workdir = tmp_path_factory.mktemp("multinode")
     profile_for(workdir)
     shutil.copy(MULTINODE, workdir / "multinode.yaml")
+    work = workdir / "results" / "train" / "luffy" / "work"
     census = Census(workdir)
     census.start()
-    began = time.monotonic()
-    run = snakemake(workdir, "--configfile", "multinode.yaml")
-    census.done.set()
-    census.join()
-    return {"workdir": workdir, "run": run, "wall_s": time.monotonic() - began, "seen": census.seen,
-            "jobs": job_records(workdir)}
+    faults, jobs_before = {}, set()
+    try:
+        # 1. Ctrl-C to Snakemake (SIGINT to its process group, as a terminal sends it) once the
+        # training job has kept a checkpoint
+        began = time.monotonic()
+        first = start_snakemake(workdir, workdir / "snakemake-1.log")
+        job = wait_for("the train job", lambda: running_train_job(workdir, jobs_before), first)
+        wait_for("a checkpoint", lambda: newest_checkpoint(work) >= 1, first)
+        faults["to_first_checkpoint_s"] = time.monotonic() - began
+        interrupted = time.monotonic()
+        os.killpg(first.pid, signal.SIGINT)
+        left = left_on_each_node(job, within_s=90.0)
+        faults["interrupted"] = {"job": job, "left": left, "ended_s": time.monotonic() - interrupted,
+                                 "status": first.wait(timeout=300),
+                                 "checkpoint": newest_checkpoint(work),
+                                 "state": job_records(workdir)[job]["JobState"]}
+        jobs_before |= set(job_records(workdir))
+
+        # 2. the rerun's worker node's Ray killed once an FSDP rank runs there
+        second = start_snakemake(workdir, workdir / "snakemake-2.log")
+        job = wait_for("the rerun's train job", lambda: running_train_job(workdir, jobs_before), second)
+        other = [node for node in nodes_up() if node != job_records(workdir)[job]["BatchHost"]][0]
+        wait_for(f"an FSDP rank on {other}", lambda: [1 for n, _, c in job_processes(job)
+                                                      if n == other and kind_of(c) == "fsdp worker"], second)
+        raylet = next(pid for n, pid, c in job_processes(job) if n == other and c.split(" ")[0].endswith("/raylet"))
+        killed = time.time()
+        os.kill(raylet, signal.SIGKILL)
+        status = second.wait(timeout=900)
+        ended = datetime.datetime.fromisoformat(job_records(workdir)[job]["EndTime"]).timestamp()
+        faults["ray_killed"] = {"job": job, "node": other, "status": status, "ended_s": ended - killed,
+                                "left": left_on_each_node(job, within_s=90.0), "checkpoint": newest_checkpoint(work),
+                                "state": job_records(workdir)[job]["JobState"],
+                                "log": (workdir / "results" / "logs" / "train" / "luffy.log").read_text()}
+        jobs_before |= set(job_records(workdir))
+
+        # 3. the rerun that completes the study
+        began = time.monotonic()
+        command, env = snakemake_command(workdir, "--configfile", "multinode.yaml")
+        run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=2400)
+        wall_s = time.monotonic() - began
+    finally:
+        census.done.set()
+        census.join()
+    return {"workdir": workdir, "run": run, "wall_s": wall_s, "seen": census.seen, "peak_bytes": census.peak_bytes,
+            "faults": faults, "jobs": {job: fields for job, fields in job_records(workdir).items()
+                                       if job not in jobs_before}}
 
 
 def test_a_luffy_run_on_two_nodes_trains_converts_evaluates_and_leaves_nothing(two_node_study):
@@ -141,13 +192,13 @@ def test_a_luffy_run_on_two_nodes_trains_converts_evaluates_and_leaves_nothing(t
         assert {"raylet", "fsdp worker", "vllm"} <= seen.get(host, set()), (host, seen)
 
     lines = [json.loads(line) for line in (results / "train" / "luffy" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]  # each once, over the three runs
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     experiment = client.get_experiment_by_name("luffy-multinode")
     (train_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`luffy.stage` = 'train'")
-    assert sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "reward/mean")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "reward/mean")) == [0, 1, 2, 3]
 
     # two FSDP ranks, one per node: two shards in the checkpoint, which convert merged (verl's model
     # merger) into the model that was evaluated: its weights are the shards put together
@@ -163,7 +214,38 @@ def test_a_luffy_run_on_two_nodes_trains_converts_evaluates_and_leaves_nothing(t
         assert torch.equal(whole.to(merged[name].dtype), merged[name]), name
     assert json.loads((results / "eval" / "luffy" / "toy_id.json").read_text())["problems"] == 6
 
+    # it resumed from the newest checkpoint the faults left
+    kept = two_node_study["faults"]["ray_killed"]["checkpoint"]
+    job_log = (results / "logs" / "train" / "luffy.log").read_text()
+    assert "Resuming from" in job_log and f"global_step_{kept}" in job_log, job_log[-3000:]
+
     # nothing of the job is left on either node
     assert all(fields["JobState"] == "COMPLETED" for fields in jobs.values())
     assert job_processes(train_id) == []
-    print(f"\ntwo-node study: {two_node_study['wall_s']:.0f} s; processes per node: {seen}")
+    peaks = {node: f"{peak / 2**30:.1f} GiB" for node, peak in sorted(two_node_study["peak_bytes"].items())}
+    print(f"\ntwo-node study (its last run): {two_node_study['wall_s']:.0f} s; peak memory per node: {peaks}; "
+          f"processes per node: {seen}")
+
+
+def test_ctrl_c_to_snakemake_cancels_the_two_node_job_and_leaves_nothing_on_either_node(two_node_study):
+    """SIGINT to Snakemake's process group (Ctrl-C in its terminal): the SLURM executor cancels
+    the running job (scancel: SIGTERM to the job's step); luffy train ends verl and each node's
+    Ray; the checkpoints stay."""
+    interrupted = two_node_study["faults"]["interrupted"]
+    assert interrupted["status"] != 0
+    assert interrupted["state"] == "CANCELLED", interrupted
+    assert interrupted["left"] == {}, interrupted["left"]  # per node: nothing
+    assert interrupted["checkpoint"] >= 1
+
+
+def test_a_worker_nodes_ray_killed_mid_run_fails_the_job_at_once_in_one_line_naming_the_node(two_node_study):
+    killed = two_node_study["faults"]["ray_killed"]
+    assert killed["status"] != 0 and killed["state"] == "FAILED", killed["state"]
+    assert killed["left"] == {}, killed["left"]
+    # the job ended (SLURM's record) within a minute of the kill, not at the stall limit (an hour by default)
+    assert killed["ended_s"] < 60, killed["ended_s"]
+    errors = [line for line in killed["log"].splitlines() if line.startswith("luffy train: error:")]
+    assert len(errors) == 1 and f"Ray on node {killed['node']} ended" in errors[0], errors
+    shown = {name: {key: value for key, value in fault.items() if key != "log"} if isinstance(fault, dict) else fault
+             for name, fault in two_node_study["faults"].items()}
+    print(f"\nfaults: {json.dumps(shown)}")

@@ -1,10 +1,14 @@
 """SLURM's own record of the jobs a test ran (CI's SLURM has no accounting: ``scontrol``, which
-keeps finished jobs for MinJobAge, an hour there)."""
+keeps finished jobs for MinJobAge, an hour there), and what ran where: a process SLURM started
+for a job carries that job's ``SLURM_JOB_ID`` and its node's ``SLURMD_NODENAME`` in its
+environment, and so does every process it starts (Ray's raylet, the FSDP workers and vLLM
+servers Ray starts there). Used by tests/test_slurm*.py and benchmarks/multinode.py."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 
@@ -17,3 +21,57 @@ def job_records(workdir: Path) -> dict[int, dict[str, str]]:
         if fields.get("WorkDir") == str(workdir):
             jobs[int(fields["JobId"])] = fields
     return jobs
+
+
+def job_processes(job: int) -> list[tuple[str, int, str]]:
+    """(node, pid, command line) of every live process of SLURM job ``job``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if env.get("SLURM_JOB_ID") == str(job):
+                found.append((env.get("SLURMD_NODENAME", "?"), p.pid, " ".join(p.cmdline())[:300]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+class Census(threading.Thread):
+    """Samples, every two seconds, which processes each running train job has on each node, and
+    the largest memory they held together on each node (summed PSS: shared pages counted once)."""
+
+    def __init__(self, workdir: Path):
+        super().__init__(daemon=True)
+        self.workdir, self.seen, self.peak_bytes, self.done = workdir, {}, {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(2.0):
+            for job, fields in job_records(self.workdir).items():
+                if fields.get("JobState") == "RUNNING" and "rule_train" in fields.get("Comment", ""):
+                    memory = {}
+                    for node, pid, command in job_processes(job):
+                        self.seen.setdefault(node, set()).add(kind_of(command))
+                        memory[node] = memory.get(node, 0) + pss(pid)
+                    for node, total in memory.items():
+                        self.peak_bytes[node] = max(self.peak_bytes.get(node, 0), total)
+
+
+def pss(pid: int) -> int:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_full_info().pss
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0
+
+
+def kind_of(command: str) -> str:
+    """What a process of a verl run is, by its command line."""
+    for kind, marker in (("raylet", "raylet"), ("gcs", "gcs_server"), ("ray start", " start "),
+                         ("vllm", "vllm"), ("vllm", "EngineCore"), ("fsdp worker", "WorkerDict"),
+                         ("trainer", "main_ppo"), ("luffy train", "luffy train")):
+        if marker in command:
+            return kind
+    return command.split(" ")[0].rsplit("/", 1)[-1]
