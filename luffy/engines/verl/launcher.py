@@ -324,7 +324,7 @@ class RayCluster:
         # SIGKILL it, SLURM 22.05's srun_job.c:2325, and its Ray would not be ended as a whole)
         return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap", "--disable-status", *cpus,
                 sys.executable, "-m",
-                MODULE, "--nodes", "1", "--gpus", str(self.gpus), "--", RAY, *ray_args]
+                MODULE, "--nodes", "1", "--gpus", str(self.gpus), "--node-ray", "--", RAY, *ray_args]
 
     def start_commands(self) -> list[list[str]]:
         head = self._on(self.nodes[0], "start", "--head", f"--node-ip-address={self.nodes[0]}", f"--port={self.port}",
@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of the job, all nodes together")
+    parser.add_argument("--node-ray", action="store_true",
+                        help="COMMAND is one node's Ray of a multi-node run: SIGINT, how the run stops it, ends it "
+                             "with status 0 (else srun reports the node's task as failed in every job's log)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -448,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"luffy launcher: error: {err}", file=sys.stderr)
         return 2
     except Cancelled as err:
+        if args.node_ray and err.signum == signal.SIGINT:
+            log.info("this node's Ray ended: the run stopped it")
+            return 0
         print(f"luffy launcher: {err}", file=sys.stderr)
         return 128 + err.signum
 
