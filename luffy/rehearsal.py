@@ -156,10 +156,12 @@ def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale(), nodes: int = 1
 def describe(raw: dict[str, Any], rehearsal: dict[str, Any], scale: Scale) -> str:
     """What the rehearsal runs, and what it shrank, in a few lines."""
     experiments = rehearsal["experiments"]
+    nodes = rehearsal["resources"].get("stages", {}).get("train", {}).get("nodes", 1)
     lines = [f"rehearsal of {len(experiments)} experiment(s) into {rehearsal['results_dir']} "
              f"(MLflow experiment {rehearsal['tracking']['experiment']}):",
              f"  training: {scale.steps} steps x {scale.prompts}+ prompts, responses <= "
-             f"{min([e['max_response_tokens'] for e in experiments.values()] or [0])} tokens, on the CPU",
+             f"{min([e['max_response_tokens'] for e in experiments.values()] or [0])} tokens, on the CPU"
+             + (f", each verl job on {nodes} nodes" if nodes > 1 else ""),
              f"  evaluation: first {scale.suite_problems} problems per suite, <= {scale.suite_samples} samples of "
              f"<= {scale.eval_tokens} tokens"]
     if (raw.get("base_model") or {}).get("path"):

@@ -209,7 +209,7 @@ def test_the_rehearsal_of_the_paper_config_shrinks_only_what_costs_gpus():
 
 
 def test_a_rehearsal_on_two_nodes_runs_each_training_job_on_two_nodes_one_logical_gpu_each():
-    from luffy.rehearsal import rehearsal_config
+    from luffy.rehearsal import Scale, describe, rehearsal_config
     from luffy.workflow import train_job_resources
 
     raw = yaml.safe_load((REPO / "config" / "experiments" / "paper_qwen2.5_math_7b.yaml").read_text())
@@ -220,6 +220,8 @@ def test_a_rehearsal_on_two_nodes_runs_each_training_job_on_two_nodes_one_logica
         assert (resources["nodes"], resources["tasks"], resources["gpu"], resources["job_gpus"]) == (2, 2, 0, 0)
         assert resolved.experiments[name].device == "cpu"
     assert load_config(rehearsal_config(raw)).root.resources.stages["train"].nodes == 1
+    assert "each verl job on 2 nodes" in describe(raw, rehearsal_config(raw, nodes=2), Scale())
+    assert "nodes" not in describe(raw, rehearsal_config(raw), Scale())
 
 
 def test_a_rehearsal_on_several_nodes_without_a_cluster_or_verl_is_refused_before_anything_runs(tmp_path,
