@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,26 +26,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "helpers"))
-from slurm_records import Census, job_records  # noqa: E402
+from slurm_records import Census, job_records, profile_for, snakemake_command  # noqa: E402
 
 
 def study(workdir: Path, nodes: int, steps: int, partition: str) -> dict:
     """The training job of tests/multinode.yaml on ``nodes`` nodes: its figures."""
-    shutil.copytree(REPO / "slurm", workdir / "slurm")
-    profile = workdir / "slurm" / "config.yaml"
-    profile.write_text(profile.read_text().replace('  slurm_partition: ""', f'  slurm_partition: "{partition}"'))
+    profile_for(workdir, partition)
     config = yaml.safe_load((REPO / "tests" / "multinode.yaml").read_text())
     config["train_defaults"].update(steps=steps, checkpoint_every=steps)
     config["resources"]["stages"]["train"]["nodes"] = nodes
     (workdir / "bench.yaml").write_text(yaml.safe_dump(config))
 
-    venv = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_", "SLURM_"))}
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv)
-    env["LUFFY_COMMAND"] = str(Path(venv) / "luffy")
-    command = [str(REPO / ".venv-slurm" / "bin" / "snakemake"), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
-               "--slurm-init-seconds-before-status-checks", "1", "results/train/luffy/final",
-               "--configfile", "bench.yaml"]  # the target first: --configfile takes every name after it
+    # the target first: --configfile takes every name after it
+    command, env = snakemake_command("results/train/luffy/final", "--configfile", "bench.yaml")
     work = workdir / "results" / "train" / "luffy" / "work"  # work/<settings key>/
     census = Census(workdir)
     census.start()

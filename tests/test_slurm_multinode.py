@@ -18,16 +18,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from slurm_records import Census, job_processes, job_records, kind_of
+from slurm_records import SUBMITTER, Census, job_processes, job_records, kind_of, profile_for, snakemake_command
 
-REPO = Path(__file__).resolve().parents[1]
-SUBMITTER = REPO / ".venv-slurm" / "bin" / "snakemake"
-JOBS_LUFFY = Path(sys.executable).parent / "luffy"
 MULTINODE = Path(__file__).with_name("multinode.yaml")
 PARTITION = "multi"
 
@@ -45,27 +41,6 @@ pytestmark = [pytest.mark.slurm_multinode,
               pytest.mark.skipif(len(nodes_up()) < 2 or not SUBMITTER.exists(),
                                  reason=f"needs the CI's two-node SLURM (partition {PARTITION}) and .venv-slurm: run "
                                         "`.ci/slurm_setup.sh start` (as root) and `make setup`, as .ci/run does")]
-
-
-def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    """``snakemake --profile slurm ...`` from the submitting environment, as docs/slurm.md has it
-    typed, with the jobs' environment named by LUFFY_COMMAND and not on PATH (but a first status
-    check after 1 s instead of 40, for speed): the command and its environment."""
-    venv = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_", "SLURM_"))}
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv)
-    env["LUFFY_COMMAND"] = str(JOBS_LUFFY)
-    return [str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
-            "--slurm-init-seconds-before-status-checks", "1", *args], env
-
-
-def profile_for(workdir: Path) -> None:
-    """The repository's profile with its one site setting made: the partition."""
-    shutil.copytree(REPO / "slurm", workdir / "slurm")
-    profile = workdir / "slurm" / "config.yaml"
-    text = profile.read_text()
-    assert '  slurm_partition: ""' in text
-    profile.write_text(text.replace('  slurm_partition: ""', f'  slurm_partition: "{PARTITION}"'))
 
 
 def wait_for(what: str, condition, process: subprocess.Popen, timeout: float = 900.0):
@@ -110,7 +85,7 @@ def left_on_each_node(job: int, within_s: float) -> dict[str, list[str]]:
 def start_snakemake(workdir: Path, log: Path) -> subprocess.Popen:
     """``snakemake`` as typed in a terminal: its own process group (the terminal's foreground
     group, which Ctrl-C signals) with SIGINT at its default."""
-    command, env = snakemake_command(workdir, "--configfile", "multinode.yaml")
+    command, env = snakemake_command("--configfile", "multinode.yaml")
     return subprocess.Popen(command, cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -121,7 +96,7 @@ def two_node_study(tmp_path_factory):
     has kept a checkpoint (the executor cancels the job: scancel), the rerun's worker node's Ray
     killed mid-run, and the third run, which resumes and completes the study."""
     workdir = tmp_path_factory.mktemp("multinode")
-    profile_for(workdir)
+    profile_for(workdir, PARTITION)
     shutil.copy(MULTINODE, workdir / "multinode.yaml")
     work = workdir / "results" / "train" / "luffy" / "work"
     census = Census(workdir)
@@ -163,7 +138,7 @@ def two_node_study(tmp_path_factory):
 
         # 3. the rerun that completes the study
         began = time.monotonic()
-        command, env = snakemake_command(workdir, "--configfile", "multinode.yaml")
+        command, env = snakemake_command("--configfile", "multinode.yaml")
         run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=2400)
         wall_s = time.monotonic() - began
     finally:

@@ -2,14 +2,22 @@
 keeps finished jobs for MinJobAge, an hour there), and what ran where: a process SLURM started
 for a job carries that job's ``SLURM_JOB_ID`` and its node's ``SLURMD_NODENAME`` in its
 environment, and so does every process it starts (Ray's raylet, the FSDP workers and vLLM
-servers Ray starts there). Used by tests/test_slurm*.py and benchmarks/multinode.py."""
+servers Ray starts there); and Snakemake submitting to it as docs/slurm.md has it typed. Used by
+tests/test_slurm*.py and benchmarks/multinode.py."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SUBMITTER = REPO / ".venv-slurm" / "bin" / "snakemake"  # the submitting environment's
+JOBS_LUFFY = Path(sys.executable).parent / "luffy"  # the jobs' environment's
 
 
 def job_records(workdir: Path) -> dict[int, dict[str, str]]:
@@ -75,3 +83,24 @@ def kind_of(command: str) -> str:
         if marker in command:
             return kind
     return command.split(" ")[0].rsplit("/", 1)[-1]
+
+
+def snakemake_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    """``snakemake --profile slurm ...`` from the submitting environment, as docs/slurm.md has it
+    typed, with the jobs' environment named by LUFFY_COMMAND and not on PATH (but a first status
+    check after 1 s instead of 40, for speed): the command and its environment."""
+    venv = str(JOBS_LUFFY.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_", "SLURM_"))}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv)
+    env["LUFFY_COMMAND"] = str(JOBS_LUFFY)
+    return [str(SUBMITTER), "-s", str(REPO / "Snakefile"), "--profile", "slurm",
+            "--slurm-init-seconds-before-status-checks", "1", *args], env
+
+
+def profile_for(workdir: Path, partition: str) -> None:
+    """The repository's profile in ``workdir`` with its one site setting made: the partition."""
+    shutil.copytree(REPO / "slurm", workdir / "slurm")
+    profile = workdir / "slurm" / "config.yaml"
+    text = profile.read_text()
+    assert '  slurm_partition: ""' in text
+    profile.write_text(text.replace('  slurm_partition: ""', f'  slurm_partition: "{partition}"'))
