@@ -225,8 +225,9 @@ def rehearse(configfile: str, cores: int | None = None, scale: Scale = Scale(),
                "--keep-going",  # every independent failure in one rehearsal
                "--rerun-incomplete", "--show-failed-logs", *snakemake_args]
     # the cluster's jobs run this luffy (the profile's jobs take LUFFY_COMMAND), unless told otherwise
-    jobs_luffy = os.environ.get("LUFFY_COMMAND") or str(Path(sys.executable).with_name("luffy"))
-    env = {**os.environ, "LUFFY_COMMAND": jobs_luffy}
+    from luffy.workflow import LUFFY_COMMAND, luffy_command
+
+    env = {**os.environ, LUFFY_COMMAND: luffy_command()}
     log.info("running %s", " ".join(command))
     try:
         status = subprocess.run(command, env=env).returncode
