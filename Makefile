@@ -1,6 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the embedded demo config (CPU, minutes).
 # `make test`: set up and run the fast tier of the test suite (minutes; docs/testing.md).
-# `make test-all`: set up and run every test, the slow end-to-end ones too (what CI runs).
+# `make test-all`: set up and run every test, the slow end-to-end ones too (what CI runs; two parts, below).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -42,8 +42,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# Every test in two parts: first all but the `solo` ones, over two worker processes (pytest-xdist,
+# one test file per worker at a time, the long files first: tests/conftest.py), then the `solo`
+# ones, alone. Both parts run whatever the first's outcome; either failing fails the target.
 test-all: setup
-	$(BIN)/python -m pytest
+	status=0; \
+	$(BIN)/python -m pytest -m "not solo" -n 2 --dist loadfile --no-loadscope-reorder || status=$$?; \
+	$(BIN)/python -m pytest -m solo || status=$$?; \
+	exit $$status
 
 clean-results:
 	rm -rf results mlflow.db

@@ -12,12 +12,17 @@ BIN = Path(sys.executable).parent
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-from tier_guard import TierGuard, add_options  # noqa: E402  (tests/helpers, just put on the path)
+from tier_guard import TierGuard, add_options, is_xdist_worker  # noqa: E402  (tests/helpers, just put on the path)
 
 pytest_plugins = ("pytester",)  # tests/test_tier_guard.py runs small suites of its own
 
 # What needs the slow tier, by the marker naming what a test runs (pyproject.toml describes each).
-SLOW_FAMILIES = ("verl_e2e", "slurm", "slurm_multinode", "browser")
+SLOW_FAMILIES = ("verl_e2e", "slurm", "slurm_multinode", "browser", "solo")
+# The order of test files, longest first, so that `make test-all`'s parallel part (pytest-xdist,
+# one file per worker at a time) starts the two longest families at once, one per worker, and
+# does not end on one long file: files with a test of the first family here come first, then
+# the next; the rest keep their order. SLURM's file first: its waits leave a core to verl's.
+LONG_FIRST = ("slurm", "verl_e2e", "slow")
 
 
 def pytest_addoption(parser):
@@ -25,16 +30,23 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.pluginmanager.register(TierGuard(config), "tier_guard")
+    if not is_xdist_worker(config):  # under pytest-xdist the controller sees every report and judges
+        config.pluginmanager.register(TierGuard(config), "tier_guard")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """A test of a slow family is in the slow tier, whether or not it says so itself (before
-    ``-m "not slow"`` deselects)."""
+    ``-m "not slow"`` deselects); files with long tests run first (``LONG_FIRST``), each file's
+    tests together and in their order."""
     for item in items:
         if any(item.get_closest_marker(family) for family in SLOW_FAMILIES):
             item.add_marker(pytest.mark.slow)
+    rank: dict[str, int] = {}
+    for item in items:
+        mine = next((i for i, family in enumerate(LONG_FIRST) if item.get_closest_marker(family)), len(LONG_FIRST))
+        rank[item.path] = min(rank.get(item.path, mine), mine)
+    items.sort(key=lambda item: rank[item.path])  # stable: files and tests otherwise in collection order
 
 
 @pytest.fixture(scope="session")

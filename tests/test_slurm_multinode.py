@@ -37,7 +37,7 @@ def nodes_up() -> list[str]:
                   if out.returncode == 0 and line.split()[1].rstrip("*") in ("idle", "mixed", "allocated"))
 
 
-pytestmark = [pytest.mark.slurm_multinode,
+pytestmark = [pytest.mark.slurm_multinode, pytest.mark.solo,
               pytest.mark.skipif(len(nodes_up()) < 2 or not SUBMITTER.exists(),
                                  reason=f"needs the CI's two-node SLURM (partition {PARTITION}) and .venv-slurm: run "
                                         "`.ci/slurm_setup.sh start` (as root) and `make setup`, as .ci/run does")]

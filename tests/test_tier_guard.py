@@ -71,3 +71,36 @@ def test_a_limit_that_is_not_a_positive_number_is_refused(pytester):
         result = pytester.runpytest()
         assert result.ret == pytest.ExitCode.USAGE_ERROR, bad
         assert f"ini option fast_test_limit_s: '{bad}'" in result.stderr.str(), bad
+
+
+XDIST_FILE = """
+import time
+
+def test_one():
+    time.sleep(0.3)
+
+def test_two():
+    time.sleep(0.3)
+
+def test_three():
+    time.sleep(0.3)
+"""
+
+
+def test_over_worker_processes_the_tier_total_is_judged_per_worker(pytester):
+    """make test-all's parallel part: two files of three fast tests (0.9 s each file, 1.8 s in
+    all), one file per worker (pytest-xdist, --dist loadfile). Against a total of 1.3 s the run
+    passes: each worker's share is under it; against 0.6 s it fails, naming each worker."""
+    suite(pytester, test_limit="600", tier_limit="1.3")
+    pytester.makepyfile(test_a=XDIST_FILE, test_b=XDIST_FILE)
+    options = ("-p", "xdist", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", "-k", "not sleeps")
+    assert pytester.runpytest_subprocess("-k", "not sleeps").ret == pytest.ExitCode.TESTS_FAILED  # 1.8 s in one
+    result = pytester.runpytest_subprocess(*options)
+    result.assert_outcomes(passed=7)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+
+    suite(pytester, test_limit="600", tier_limit="0.6")
+    result = pytester.runpytest_subprocess(*options)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["the fast tier's * tests on worker gw0 took * s together, over its limit of 0.6 s",
+                                 "the fast tier's * tests on worker gw1 took * s together, over its limit of 0.6 s"])

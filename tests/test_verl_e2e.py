@@ -52,6 +52,7 @@ def run_processes_of(marker: str) -> list:
 
 # ---- the rehearsal of the shipped verl config: every verl algorithm through Snakemake ----
 
+@pytest.mark.solo  # two verl trainings at once: most of a 24 GiB machine's memory
 @pytest.mark.timeout(2400)
 def test_rehearsal_of_the_shipped_verl_config_runs_every_algorithm_end_to_end(tmp_path):
     from mlflow.tracking import MlflowClient

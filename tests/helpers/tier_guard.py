@@ -7,7 +7,9 @@ measured in that same run:
 - each fast test (one without the ``slow`` marker) took at most ``fast_test_limit_s`` seconds,
   setup, call and teardown together (a session fixture's setup counts against the first test
   that uses it);
-- the fast tests together took at most ``fast_tier_limit_s`` seconds.
+- the fast tests together took at most ``fast_tier_limit_s`` seconds; in a run spread over
+  processes by pytest-xdist (``make test-all``'s parallel part), those each worker process ran,
+  since the workers run side by side.
 
 A run that breaks either fails (exit status 1) and its summary names each test over the limit
 with its time. The limits are pytest ini options (``pyproject.toml``), generous against machine
@@ -41,32 +43,43 @@ def _limit(config: pytest.Config, name: str) -> float:
     return value
 
 
+def is_xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker (its controller judges the whole run)."""
+    return hasattr(config, "workerinput")
+
+
 class TierGuard:
-    """Collects each fast test's time from its reports and judges them at the session's end."""
+    """Collects each fast test's time from its reports and judges them at the session's end.
+
+    A test is slow when its report carries the ``slow`` keyword (its markers, the ones conftest
+    adds included): under pytest-xdist the controller, which judges, collects no items itself."""
 
     def __init__(self, config: pytest.Config):
         self.test_limit_s = _limit(config, "fast_test_limit_s")
         self.tier_limit_s = _limit(config, "fast_tier_limit_s")
-        self.slow: set[str] = set()
         self.seconds: dict[str, float] = {}
+        self.worker_of: dict[str, str] = {}
         self.problems: list[str] = []
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        self.slow = {item.nodeid for item in items if item.get_closest_marker(SLOW) is not None}
-
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.nodeid not in self.slow:
-            self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        if SLOW in report.keywords:
+            return
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        node = getattr(report, "node", None)  # set by pytest-xdist's controller: the worker that ran it
+        self.worker_of[report.nodeid] = node.gateway.id if node is not None else ""
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         over = sorted(((s, t) for t, s in self.seconds.items() if s > self.test_limit_s), reverse=True)
         self.problems = [f"{test}: {seconds:.1f} s, over the fast tier's limit of {self.test_limit_s:g} s per test"
                          for seconds, test in over]
-        total = sum(self.seconds.values())
-        if total > self.tier_limit_s:
-            self.problems.append(f"the fast tier's {len(self.seconds)} tests took {total:.1f} s together, over its "
-                                 f"limit of {self.tier_limit_s:g} s")
+        per_worker: dict[str, list[float]] = {}
+        for test, seconds in self.seconds.items():
+            per_worker.setdefault(self.worker_of[test], []).append(seconds)
+        for worker, times in sorted(per_worker.items()):
+            if sum(times) > self.tier_limit_s:
+                where = f" on worker {worker}" if worker else ""
+                self.problems.append(f"the fast tier's {len(times)} tests{where} took {sum(times):.1f} s together, "
+                                     f"over its limit of {self.tier_limit_s:g} s")
         if self.problems and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
