@@ -227,20 +227,20 @@ def evaluate(settings: EvaluationConfig, model: str, suites: dict[str, str], out
     import torch  # after the checks above: bad input is refused in a second, before torch and vLLM load
 
     from luffy.evaluate.backends import make_backend
-    from luffy.evaluate.runner import evaluate_model
+    from luffy.evaluate.runner import evaluate_model, grader_pool
 
     torch.set_num_threads(threads)
     params = {**to_dict(settings), "model": model,
               **({f"external/{k}": v for k, v in source.items()} if source else {}),
               **({"external/settings": to_dict(external[1])} if external else {})}
-    with StageRun("evaluate", group, rule, params=params) as run:
+    with StageRun("evaluate", group, rule, params=params) as run, grader_pool(settings.grading, threads) as pool:
         began = time.perf_counter()
         backend = make_backend(model, settings, gpus=gpus, revision=revision)
         load_s = time.perf_counter() - began
         log.info("%s backend loaded %s in %.1fs", backend.name, model, load_s)
         results = evaluate_model(backend, model, {name: (path, settings.suites[name]) for name, path in suites.items()},
-                                 settings.seed, settings.grading, workers=threads, revision=revision,
-                                 chat_template=chat_template, system_prompt=system_prompt)
+                                 settings.seed, pool, revision=revision, chat_template=chat_template,
+                                 system_prompt=system_prompt)
         out = Path(out_dir)
         for name, result in results.items():
             io.write_parquet(out / f"{name}.parquet", result.samples)

@@ -5,7 +5,7 @@ import pytest
 from luffy.config import EvaluationConfig, GradingConfig, SuiteConfig, ToyTaskConfig, VllmConfig, resolve_suite
 from luffy.data.toy import make_toy_data
 from luffy.evaluate.backends import HFBackend, VllmBackend, vllm_available
-from luffy.evaluate.runner import evaluate_model
+from luffy.evaluate.runner import evaluate_model, grader_pool
 from luffy.reward.math import REASONS
 
 
@@ -45,8 +45,8 @@ def check_results(results):
 
 def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
     cfg = EvaluationConfig(backend="hf", suites={k: v[1] for k, v in suites.items()})
-    check_results(evaluate_model(HFBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
-                                 grading=GradingConfig(timeout_s=2.0), workers=2))
+    with grader_pool(GradingConfig(timeout_s=2.0), workers=2) as pool:
+        check_results(evaluate_model(HFBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0, pool=pool))
 
 
 @pytest.mark.slow
@@ -54,8 +54,8 @@ def test_hf_backend_generates_graded_samples(tiny_model_dir, suites):
 def test_vllm_backend_generates_graded_samples(tiny_model_dir, suites):
     cfg = EvaluationConfig(backend="vllm", suites={k: v[1] for k, v in suites.items()},
                            vllm=VllmConfig(gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32"))
-    check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0,
-                                 grading=GradingConfig(timeout_s=2.0), workers=2))
+    with grader_pool(GradingConfig(timeout_s=2.0), workers=2) as pool:
+        check_results(evaluate_model(VllmBackend(tiny_model_dir, cfg), tiny_model_dir, suites, seed=0, pool=pool))
 
 
 class RecordingBackend(HFBackend):
@@ -80,9 +80,10 @@ def test_an_external_models_chat_template_and_system_prompt_shape_its_prompts(ti
     grading = GradingConfig(timeout_s=2.0)
     cfg = EvaluationConfig(backend="hf", suites={k: v[1] for k, v in suites.items()})
     default, custom = RecordingBackend(tiny_model_dir, cfg), RecordingBackend(tiny_model_dir, cfg)
-    evaluate_model(default, tiny_model_dir, suites, seed=0, grading=grading, workers=1)
-    evaluate_model(custom, tiny_model_dir, suites, seed=0, grading=grading, workers=1, chat_template=template,
-                   system_prompt="Think, then answer.")
+    with grader_pool(grading, workers=1) as pool:
+        evaluate_model(default, tiny_model_dir, suites, seed=0, pool=pool)
+        evaluate_model(custom, tiny_model_dir, suites, seed=0, pool=pool, chat_template=template,
+                       system_prompt="Think, then answer.")
     first = tokenizer.decode(custom.prompts[0])
     assert first.startswith("[system] Think, then answer.\n[user] ") and first.endswith("[assistant] ")
     assert "Be brief." not in first  # the suite's own system message is replaced

@@ -3,6 +3,7 @@ checkpoint before it, the requeue, and a resumed run that ends where an uninterr
 SLURM's answers are given as recorded text here; tests/test_slurm.py runs the chain on a real
 SLURM."""
 
+import json
 import subprocess
 import time
 
@@ -73,6 +74,42 @@ def test_stopping_near_the_end_then_resuming_ends_where_an_uninterrupted_run_end
     assert all(torch.equal(straight[k], chained[k]) for k in straight)
     steps = [line.split(",")[0] for line in (tmp_path / "chained" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [f'{{"step": {i}' for i in range(6)]
+
+
+class SlowStartPool:
+    """A grading pool whose workers take ``boot_s`` to start (a forkserver importing the graders
+    on a loaded machine); it grades in this process."""
+
+    def __init__(self, boot_s: float):
+        self.boot_s, self.waited = boot_s, False
+
+    def ready(self):
+        if not self.waited:
+            time.sleep(self.boot_s)
+            self.waited = True
+
+    def grade(self, completions, golds, graders):
+        from luffy.reward.pool import grade_one
+
+        self.ready()
+        return [grade_one(c, g, tuple(graders), timeout_s=30.0) for c, g in zip(completions, golds)]
+
+
+def test_the_grading_pools_start_up_is_not_a_steps_time(tiny_model_dir, train_parquet, tmp_path):
+    """A chained part decides to stop by its longest step: the pool's start-up is waited for
+    before the first step's clock starts, so it is not counted in it (else a part with 35 s left
+    stopped after one step whose time was mostly the pool's seconds of start-up, as CI's SLURM
+    chain did five times in a row)."""
+    cfg = resolve_train_config("chain", {}, {**SETTINGS, "steps": 2})
+    pool = SlowStartPool(0.5)
+    trainer = LocalTrainer(cfg, train_parquet(12), tiny_model_dir, tmp_path / "work", pool=pool,
+                           deadline=Deadline(end=time.time() + 3600.0))
+    started_after_the_pool = []
+    step = trainer.rl_step
+    trainer.rl_step = lambda i: started_after_the_pool.append(pool.waited) or step(i)
+    trainer.run(tmp_path / "final", tmp_path / "metrics.jsonl")
+    assert started_after_the_pool == [True, True]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_the_verl_supervisor_ends_a_run_at_the_checkpoint_saved_near_the_end():

@@ -185,6 +185,22 @@ def pool():
         yield p
 
 
+def test_the_pools_workers_start_at_once_in_the_background_before_any_grade():
+    """The pool starts its workers when it is made, in a thread of its own (so a caller loads its
+    model meanwhile), not at its first ``grade``: after ``ready()`` its forkserver runs, with the
+    workers it forked, before anything was graded."""
+    import psutil
+
+    def forkservers() -> list:
+        return [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+
+    with GraderPool(workers=2, timeout_s=1.0) as fresh:
+        fresh.ready()
+        (server,) = forkservers()
+        assert len(server.children()) == 2  # both workers, forked before the first grade
+        assert fresh.grade(["r</think> \\boxed{2}"], ["2"], ANSWER_TYPES["math"])[0]["math_verify"].correct
+
+
 def test_pool_grades_in_order_with_every_grader(pool):
     completions = [f"r</think> \\boxed{{{v}}}" for v in ("1", "2", "\\frac{1}{2}", "0.5")]
     golds = ["1", "1", "0.5", "\\frac{1}{2}"]

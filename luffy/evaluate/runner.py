@@ -95,15 +95,19 @@ def run_suite(backend: Backend, tokenizer, pool: GraderPool, name: str, path: st
     return SuiteResult(samples, metrics)
 
 
+def grader_pool(grading: GradingConfig, workers: int) -> GraderPool:
+    """The grading pool of an evaluation: ``grading.workers`` workers (0: ``workers``). Started
+    before the backend loads, its workers boot meanwhile."""
+    return GraderPool(workers=grading.workers or workers, timeout_s=grading.timeout_s, memory_mb=grading.memory_mb)
+
+
 def evaluate_model(backend: Backend, model_path: str, suites: dict[str, tuple[str, SuiteConfig]],
-                   seed: int, grading: GradingConfig, workers: int, revision: str | None = None,
-                   chat_template: str | None = None, system_prompt: str | None = None) -> dict[str, SuiteResult]:
-    """Every suite on one loaded backend; ``chat_template`` (Jinja text) replaces the model's
-    own, ``system_prompt`` replaces each suite's system message setting."""
+                   seed: int, pool: GraderPool, revision: str | None = None, chat_template: str | None = None,
+                   system_prompt: str | None = None) -> dict[str, SuiteResult]:
+    """Every suite on one loaded backend, graded in ``pool``; ``chat_template`` (Jinja text)
+    replaces the model's own, ``system_prompt`` replaces each suite's system message setting."""
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    with GraderPool(workers=grading.workers or workers, timeout_s=grading.timeout_s,
-                    memory_mb=grading.memory_mb) as pool:
-        return {name: run_suite(backend, tokenizer, pool, name, path, cfg, seed, system_prompt)
-                for name, (path, cfg) in suites.items()}
+    return {name: run_suite(backend, tokenizer, pool, name, path, cfg, seed, system_prompt)
+            for name, (path, cfg) in suites.items()}

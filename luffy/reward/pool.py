@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
@@ -62,6 +63,14 @@ def _init_worker(memory_mb: int) -> None:
     if memory_mb > 0:
         cap = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    # A process's first math-verify answer builds its LaTeX parser (a few tenths of a second, over
+    # a second on a loaded machine; not inherited from the forkserver): built here, outside any
+    # answer's time limit, instead of inside the first one.
+    grade_one("</think> \\boxed{\\frac{1}{2}}", "0.5", ("math_verify", "boxed", "choice"), timeout_s=30.0)
+
+
+def _ready() -> None:
+    """A task that does nothing: scheduling it starts the pool's workers."""
 
 
 def default_workers() -> int:
@@ -69,7 +78,11 @@ def default_workers() -> int:
 
 
 class GraderPool:
-    """``with GraderPool() as pool: verdicts = pool.grade(completions, golds, ("math_verify", "boxed"))``"""
+    """``with GraderPool() as pool: verdicts = pool.grade(completions, golds, ("math_verify", "boxed"))``
+
+    The workers start at once, in the background: their forkserver boots (it imports this module
+    and the graders: seconds on a small CPU) while the caller goes on, e.g. loading its model, so
+    the first ``grade`` does not pay for it. ``ready()`` waits for them."""
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0, grace_s: float = 0.3,
                  memory_mb: int = 4096):
@@ -79,6 +92,22 @@ class GraderPool:
         context.set_forkserver_preload(["luffy.reward.pool"])  # so a replaced worker starts fast
         self._pool = ProcessPool(max_workers=self.workers, context=context, initializer=_init_worker,
                                  initargs=(memory_mb,))
+        self._start_error: BaseException | None = None
+        self._starting = threading.Thread(target=self._start, name="grader-pool-start", daemon=True)
+        self._starting.start()
+
+    def _start(self) -> None:
+        try:
+            self._pool.schedule(_ready).result()  # starts the forkserver and every worker
+        except BaseException as err:  # raised in the caller's thread by ready()
+            self._start_error = err
+
+    def ready(self) -> None:
+        """Wait until the workers have started and one has its parser built (raises what stopped
+        them from starting)."""
+        self._starting.join()
+        if self._start_error is not None:
+            raise self._start_error
 
     def grade(self, completions: Sequence[str], golds: Sequence[str], graders: Sequence[str]
               ) -> list[dict[str, Grade]]:
@@ -87,6 +116,7 @@ class GraderPool:
         unknown = [g for g in graders if g not in GRADERS]
         if unknown:
             raise ValueError(f"unknown grader(s) {unknown}; expected some of {sorted(GRADERS)}")
+        self.ready()
         futures = [self._pool.schedule(grade_one, args=(c, g, tuple(graders), self.timeout_s),
                                        timeout=self.timeout_s + self.grace_s) for c, g in zip(completions, golds)]
         out = []
@@ -101,6 +131,7 @@ class GraderPool:
         return out
 
     def close(self) -> None:
+        self._starting.join()
         self._pool.close()
         self._pool.join()
 
@@ -109,5 +140,6 @@ class GraderPool:
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None:
+            self._starting.join()
             self._pool.stop()
         self.close()

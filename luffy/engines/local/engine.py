@@ -23,11 +23,13 @@ class LocalEngine:
         import torch
 
         from luffy.engines.local.trainer import LocalTrainer
+        from luffy.reward.pool import GraderPool
 
         torch.set_num_threads(job.threads)
-        trainer = LocalTrainer(job.settings, job.data, job.base_model, job.work_dir, sink=sink,
-                               validation=job.validation, grader_workers=job.threads, deadline=job.deadline)
-        trainer.run(job.out_dir, job.metrics_out, resume_run_id=run_id)
+        with GraderPool(workers=job.threads) as pool:  # its workers boot while the trainer loads the model
+            trainer = LocalTrainer(job.settings, job.data, job.base_model, job.work_dir, sink=sink,
+                                   validation=job.validation, deadline=job.deadline, pool=pool)
+            trainer.run(job.out_dir, job.metrics_out, resume_run_id=run_id)
 
     def export(self, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> float:
         from luffy.models.export import export_verified, load_trained

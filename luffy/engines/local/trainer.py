@@ -71,11 +71,14 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
 class LocalTrainer:
     def __init__(self, cfg: TrainConfig, data_path: str, base_model: str, work_dir: Path,
                  sink: MetricsSink | None = None, validation: dict[str, Any] | None = None,
-                 grader_workers: int = 0, deadline: Deadline | None = None):
+                 grader_workers: int = 0, deadline: Deadline | None = None, pool: GraderPool | None = None):
         self.cfg = cfg
         self.validation = validation
         self.deadline = deadline  # a chained SLURM job's end: stop at a checkpoint before it
-        # rewards are graded in a process pool of this many workers during run() (0: in-process)
+        # rewards are graded in a process pool during run(): ``pool`` (started by the caller before
+        # this loads the model, so its workers boot meanwhile), else one of ``grader_workers``
+        # workers of run()'s own (0: in-process)
+        self.pool = pool
         self.grader_workers = grader_workers
         self.grader: GraderPool | None = None
         self.device = pick_device(cfg.device)
@@ -308,7 +311,8 @@ class LocalTrainer:
 
     # ---- the loop ----
     def run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None = None) -> None:
-        with GraderPool(workers=self.grader_workers) if self.grader_workers > 0 else contextlib.nullcontext() as pool:
+        own = self.pool is None and self.grader_workers > 0
+        with GraderPool(workers=self.grader_workers) if own else contextlib.nullcontext(self.pool) as pool:
             self.grader = pool
             try:
                 self._run(out_dir, metrics_out, resume_run_id)
@@ -327,6 +331,8 @@ class LocalTrainer:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train[{cfg.algorithm}]",
                    mininterval=5.0)
         longest_step_s = checkpoint_s = 0.0
+        if self.grader is not None:  # what is left of its workers' start-up is no step's time
+            self.grader.ready()
         for step in bar:
             began = time.perf_counter()
             metrics = step_fn(step)
