@@ -155,6 +155,7 @@ def test_a_failed_job_is_reported_within_two_minutes_without_accounting(tmp_path
 
 
 @pytest.mark.slurm
+@pytest.mark.solo  # a part has seconds for its steps in a 1-minute job: a loaded machine's start-ups eat them
 @needs_slurm
 def test_training_longer_than_the_job_time_limit_runs_as_a_chain_of_one_slurm_job(tmp_path):
     """resources.job_time_limit of 1 minute, a train runtime of 10: the train job stops at a
