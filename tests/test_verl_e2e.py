@@ -205,16 +205,22 @@ CHAIN_STEPS = 24
 @pytest.mark.timeout(1500)
 def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_resumes(tiny_model_dir, train_parquet,
                                                                                       tmp_path, stalled_then_resumed):
-    """A part of a chain (``luffy train --chain 1``) inside a SLURM job that ends 90 s after a verl
-    run's first step on this machine (the slower attempt of ``stalled_then_resumed``): verl saves
-    a checkpoint at the step the time runs short (its regular checkpoints are too far apart to
-    be the one), the supervisor ends the run and the job requeues itself; the next part resumes
-    from that checkpoint to the last step. SLURM's side is a stand-in ``scontrol`` (the chain on
-    a real SLURM: tests/test_slurm.py): ``show job`` answers the end time, ``requeue`` ends the
-    part as SLURM would (SIGTERM)."""
+    """A part of a chain (``luffy train --chain 1``) inside a SLURM job that ends 90 s after the
+    first step's rollout may begin: verl saves a checkpoint at the step the time runs short (its
+    regular checkpoints are too far apart to be the one), the supervisor ends the run and the job
+    requeues itself; the next part resumes from that checkpoint to the last step. SLURM's side is
+    a stand-in ``scontrol`` (the chain on a real SLURM: tests/test_slurm.py): ``show job`` answers
+    the end time, ``requeue`` ends the part as SLURM would (SIGTERM).
+
+    The first step's rollout waits (tests/helpers/hang_step.py) until 1.5 times the start-up to
+    the first step of ``stalled_then_resumed``'s slower attempt, plus 60 s, has passed: the time
+    left after the first step then does not depend on how long this run's start-up took (two
+    tests share the machine in ``make test-all``; a part sized on the other run's start-up alone
+    once reached no step before its end)."""
     from mlflow.tracking import MlflowClient
 
-    part_s = math.ceil(stalled_then_resumed["first_step_s"] + 90)
+    began = time.time()
+    first_rollout_at = began + 1.5 * stalled_then_resumed["first_step_s"] + 60
     data = train_parquet(24, 48)
     settings = {**TRAIN, "algorithm": "luffy", "steps": CHAIN_STEPS, "checkpoint_every": 100,
                 "runtime": to_dict(VerlConfig(**{**to_dict(CPU_RUNTIME), "startup_timeout_s": 900.0}))}
@@ -226,7 +232,7 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
         '#!/bin/sh\ncase "$1" in\n'
-        '  show) echo "JobId=4242 Restarts=0 EndTime=$(date -d "+$PART_S seconds" +%Y-%m-%dT%H:%M:%S)" ;;\n'
+        '  show) echo "JobId=4242 Restarts=0 EndTime=$(date -d "@$JOB_END" +%Y-%m-%dT%H:%M:%S)" ;;\n'
         '  requeue) echo requeued >> "$REQUEUES"; kill -TERM "$PPID" ;;\n  *) exit 1 ;;\nesac\n')
     (bin_dir / "scontrol").chmod(0o755)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "SLURM_JOB_ID": "4242",
@@ -234,7 +240,10 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
         {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
 
-    first = subprocess.run(command, env={**env, "PART_S": str(part_s)}, capture_output=True, text=True, timeout=600)
+    held = {**env, "JOB_END": str(math.ceil(first_rollout_at + 90)), "VERL_USE_EXTERNAL_MODULES": "hang_step",
+            "LUFFY_TEST_FIRST_ROLLOUT_AT": str(first_rollout_at),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
+    first = subprocess.run(command, env=held, capture_output=True, text=True, timeout=900)
     assert first.returncode == -15, first.stderr[-3000:]  # ended by the requeue, as SLURM ends a requeued job
     assert (tmp_path / "requeues").read_text() == "requeued\n"
     (work,) = (root / "work").iterdir()
@@ -243,7 +252,8 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     assert f"training stopped at step {saved} of {CHAIN_STEPS} with a checkpoint" in first.stderr
     assert run_processes_of(str(work)) == []
 
-    second = subprocess.run(command, env={**env, "PART_S": "3600"}, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(command, env={**env, "JOB_END": str(math.ceil(time.time() + 3600))}, capture_output=True,
+                            text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"global_step_{saved}" in second.stdout + second.stderr
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
