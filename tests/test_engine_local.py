@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from luffy.algo.losses import AGGREGATIONS, ON_POLICY_RATIOS, SHAPINGS
 from luffy.config import AGGREGATION_NAMES, SHAPING_NAMES, resolve_train_config
@@ -171,3 +172,67 @@ def test_in_training_validation_selects_the_best_step(tiny_model_dir, train_parq
     chosen = json.loads((tmp_path / "final" / "checkpoint.json").read_text())["selected"]
     assert chosen["step"] == best["step"] and chosen["accuracy"] == max(m["val/accuracy"] for m in lines
                                                                         if "val/accuracy" in m)
+
+
+@pytest.mark.parametrize("mini_batches,ppo_epochs", [(1, 1), (2, 2)])
+def test_pi_old_from_the_first_updates_own_forward_changes_no_loss_and_no_gradient(
+        tiny_model_dir, train_parquet, tmp_path, monkeypatch, mini_batches, ppo_epochs):
+    """The first update's own forward stands in for the no-grad pi_old pass over its rows (the
+    other mini-batches' rows still get the pass, before any update): every update's losses and
+    gradients equal those of the no-grad pass over every row, with real optimizer steps between
+    the updates (a later mini-batch given its own, already updated, log-probs as pi_old would
+    differ)."""
+    import luffy.engines.local.trainer as local
+
+    no_dropout = local.without_dropout
+    data = train_parquet(12, 80)
+    cfg = resolve_train_config("own_old", {}, {
+        "algorithm": "luffy", "steps": 1, "prompts_per_step": 4, "n": 3, "max_response_tokens": 24,
+        "mini_batches": mini_batches, "ppo_epochs": ppo_epochs, "clip": True, "lr": 1.0e-2,
+        "micro_batch_tokens": 96, "entropy_coef": 0.01})
+
+    def updates(work: str, own_old: bool):
+        trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / work)
+        assert no_dropout(trainer.model)  # the tiny model has none
+        monkeypatch.setattr(local, "without_dropout", lambda model: own_old)
+        grads, step = [], trainer._optimizer_step
+
+        def recording_step():
+            grads.append([p.grad.clone() for p in trainer.model.parameters()])
+            return step()
+
+        trainer._optimizer_step = recording_step
+        d = trainer.data
+        assert len(d.trace_ids) >= 4
+        prompts = [d.prompt_ids[g] for g in range(4) for _ in range(3)]
+        responses = [d.trace_ids[g] if m == 0 else d.trace_ids[(g + m) % len(d.trace_ids)][: 5 + 3 * m]
+                     for g in range(4) for m in range(3)]
+        off_tokens = [len(r) if m == 0 else 0 for m, r in zip([0, 1, 2] * 4, responses)]
+        advantages = torch.tensor([1.0, -0.5, -0.5, -1.0, 0.5, 0.5] * 2)
+        sources = [g for g in range(4) for _ in range(3)]
+        return trainer._policy_updates(prompts, responses, off_tokens, advantages, sources), grads
+
+    fast, fast_grads = updates("own", True)
+    full, full_grads = updates("pass", False)
+    assert len(fast) == len(full) == mini_batches * ppo_epochs
+    for a, b in zip(fast, full):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for update_a, update_b in zip(fast_grads, full_grads):
+        for ga, gb in zip(update_a, update_b):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_dropout_gets_the_no_grad_pi_old_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from luffy.engines.local.trainer import without_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert without_dropout(model)
+    model.config.attention_dropout = 0.1
+    assert not without_dropout(model)
+    model.config.attention_dropout = 0.0
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert not without_dropout(model)

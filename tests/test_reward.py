@@ -249,3 +249,35 @@ def test_boxed_grader_decides_plain_numbers_without_sympy():
     assert plain_number("\\frac{1}{0}") is None
     assert grade_boxed("r</think> \\boxed{142.0}", "142").correct
     assert not grade_boxed("r</think> \\boxed{0.3333}", "\\frac{1}{3}").correct
+
+
+def test_a_verdict_is_remembered_for_the_same_answer_text_and_a_time_out_is_not(monkeypatch):
+    import luffy.reward.math as rm
+
+    calls = []
+    real_parse = rm.parse
+
+    def counting(text, *a, **k):
+        calls.append(text)
+        return real_parse(text, *a, **k)
+
+    monkeypatch.setattr(rm, "parse", counting)
+    monkeypatch.setattr(rm, "_verdicts", {})
+    answer = "</think> so the answer is \\boxed{\\frac{3}{7}}"
+    first = rm.grade(answer, "3/7")
+    parsed = len(calls)
+    assert first.correct and first.reason == "correct" and parsed >= 1
+    assert rm.grade(answer, "3/7") == first and len(calls) == parsed  # not parsed again
+    assert rm.grade(answer, "4/7").reason == "wrong" and len(calls) > parsed  # another gold: graded
+
+    def slow(text, *a, **k):
+        raise rm.AnswerTimeout()
+
+    monkeypatch.setattr(rm, "parse", slow)
+    assert rm.grade("</think> \\boxed{5}", "5").reason == rm.TIMEOUT
+    monkeypatch.setattr(rm, "parse", real_parse)
+    assert rm.grade("</think> \\boxed{5}", "5").reason == "correct"  # the time-out was not remembered
+    monkeypatch.setattr(rm, "VERDICTS_KEPT", 2)
+    for k in range(4):
+        rm.grade(f"</think> \\boxed{{{k}}}", str(k))
+    assert len(rm._verdicts) == 2 and ("</think> \\boxed{3}".split("</think>", 1)[1], "3") in rm._verdicts

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 ENGINES: dict[str, str] = {
-    "local": "luffy.engines.local.engine:LocalEngine",  # one process, CPU or one GPU, HF generate rollouts
+    "local": "luffy.engines.local.engine:LocalEngine",  # one process, CPU or one GPU, KV-cached sampling
     "verl": "luffy.engines.verl.engine:VerlEngine",     # verl 0.9.1 + vLLM rollouts, GPU nodes through Ray
 }
 ENGINE_NAMES = tuple(ENGINES)

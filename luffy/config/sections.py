@@ -169,7 +169,7 @@ class BaseModelConfig:
 class TrainConfig:
     algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy",
                            valid=Valid(choices=ALGORITHMS))
-    engine: str = _help("training engine: local (one process, CPU or one GPU, HF generate rollouts) | verl "
+    engine: str = _help("training engine: local (one process, CPU or one GPU, KV-cached sampling with transformers) | verl "
                         "(verl 0.9.1 on GPU nodes, or on the CPU with device: cpu; vLLM rollouts; the `verl` section "
                         "sets its cluster layout)", "local",
                         valid=Valid(choices=ENGINE_NAMES))
@@ -351,7 +351,7 @@ class ExternalModelConfig:
 class EvaluationConfig:
     backend: str = _help("auto (vLLM where installed, else HF) | vllm | hf", "auto", valid=Valid(choices=BACKENDS))
     seed: int = _help("sampling seed", 0, valid=SEED)
-    hf_batch_size: int = _help("prompts per HF generate call", 64, valid=GE1)
+    hf_batch_size: int = _help("prompts per sampling batch of the HF backend", 64, valid=GE1)
     vllm: VllmConfig = _help("vLLM engine settings", VllmConfig)
     grading: GradingConfig = _help("the grader pool", GradingConfig)
     suites: dict[str, SuiteConfig] = _help("suite name -> settings", dict,

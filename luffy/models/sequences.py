@@ -7,6 +7,7 @@ t predict token t + 1, so all per-token tensors have length ``L - 1``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,14 +49,35 @@ def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
     return SequenceBatch(input_ids, attention, input_ids[:, 1:].clone(), response_mask)
 
 
-def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch,
-                               with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(target_t | prefix) and the policy entropy at each position, both [B, L-1]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    token_logp = log_probs.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return token_logp, entropy
+def first_response_position(batch: SequenceBatch) -> int:
+    """The first position whose prediction is a response token in any row (the shortest
+    prompt's length - 1); the last position when no row has a response."""
+    columns = batch.response_mask.any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else batch.response_mask.shape[1] - 1
+
+
+def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = True,
+                               entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target_t | prefix) and the policy entropy H_t at each position, both [B, L-1].
+
+    Only the positions from ``first_response_position`` on are computed (the model's
+    ``logits_to_keep``): the prompts' logits, which no loss reads, are never built, and the
+    positions before hold 0. With ``log Z_t = logsumexp(z_t)``:
+    ``log pi(y_t) = z_t[y_t] - log Z_t`` and ``H_t = log Z_t - sum_v softmax(z_t)_v z_t,v``.
+    ``entropy_grad=False`` computes H_t without a graph (a metric only: no entropy term in the
+    loss), which keeps the vocabulary-wide softmax out of the backward pass.
+    """
+    start = first_response_position(batch)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=batch.input_ids.shape[1] - start).logits[:, :-1].float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    token_logp = logits.gather(-1, batch.target_ids[:, start:].unsqueeze(-1)).squeeze(-1) - log_z
+    entropy = None
+    if with_entropy:
+        with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+            entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        entropy = torch.nn.functional.pad(entropy, (start, 0))
+    return torch.nn.functional.pad(token_logp, (start, 0)), entropy
 
 
 def length_buckets(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:

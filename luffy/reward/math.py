@@ -116,10 +116,31 @@ def _parse_gold(gold: str):
     return parse(f"${gold}$", parsing_timeout=None, raise_on_error=True)
 
 
+VERDICTS_KEPT = 4096  # answer texts whose verdict a process remembers (the oldest forgotten first)
+_verdicts: dict[tuple[str, str], Grade] = {}
+
+
 def grade_answer(answer: str, gold: str, timeout_s: float | None = 2) -> Grade:
     """math-verify's verdict on an answer text (gold first), within ``timeout_s`` for parse and
     comparison together (``answer_deadline``: main thread only; elsewhere the caller bounds the
-    time, as ``luffy.reward.pool`` does)."""
+    time, as ``luffy.reward.pool`` does).
+
+    A verdict math-verify reached is remembered for the same answer text and gold (the group's
+    samples often end in the same answer, and a prompt's teacher trace recurs every epoch): the
+    same text is graded once. A time-out or a grader error is never remembered."""
+    key = (answer, gold)
+    known = _verdicts.get(key)
+    if known is not None:
+        return known
+    verdict = _grade_answer(answer, gold, timeout_s)
+    if verdict.reason not in (TIMEOUT, "error"):
+        while _verdicts and len(_verdicts) >= VERDICTS_KEPT:
+            del _verdicts[next(iter(_verdicts))]
+        _verdicts[key] = verdict
+    return verdict
+
+
+def _grade_answer(answer: str, gold: str, timeout_s: float | None) -> Grade:
     extracted = None
     try:
         with answer_deadline(timeout_s):

@@ -1,9 +1,11 @@
-"""The local engine: one process, torch + transformers, rollouts by HF ``generate``.
+"""The local engine: one process, torch + transformers, rollouts by ``luffy.models.generation``
+(each prompt prefilled once, its KV cache shared by its samples).
 
 Per step (luffy / grpo): draw ``prompts_per_step`` prompts; for each, ``n - n_off`` sampled
 responses plus ``n_off`` copies of the teacher trace (+EOS); grade all with the reward;
-compute group advantages over the mixed group; record pi_old by a no-grad forward; then
-``ppo_epochs`` passes of ``mini_batches`` optimizer updates on ``luffy.algo``'s loss.
+compute group advantages over the mixed group; record pi_old (the first update's own forward
+for its rows, a no-grad forward for the others); then ``ppo_epochs`` passes of
+``mini_batches`` optimizer updates on ``luffy.algo``'s loss.
 ``sft`` minimises the NLL of the traces instead. The math lives in ``luffy.algo`` only.
 """
 
@@ -114,12 +116,14 @@ class LocalTrainer:
 
     # ---- one step ----
     def _update(self, batch: SequenceBatch, rows: list[int], old_logp, advantages, off_mask, ref_logp,
-                teacher_logp, trace_batch: SequenceBatch | None) -> dict[str, float]:
+                teacher_logp, trace_batch: SequenceBatch | None, fill_old: bool = False) -> dict[str, float]:
         """One optimizer update on the mini-batch ``rows`` of ``batch``.
 
         The rows are processed in length-sorted micro-batches (``micro_batch_tokens``) whose
         losses are normalised by the mini-batch's totals, so the accumulated gradient is the
-        mini-batch's and padding stays near each micro-batch's own length.
+        mini-batch's and padding stays near each micro-batch's own length. ``fill_old``: the
+        step's first update, before which the policy is still pi_old: each micro-batch's own
+        log-probs (detached) are its rows' pi_old, written into ``old_logp``.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -128,7 +132,10 @@ class LocalTrainer:
         for micro in length_buckets(rows, batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
             sub = select_rows(batch, micro)
             width = sub.response_mask.shape[1]
-            logp, entropy = token_logprobs_and_entropy(self.model, sub)
+            logp, entropy = token_logprobs_and_entropy(self.model, sub,
+                                                       entropy_grad=self.loss_settings.entropy_coef > 0)
+            if fill_old:
+                old_logp[micro, :width] = logp.detach()
             loss, metrics = mixed_policy_loss(
                 logp, old_logp[micro, :width], advantages[micro], sub.response_mask, off_mask[micro, :width],
                 self.loss_settings, entropy, ref_log_prob=None if ref_logp is None else ref_logp[micro, :width],
@@ -223,7 +230,10 @@ class LocalTrainer:
         """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates.
 
         ``off_tokens[j]``: how many leading tokens of response j are the teacher's;
-        ``sources[j]``: the training row response j answers.
+        ``sources[j]``: the training row response j answers. Before the first update the policy
+        is pi_old: when its training forward equals its no-grad one (no dropout), the first
+        mini-batch's pi_old comes from that update's own forward, and the no-grad pass runs
+        only over the other mini-batches' rows (none with one mini-batch and one epoch).
         """
         cfg = self.cfg
         batch = build_batch(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
@@ -234,23 +244,29 @@ class LocalTrainer:
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
         minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
+        own_old = without_dropout(self.model)
+        first = set(minis[0]) if own_old else set()
+        old_logp = torch.zeros_like(batch.response_mask)
         with torch.no_grad():
             self.model.eval()
-            old_logp = self._logprobs(self.model, batch)
+            self._logprobs(self.model, batch, [r for r in range(len(responses)) if r not in first], old_logp)
             ref_logp = None if self.ref_model is None else self._logprobs(self.ref_model, batch)
         per_update = []
-        for _ in range(cfg.ppo_epochs):
-            for rows in minis:
+        for epoch in range(cfg.ppo_epochs):
+            for m, rows in enumerate(minis):
                 trace_batch = self._trace_batch([sources[r] for r in rows]) if cfg.algorithm == "rl_sft" else None
                 per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, teacher_logp,
-                                               trace_batch))
+                                               trace_batch, fill_old=own_old and epoch == 0 and m == 0))
         return per_update
 
-    def _logprobs(self, model, batch: SequenceBatch) -> torch.Tensor:
-        """Teacher-forced log-probs of every row, [B, L-1], computed in length-sorted micro-batches."""
-        out = torch.zeros_like(batch.response_mask)
+    def _logprobs(self, model, batch: SequenceBatch, rows: list[int] | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log-probs of ``rows`` (default: every row), [B, L-1], computed in
+        length-sorted micro-batches, written into ``out`` (default: a new zero tensor)."""
+        out = torch.zeros_like(batch.response_mask) if out is None else out
         lengths = batch.attention_mask.sum(-1).tolist()
-        for micro in length_buckets(list(range(len(lengths))), lengths, self.cfg.micro_batch_tokens):
+        rows = list(range(len(lengths))) if rows is None else rows
+        for micro in length_buckets(rows, lengths, self.cfg.micro_batch_tokens) if rows else []:
             sub = select_rows(batch, micro)
             logp, _ = token_logprobs_and_entropy(model, sub, with_entropy=False)
             out[micro, : logp.shape[1]] = logp
@@ -272,7 +288,7 @@ class LocalTrainer:
             batch = build_batch([self.data.prompt_ids[i] for i in chunk], [self.data.trace_ids[i] for i in chunk],
                                 self.tokenizer.pad_token_id).to(self.device)
             self.model.train()
-            logp, entropy = token_logprobs_and_entropy(self.model, batch)
+            logp, entropy = token_logprobs_and_entropy(self.model, batch, entropy_grad=False)  # a metric only
             loss = sft_loss(logp, batch.response_mask, "token_mean")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -375,6 +391,16 @@ class LocalTrainer:
         with atomic_path(metrics_out) as tmp:
             shutil.copyfile(self.metrics_path, tmp)
 
+
+
+def without_dropout(model: torch.nn.Module) -> bool:
+    """Whether the model's forward in training mode equals its forward in eval mode: no dropout
+    module with p > 0 and no attention dropout in its config."""
+    config = getattr(model, "config", None)
+    if any(float(getattr(config, key, 0.0) or 0.0) > 0 for key in ("attention_dropout", "hidden_dropout",
+                                                                    "resid_pdrop", "embd_pdrop", "attn_pdrop")):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _groups(values: list, n: int) -> list[list]:
