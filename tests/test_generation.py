@@ -78,3 +78,28 @@ def test_sampled_groups_are_reproducible_and_cut_after_eos(model_and_tokenizer):
     assert [len(g) for g in runs[0]] == [4] * 4
     for response in (r for g in runs[0] for r in g):
         assert 1 <= len(response) <= 30 and tok.eos_token_id not in response[:-1]
+
+
+def test_the_local_engine_computes_in_bfloat16_with_tf32_on_a_gpu_and_in_float32_on_the_cpu(monkeypatch):
+    import contextlib
+    import warnings
+
+    from luffy.models.sequences import autocast_for
+
+    assert autocast_for(torch.device("cpu")) is contextlib.nullcontext
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no CUDA here: the context only names its device and dtype
+            context = autocast_for(torch.device("cuda"))()
+        assert (context.device, context.fast_dtype) == ("cuda", torch.bfloat16)
+        assert matmul.fp32_precision == conv.fp32_precision == "tf32"
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100: float32, no TF32
+        assert autocast_for(torch.device("cuda")) is contextlib.nullcontext
+        assert matmul.fp32_precision == conv.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

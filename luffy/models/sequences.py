@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,6 +31,19 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The local engine's compute precision on ``device``: on a GPU, TF32 matmuls and bfloat16
+    autocast where the GPU has bfloat16 (the weights, gradients and optimizer state stay
+    float32; log-probs and losses are computed in float32); on the CPU, float32 throughout (as
+    before, so seeded runs there stay bit-exact)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():  # Ampere or newer: TF32 too
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:

@@ -41,8 +41,8 @@ from luffy.engines.local import checkpoint
 from luffy import io
 from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.generation import sample
-from luffy.models.sequences import (SequenceBatch, build_batch, length_buckets, pick_device, select_rows,
-                                    token_logprobs_and_entropy)
+from luffy.models.sequences import (SequenceBatch, autocast_for, build_batch, length_buckets, pick_device,
+                                    select_rows, token_logprobs_and_entropy)
 from luffy.reward.math import Grade, grade
 from luffy.reward.pool import GraderPool
 from luffy.seeding import derived_seed
@@ -56,6 +56,15 @@ def _epoch_order(seed: int, epoch: int, total: int) -> tuple[int, ...]:
     order = list(range(total))
     random.Random(derived_seed(seed, epoch)).shuffle(order)
     return tuple(order)
+
+
+def _in_precision(method):
+    """Run a step's rollouts, forwards and backwards under the trainer's ``autocast``."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with self.autocast():
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
@@ -84,6 +93,7 @@ class LocalTrainer:
         self.grader_workers = grader_workers
         self.grader: GraderPool | None = None
         self.device = pick_device(cfg.device)
+        self.autocast = autocast_for(self.device)  # a GPU: bfloat16 autocast and TF32; the CPU: float32
         self.base_model = base_model
         self.work_dir = work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +169,7 @@ class LocalTrainer:
         self.scheduler.step()
         return grad_norm
 
+    @_in_precision
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, tok = self.cfg, self.tokenizer
         idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
@@ -278,6 +289,7 @@ class LocalTrainer:
         return build_batch([self.data.prompt_ids[i] for i in rows], [self.data.trace_ids[i] for i in rows],
                            self.tokenizer.pad_token_id).to(self.device)
 
+    @_in_precision
     def sft_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
@@ -305,6 +317,7 @@ class LocalTrainer:
         return [v["math_verify"] for v in self.grader.grade(texts, golds, ("math_verify",))]
 
     # ---- validation on the held-out training problems ----
+    @_in_precision
     def validate(self) -> float:
         """Accuracy (mean over ``n`` samples of each held-out problem) of the current policy."""
         v, tok = self.validation, self.tokenizer
