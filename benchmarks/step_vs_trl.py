@@ -116,7 +116,8 @@ def compare(args) -> None:
                 timed[side] += run_side(Path(sys.executable) if side == "local" else python, side, work, args)
     print(f"\n{PROMPTS} prompts x {N} samples, <= {NEW_TOKENS} new tokens, {args.threads} threads, "
           f"{args.rounds} alternating rounds of {args.steps} timed steps per side:")
-    print(f"{'engine':8s} {'s/step mean':>12s} {'median':>8s} {'min':>7s} {'max':>7s} {'resp. mean':>11s} {'resp. max':>10s}")
+    print(f"{'engine':8s} {'s/step mean':>12s} {'median':>8s} {'min':>7s} {'max':>7s} {'resp. mean':>11s} "
+          f"{'resp. max':>10s}")
     means = {}
     for side, rows in timed.items():
         seconds = [s["seconds"] for s in rows]

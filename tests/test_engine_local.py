@@ -192,9 +192,9 @@ def test_pi_old_from_the_first_updates_own_forward_changes_no_loss_and_no_gradie
         "micro_batch_tokens": 96, "entropy_coef": 0.01})
 
     def updates(work: str, own_old: bool):
-        trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / work)
-        assert no_dropout(trainer.model)  # the tiny model has none
         monkeypatch.setattr(local, "without_dropout", lambda model: own_old)
+        trainer = LocalTrainer(cfg, data, tiny_model_dir, tmp_path / work)
+        assert no_dropout(trainer.model) and trainer.own_old == own_old  # the tiny model has no dropout
         grads, step = [], trainer._optimizer_step
 
         def recording_step():

@@ -36,6 +36,12 @@ TRAIN = {"engine": "verl", "device": "cpu", "steps": 2, "prompts_per_step": 2, "
 EXPERIMENTS = ("luffy", "luffy_prefix", "grpo", "rl_sft", "sft_half", "sft_rl")
 
 
+def with_hang_step(env: dict, **extra: str) -> dict:
+    """``env`` with tests/helpers/hang_step.py loaded into every verl process, and ``extra``."""
+    return {**env, **extra, "VERL_USE_EXTERNAL_MODULES": "hang_step",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
+
+
 def run_processes_of(marker: str) -> list:
     """Live processes whose environment names ``marker`` (a run's own file paths)."""
     import psutil
@@ -134,9 +140,8 @@ def stalled_then_resumed(tiny_model_dir, train_parquet, tmp_path_factory):
     subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
         {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
 
-    hanging = {**env, "VERL_USE_EXTERNAL_MODULES": "hang_step", "LUFFY_TEST_HANG_AT_STEP": "2",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
-    stalled = subprocess.run(command, env=hanging, capture_output=True, text=True, timeout=900)
+    stalled = subprocess.run(command, env=with_hang_step(env, LUFFY_TEST_HANG_AT_STEP="2"), capture_output=True,
+                             text=True, timeout=900)
     (work,) = (root / "work").iterdir() if (root / "work").is_dir() else (None,)
     run = {"root": root, "work": work, "env": env, "stalled": stalled,
            "checkpoints_after_stall": checkpoints_of(work) if work else [],
@@ -219,8 +224,7 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     once reached no step before its end)."""
     from mlflow.tracking import MlflowClient
 
-    began = time.time()
-    first_rollout_at = began + 1.5 * stalled_then_resumed["first_step_s"] + 60
+    first_rollout_at = time.time() + 1.5 * stalled_then_resumed["first_step_s"] + 60
     data = train_parquet(24, 48)
     settings = {**TRAIN, "algorithm": "luffy", "steps": CHAIN_STEPS, "checkpoint_every": 100,
                 "runtime": to_dict(VerlConfig(**{**to_dict(CPU_RUNTIME), "startup_timeout_s": 900.0}))}
@@ -240,9 +244,8 @@ def test_a_chained_job_stops_at_a_checkpoint_before_its_end_and_its_next_part_re
     subprocess.run(["luffy", "init-tracking", "--resolved-config", json.dumps(
         {"data": {}, "base_model": {}, "evaluation": {}, "experiments": {}})], env=env, check=True)
 
-    held = {**env, "JOB_END": str(math.ceil(first_rollout_at + 90)), "VERL_USE_EXTERNAL_MODULES": "hang_step",
-            "LUFFY_TEST_FIRST_ROLLOUT_AT": str(first_rollout_at),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
+    held = with_hang_step(env, JOB_END=str(math.ceil(first_rollout_at + 90)),
+                          LUFFY_TEST_FIRST_ROLLOUT_AT=str(first_rollout_at))
     first = subprocess.run(command, env=held, capture_output=True, text=True, timeout=900)
     assert first.returncode == -15, first.stderr[-3000:]  # ended by the requeue, as SLURM ends a requeued job
     assert (tmp_path / "requeues").read_text() == "requeued\n"

@@ -169,9 +169,9 @@ class BaseModelConfig:
 class TrainConfig:
     algorithm: str = _help("luffy | grpo | sft | rl_sft (on-policy GRPO + sft_coef x NLL of the trace)", "luffy",
                            valid=Valid(choices=ALGORITHMS))
-    engine: str = _help("training engine: local (one process, CPU or one GPU, KV-cached sampling with transformers) | verl "
-                        "(verl 0.9.1 on GPU nodes, or on the CPU with device: cpu; vLLM rollouts; the `verl` section "
-                        "sets its cluster layout)", "local",
+    engine: str = _help("training engine: local (one process, CPU or one GPU, KV-cached sampling with "
+                        "transformers) | verl (verl 0.9.1 on GPU nodes, or on the CPU with device: cpu; vLLM "
+                        "rollouts; the `verl` section sets its cluster layout)", "local",
                         valid=Valid(choices=ENGINE_NAMES))
     steps: int = _help("training steps (one batch of prompts each)", 500, valid=GE1)
     prompts_per_step: int = _help("prompts per step (SFT: traces per step)", 128, valid=GE1)

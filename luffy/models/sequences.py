@@ -38,11 +38,10 @@ def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContex
     autocast where the GPU has bfloat16 (the weights, gradients and optimizer state stay
     float32; log-probs and losses are computed in float32); on the CPU, float32 throughout (as
     before, so seeded runs there stay bit-exact)."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():  # Ampere or newer: TF32 too
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-            torch.backends.cudnn.conv.fp32_precision = "tf32"
-            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():  # Ampere or newer: TF32 too
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 

@@ -100,6 +100,8 @@ class LocalTrainer:
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
+        # pi_old of a step's first update can come from that update's own forward (``_policy_updates``)
+        self.own_old = without_dropout(self.model)
         self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end, cfg.teacher_logprobs)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay)
@@ -255,19 +257,18 @@ class LocalTrainer:
         advantages = advantages.to(self.device)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
         minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
-        own_old = without_dropout(self.model)
-        first = set(minis[0]) if own_old else set()
         old_logp = torch.zeros_like(batch.response_mask)
         with torch.no_grad():
             self.model.eval()
-            self._logprobs(self.model, batch, [r for r in range(len(responses)) if r not in first], old_logp)
+            passed = minis[1:] if self.own_old else minis  # the first mini-batch's pi_old: its own update's
+            self._logprobs(self.model, batch, [r for rows in passed for r in rows], old_logp)
             ref_logp = None if self.ref_model is None else self._logprobs(self.ref_model, batch)
         per_update = []
         for epoch in range(cfg.ppo_epochs):
             for m, rows in enumerate(minis):
                 trace_batch = self._trace_batch([sources[r] for r in rows]) if cfg.algorithm == "rl_sft" else None
                 per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, teacher_logp,
-                                               trace_batch, fill_old=own_old and epoch == 0 and m == 0))
+                                               trace_batch, fill_old=self.own_old and epoch == 0 and m == 0))
         return per_update
 
     def _logprobs(self, model, batch: SequenceBatch, rows: list[int] | None = None,
