@@ -32,6 +32,10 @@ $(STAMP): envs/cpu.txt envs/verl-cpu.txt pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec that vLLM pulls are built for another torch and
 	# break imports; text models need none of them.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# scikit-learn (and skops), which mlflow pulls for its sklearn model flavour: nothing here uses
+	# them, but transformers imports scikit-learn whenever it is installed, about 1.2 s of every
+	# process's start on 2 cores (each stage, and each of a verl run's ten or so processes).
+	$(BIN)/python -m pip uninstall --quiet --yes scikit-learn skops
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
