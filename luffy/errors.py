@@ -62,14 +62,39 @@ class Cancelled(BaseException):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _stopping: list[int] = []  # the signal being handled, while a Cancelled unwinds
+_deferring: list[bool] = []  # one entry per open signals_deferred() block (main thread)
+_deferred: list[int] = []  # a signal that arrived in such a block, raised at its end
 
 
 def _on_stop_signal(signum: int, frame) -> None:
-    if _stopping:  # a second signal while the first one's cleanup runs: let the cleanup finish
+    if _stopping or _deferred:  # a second signal while the first one's cleanup runs: let the cleanup finish
         logging.getLogger(__name__).warning("%s again: still stopping", signal.Signals(signum).name)
+        return
+    if _deferring:
+        _deferred.append(signum)
         return
     _stopping.append(signum)
     raise Cancelled(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A stop signal that arrives inside the block raises ``Cancelled`` when the block ends, not
+    in its middle: a write to the tracking store is not cut in half (a SQLite transaction cut by
+    Ctrl-C kept the store's lock, and the run could no longer be marked KILLED). Off the main
+    thread, where signals are not delivered, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+        if not _deferring and _deferred:
+            signum = _deferred.pop()
+            _stopping.append(signum)
+            raise Cancelled(signum)
 
 
 @contextlib.contextmanager
@@ -91,6 +116,7 @@ def cancellable() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _stopping.clear()
+        _deferred.clear()
 
 
 def one_line(err: BaseException | str) -> str:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from luffy.errors import Cancelled
+from luffy.errors import Cancelled, signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,12 @@ JOB_TAG = "luffy.job"          # a stage run's job (group/stage): its reruns sha
 CURRENT_TAG = "luffy.current"  # 'true' on the newest parent of a group and the newest run of a job
 MAX_PARAM_LENGTH = 6000
 
-# An unreachable tracking server must cost seconds, not minutes of retries.
+# An unreachable tracking server must cost seconds, not minutes of retries (a refused connection
+# fails at once). A busy one must not look dead: a request waits up to 60 s for its answer, longer
+# than a server on a SQLite store makes a write wait for the store's lock (MLflow's busy_timeout,
+# 20 s), which sixteen stages writing at once on a loaded 2-core machine reached beside a 10 s limit.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
 def tracking_uri() -> str:
@@ -70,10 +73,29 @@ def config_hash(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class _DeferringClient:
+    """An MlflowClient whose calls finish before a stop signal takes effect (``signals_deferred``):
+    a run cancelled in the middle of a write can still be marked KILLED."""
+
+    def __init__(self, client):
+        self._inner = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with signals_deferred():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 def _client():
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    return _DeferringClient(MlflowClient(tracking_uri=tracking_uri()))
 
 
 STORE_LOCK_WAIT_S = 600.0

@@ -178,3 +178,34 @@ def test_a_verl_steps_checkpoint_is_saved_after_its_metrics_are_logged(monkeypat
     with pytest.raises(ConnectionError):
         trainer.logger.log(data={"fail": True}, step=4)
     assert events == [("log", 0), ("save", 1), ("log", 1), ("save", 2), ("log", 2), ("log", 3), ("save", 4)]
+
+
+def test_a_signal_in_the_middle_of_a_tracking_write_lets_it_finish_then_the_run_is_killed(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) while a stage writes to the tracking store: the write completes (a
+    SQLite transaction cut in half kept the store's lock, and the run stayed RUNNING), then the
+    stage unwinds and its run is marked KILLED."""
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from luffy.errors import Cancelled, cancellable
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    log_batch = MlflowClient.log_batch
+    after_signal = []
+
+    def signalled_mid_write(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the write runs
+        after_signal.append("write")
+        return log_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", signalled_mid_write)
+    with pytest.raises(Cancelled), cancellable():
+        with StageRun("train", "g") as run:
+            run.log_metrics({"loss": 1.5}, step=0)
+            after_signal.append("next step")
+    assert after_signal == ["write"]  # the write finished; nothing after it ran
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [1.5]

@@ -135,13 +135,15 @@ def test_a_signal_ends_a_training_run_as_killed_in_one_line(tiny_model_dir, trai
     run.send_signal(signum)
     assert run.wait(timeout=120) == -signum  # ended by the signal after its cleanup (a shell: 128 + signum)
     name = signal.Signals(signum).name
-    assert run.stderr.read().strip().splitlines()[-1].endswith(f"luffy train: cancelled by {name}")
+    stderr = run.stderr.read()
+    assert stderr.strip().splitlines()[-1].endswith(f"luffy train: cancelled by {name}")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     (train,) = client.search_runs([client.get_experiment_by_name("luffy").experiment_id],
                                   filter_string="tags.`luffy.stage` = 'train'")
-    assert train.info.status == "KILLED"
+    assert train.info.status == "KILLED", stderr[-3000:]
+    assert "MLflow logging disabled" not in stderr  # every write before the signal finished
 
 
 def test_a_full_disk_names_the_path(tiny_model_dir, train_data, tmp_path):
