@@ -19,6 +19,7 @@ from luffy.config import TinyModelConfig, ToyTaskConfig
 from luffy.data.templates import encode_prompts, encode_traces
 from luffy.data.toy import make_toy_data
 from luffy.data.traces import filter_traces
+from luffy.models.attention import use_gqa_sdpa
 from luffy.models.generation import sample
 from luffy.models.sequences import (build_batch, length_buckets, pick_device, select_rows,
                                     token_logprobs_and_entropy)
@@ -58,7 +59,8 @@ def main() -> None:
     device = pick_device(args.device)
 
     tok = load_shipped_tokenizer()
-    model = build_tiny_model(TinyModelConfig(), tok).to(device)  # the demo's architecture (random weights)
+    # the demo's architecture (random weights), on the local engine's attention
+    model = use_gqa_sdpa(build_tiny_model(TinyModelConfig(), tok)).to(device)
     # the demo's training rows: the LUFFY filter (<= 128 trace tokens) over the toy traces
     toy = make_toy_data(ToyTaskConfig(n_train=2 * args.prompts, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S")
     rows, _ = filter_traces(toy.raw_traces, lambda texts: [len(ids) for ids in tok(list(texts))["input_ids"]],
@@ -134,6 +136,8 @@ def main() -> None:
           f"micro-batched, {l['update_padded_s'] / g['update_padded_s']:.2f}x as one padded batch "
           f"({l['padded'] / g['padded']:.2f}x padded tokens); the loss alone is "
           f"{100 * l['loss_only_s'] / l['update_s']:.1f}% of LUFFY's update")
+    print(f"luffy/grpo step (the rollout + the micro-batched update): "
+          f"{(rollout_s + l['update_s']) / (rollout_s + g['update_s']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ class HFBackend:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, revision=revision
-                                                          ).to(self.device)
+        from luffy.models.attention import use_gqa_sdpa
+
+        self.model = use_gqa_sdpa(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                                       revision=revision)).to(self.device)
         self.batch_size = cfg.hf_batch_size
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 

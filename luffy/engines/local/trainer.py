@@ -40,6 +40,7 @@ from luffy.engines.base import MetricsSink, write_manifest
 from luffy.engines.local import checkpoint
 from luffy import io
 from luffy.io import atomic_dir, atomic_path, write_text
+from luffy.models.attention import use_gqa_sdpa
 from luffy.models.generation import sample
 from luffy.models.sequences import (SequenceBatch, autocast_for, build_batch, length_buckets, pick_device,
                                     select_rows, token_logprobs_and_entropy)
@@ -99,7 +100,7 @@ class LocalTrainer:
         work_dir.mkdir(parents=True, exist_ok=True)
         self.sink = sink
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
-        self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(self.device)
+        self.model = use_gqa_sdpa(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)).to(self.device)
         # pi_old of a step's first update can come from that update's own forward (``_policy_updates``)
         self.own_old = without_dropout(self.model)
         self.data = load_train_data(data_path, self.tokenizer, cfg.data_start, cfg.data_end, cfg.teacher_logprobs)
