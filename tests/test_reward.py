@@ -201,6 +201,44 @@ def test_the_pools_workers_start_at_once_in_the_background_before_any_grade():
         assert fresh.grade(["r</think> \\boxed{2}"], ["2"], ANSWER_TYPES["math"])[0]["math_verify"].correct
 
 
+def test_a_pool_whose_background_start_failed_starts_again_and_grades(monkeypatch, caplog):
+    """The workers' start in the background failed once (in `make demo`: a broken pipe while vLLM
+    loaded beside it): ``ready()`` logs it with its traceback, starts a new pool, and grading
+    goes on; a second failure ends in one error naming both."""
+    import logging
+
+    from luffy.reward.pool import GraderPoolError
+
+    starts = []
+    real_start = GraderPool._start
+
+    def flaky_start(self) -> None:  # the first start fails as the pool's did
+        starts.append(len(starts))
+        try:
+            if len(starts) == 1:
+                raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError as err:
+            self._start_error = err
+            return
+        real_start(self)
+
+    monkeypatch.setattr(GraderPool, "_start", flaky_start)
+    with caplog.at_level(logging.WARNING, logger="luffy.reward.pool"):
+        with GraderPool(workers=1, timeout_s=1.0) as fresh:
+            verdicts = fresh.grade(["r</think> \\boxed{2}"], ["2"], ANSWER_TYPES["math"])
+    assert verdicts[0]["math_verify"].correct and len(starts) == 2
+    assert "did not start (BrokenPipeError(32, 'Broken pipe')); starting them again" in caplog.text
+    assert "Traceback" in caplog.text  # the first failure's, for whoever reads the log
+
+    def always_broken(self) -> None:
+        self._start_error = BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(GraderPool, "_start", always_broken)
+    with GraderPool(workers=1, timeout_s=1.0) as broken:
+        with pytest.raises(GraderPoolError, match=r"1 worker\(s\) did not start, twice: BrokenPipeError"):
+            broken.grade(["x"], ["2"], ANSWER_TYPES["math"])
+
+
 def test_pool_grades_in_order_with_every_grader(pool):
     completions = [f"r</think> \\boxed{{{v}}}" for v in ("1", "2", "\\frac{1}{2}", "0.5")]
     golds = ["1", "1", "0.5", "\\frac{1}{2}"]

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 from pebble import ProcessPool
 
+from luffy.errors import EngineError
 from luffy.reward.boxed import grade_boxed
 from luffy.reward.choice import grade_choice
 from luffy.reward.math import TIMEOUT, AnswerTimeout, Grade, answer_deadline, grade
@@ -69,6 +70,10 @@ def _init_worker(memory_mb: int) -> None:
     grade_one("</think> \\boxed{\\frac{1}{2}}", "0.5", ("math_verify", "boxed", "choice"), timeout_s=30.0)
 
 
+class GraderPoolError(EngineError):
+    """The grading pool's workers could not be started (the command ends with it in one line)."""
+
+
 def _ready() -> None:
     """A task that does nothing: scheduling it starts the pool's workers."""
 
@@ -88,13 +93,17 @@ class GraderPool:
                  memory_mb: int = 4096):
         self.workers = workers or default_workers()
         self.timeout_s, self.grace_s = timeout_s, grace_s
-        context = multiprocessing.get_context("forkserver")  # workers never fork a threaded parent
-        context.set_forkserver_preload(["luffy.reward.pool"])  # so a replaced worker starts fast
-        self._pool = ProcessPool(max_workers=self.workers, context=context, initializer=_init_worker,
-                                 initargs=(memory_mb,))
+        self.memory_mb = memory_mb
+        self._pool = self._new_pool()
         self._start_error: BaseException | None = None
         self._starting = threading.Thread(target=self._start, name="grader-pool-start", daemon=True)
         self._starting.start()
+
+    def _new_pool(self) -> ProcessPool:
+        context = multiprocessing.get_context("forkserver")  # workers never fork a threaded parent
+        context.set_forkserver_preload(["luffy.reward.pool"])  # so a replaced worker starts fast
+        return ProcessPool(max_workers=self.workers, context=context, initializer=_init_worker,
+                           initargs=(self.memory_mb,))
 
     def _start(self) -> None:
         try:
@@ -103,11 +112,22 @@ class GraderPool:
             self._start_error = err
 
     def ready(self) -> None:
-        """Wait until the workers have started and one has its parser built (raises what stopped
-        them from starting)."""
+        """Wait until the workers have started and one has its parser built. A start that failed
+        in the background (once, in `make demo`, a broken pipe while vLLM loaded beside it) is
+        logged with its traceback and tried once more, in the caller's thread; a second failure
+        raises ``GraderPoolError`` naming both."""
         self._starting.join()
+        first, self._start_error = self._start_error, None
+        if first is None:
+            return
+        log.warning("the grading pool's workers did not start (%r); starting them again", first, exc_info=first)
+        self._pool.stop()
+        self._pool.join()
+        self._pool = self._new_pool()
+        self._start()
         if self._start_error is not None:
-            raise self._start_error
+            raise GraderPoolError(f"the grading pool's {self.workers} worker(s) did not start, twice: "
+                                  f"{self._start_error!r}, after {first!r}") from self._start_error
 
     def grade(self, completions: Sequence[str], golds: Sequence[str], graders: Sequence[str]
               ) -> list[dict[str, Grade]]:
