@@ -1,4 +1,5 @@
 import signal
+import sys
 import threading
 import time
 
@@ -64,6 +65,25 @@ def test_a_timeout_lost_in_a_finaliser_comes_back():
         with answer_deadline(0.1):
             _SlowFinaliser()
             _busy(3.0)
+    assert time.perf_counter() - began < 2.0
+
+
+def test_a_deadline_never_raises_inside_pythons_report_of_a_lost_exception(monkeypatch):
+    """A Python ``sys.unraisablehook`` (pytest's formats the lost exception's traceback) that runs
+    past the deadline's ticks completes its report; the block still times out after it."""
+    reports = []
+
+    def slow_hook(unraisable) -> None:
+        _busy(0.3)  # several of the deadline's ticks land in here
+        reports.append(type(unraisable.exc_value).__name__)
+
+    monkeypatch.setattr(sys, "unraisablehook", slow_hook)
+    began = time.perf_counter()
+    with pytest.raises(AnswerTimeout):
+        with answer_deadline(0.1):
+            _SlowFinaliser()  # the first alarm is lost in its __del__: Python reports it to the hook
+            _busy(3.0)
+    assert reports == ["AnswerTimeout"]  # the hook's report finished
     assert time.perf_counter() - began < 2.0
 
 

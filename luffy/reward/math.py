@@ -88,8 +88,14 @@ class answer_deadline:
         owner = self._owner
         if owner is None or frame is owner or frame.f_code in _LEAVING:
             return  # leaving the block (or between two calls in it): the next tick decides
-        caller = frame.f_back
+        # Python reporting an exception a finaliser lost (a Python sys.unraisablehook, such as
+        # pytest's, formatting its traceback): raising inside the hook would break the report
+        # itself; the next tick decides
+        hook = getattr(sys.unraisablehook, "__code__", None)
+        caller = frame
         while caller is not None and caller is not owner:
+            if caller.f_code is hook:
+                return
             caller = caller.f_back
         if caller is None:  # the block is left: stop
             self._stop()
