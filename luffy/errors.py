@@ -80,8 +80,9 @@ def _on_stop_signal(signum: int, frame) -> None:
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """A stop signal that arrives inside the block raises ``Cancelled`` when the block ends, not
-    in its middle: a write to the tracking store is not cut in half (a SQLite transaction cut by
-    Ctrl-C kept the store's lock, and the run could no longer be marked KILLED). Off the main
+    in its middle: a write to the tracking store is not cut in half (once, a Ctrl-C right after a
+    step's metrics left the run RUNNING, likely a SQLite write cut while it held the store's lock).
+    The signal then waits for the call, at most the tracking client's timeout. Off the main
     thread, where signals are not delivered, the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -182,8 +182,8 @@ def test_a_verl_steps_checkpoint_is_saved_after_its_metrics_are_logged(monkeypat
 
 def test_a_signal_in_the_middle_of_a_tracking_write_lets_it_finish_then_the_run_is_killed(tmp_path, monkeypatch):
     """SIGTERM (or Ctrl-C) while a stage writes to the tracking store: the write completes (a
-    SQLite transaction cut in half kept the store's lock, and the run stayed RUNNING), then the
-    stage unwinds and its run is marked KILLED."""
+    write cut in half could leave the store locked and the run RUNNING), then the stage unwinds
+    and its run is marked KILLED."""
     import os
     import signal
 

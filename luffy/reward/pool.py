@@ -113,7 +113,7 @@ class GraderPool:
 
     def ready(self) -> None:
         """Wait until the workers have started and one has its parser built. A start that failed
-        in the background (once, in `make demo`, a broken pipe while vLLM loaded beside it) is
+        in the background (in `make demo`, now and then, a broken pipe while vLLM loaded beside it) is
         logged with its traceback and tried once more, in the caller's thread; a second failure
         raises ``GraderPoolError`` naming both."""
         self._starting.join()
