@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from alternating import ROOT, emit, run_timed, toy_model_and_data
+
 REQUIREMENTS = ROOT / "envs" / "bench-trl.txt"
 PROMPTS, N, NEW_TOKENS = 8, 8, 64
 OBJECTIVE = {"lr": 1.0e-5, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0, "clip_ratio": 0.2, "grad_clip": 1.0}
-STEP = "STEP "  # a side's per-step line on stdout
 
 
 # ---- the parent: the shared model and prompts, the TRL environment, the alternating runs ----
@@ -59,23 +58,10 @@ def trl_python(venv: Path) -> Path:
 def prepare(work: Path) -> None:
     """The tiny model (seeded random weights), the training parquet the local engine reads and
     the same rows as rendered prompts and gold answers for TRL."""
-    import torch
-
-    from luffy.config import TinyModelConfig, ToyTaskConfig
     from luffy.data.templates import encode_prompts
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
     from luffy.data.training import load_train_data
-    from luffy.models.export import export_verified
-    from luffy.models.tiny import build_tiny_model
-    from luffy.models.tokenizer import load_shipped_tokenizer
 
-    torch.manual_seed(0)
-    tokenizer = load_shipped_tokenizer()
-    export_verified(build_tiny_model(TinyModelConfig(), tokenizer), tokenizer, work / "model")
-    raw = make_toy_data(ToyTaskConfig(n_train=256, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-    rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 128, "S", "toy")
-    rows.to_parquet(work / "train.parquet")
+    _, tokenizer, rows = toy_model_and_data(work)
     data = load_train_data(str(work / "train.parquet"), tokenizer, 0.0, 1.0, False)
     rendered, ids = encode_prompts(tokenizer, rows["prompt"].tolist())
     assert ids == [list(p) for p in data.prompt_ids], "the local engine's prompts differ from the rendered ones"
@@ -85,22 +71,11 @@ def prepare(work: Path) -> None:
 
 
 def run_side(python: Path, side: str, work: Path, args) -> list[dict]:
-    command = [str(python), str(Path(__file__).resolve()), "--side", side, "--work", str(work),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    began = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"the {side} run failed (exit status {done.returncode}):\n{done.stderr[-4000:]}")
-    steps = [json.loads(line[len(STEP):]) for line in done.stdout.splitlines() if line.startswith(STEP)]
-    timed = [s for s in steps if s["step"] >= args.warmup]
-    if len(timed) != args.steps:
-        sys.exit(f"the {side} run printed {len(timed)} timed steps, not {args.steps}:\n{done.stdout[-2000:]}")
+    timed, seconds = run_timed(python, __file__, side, work, args)
     print(f"  {side:5s} run: {statistics.mean(s['seconds'] for s in timed):.3f} s/step over {len(timed)} steps "
           f"(median {statistics.median(s['seconds'] for s in timed):.3f}), responses mean "
           f"{statistics.mean(s['mean_length'] for s in timed):.1f} / max {max(s['max_length'] for s in timed):.0f} "
-          f"tokens; the whole run {time.perf_counter() - began:.0f} s", flush=True)
+          f"tokens; the whole run {seconds:.0f} s", flush=True)
     return timed
 
 
@@ -130,11 +105,6 @@ def compare(args) -> None:
 
 # ---- one side's run (in its own process) ----
 
-def emit(step: int, seconds: float, mean_length: float, max_length: float) -> None:
-    print(STEP + json.dumps({"step": step, "seconds": seconds, "mean_length": mean_length, "max_length": max_length}),
-          flush=True)
-
-
 def local_side(args) -> None:
     import torch
 
@@ -150,19 +120,20 @@ def local_side(args) -> None:
         "entropy_coef": 0.0, "kl_coef": 0.0, "warmup_steps": 0, "micro_batch_tokens": 1 << 20, **OBJECTIVE})
     trainer = local.LocalTrainer(cfg, str(work / "train.parquet"), str(work / "model"), Path(tempfile.mkdtemp()))
     lengths: list[int] = []
-    sample = local.sample
+    draw = trainer.sampler.draw
 
     def recording(*a, **k):
-        out = sample(*a, **k)
-        lengths.extend(len(r) for group in out for r in group)
+        out = draw(*a, **k)
+        lengths.extend(len(r) for group in out.ids for r in group)
         return out
 
-    local.sample = recording
+    trainer.sampler.draw = recording
     for step in range(args.warmup + args.steps):
         lengths.clear()
         began = time.perf_counter()
         trainer.rl_step(step)
-        emit(step, time.perf_counter() - began, statistics.mean(lengths), max(lengths))
+        emit(step=step, seconds=time.perf_counter() - began, mean_length=statistics.mean(lengths),
+             max_length=max(lengths))
 
 
 def trl_side(args) -> None:
@@ -193,8 +164,8 @@ def trl_side(args) -> None:
 
         def on_log(self, state_args, state, control, logs=None, **_):
             if logs and "completions/mean_length" in logs:
-                emit(state.global_step - 1, self.seconds, logs["completions/mean_length"],
-                     logs["completions/max_length"])
+                emit(step=state.global_step - 1, seconds=self.seconds, mean_length=logs["completions/mean_length"],
+                     max_length=logs["completions/max_length"])
 
     config = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,

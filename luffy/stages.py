@@ -11,7 +11,8 @@ from typing import Any
 
 from luffy import io
 from luffy.config import (BaseModelConfig, BenchmarkSpec, ConfigError, DataConfig, EvaluationConfig,
-                          ExternalModelConfig, ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict)
+                          ExternalModelConfig, ReportConfig, TinyModelConfig, TrainConfig, seed_of, to_dict,
+                          train_settings_dict)
 from luffy.compare import suite_headline, training_headline, views
 from luffy.tracking import StageRun, config_hash
 
@@ -147,7 +148,7 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     from luffy.engines.registry import make_engine
     from luffy.preflight import preflight
 
-    key = {"settings": to_dict(settings), "data": data, "base": base_model}
+    key = {"settings": train_settings_dict(settings), "data": data, "base": base_model}
     work_dir = Path(work_root) / config_hash({**key, "validation": validation} if validation else key)
     job = TrainJob(experiment=group, settings=settings, data=data, base_model=base_model, out_dir=Path(out_dir),
                    metrics_out=Path(metrics_out), work_dir=work_dir, threads=threads, validation=validation,
@@ -159,7 +160,7 @@ def train(settings: TrainConfig, data: str, base_model: str, out_dir: str, metri
     with io.exclusive(work_dir / WRITER_LOCK, f"training work directory {work_dir}"):
         engine = make_engine(settings.engine)
         report = preflight(job, engine)
-        params = {**to_dict(settings), **({"validation": validation} if validation else {}),
+        params = {**train_settings_dict(settings), **({"validation": validation} if validation else {}),
                   **({"runtime": runtime} if runtime else {})}
         with StageRun("train", group, rule, params=params, resume_run_id=engine.resume_run_id(work_dir)) as run:
             run.log_metrics({f"preflight/{k}": v for k, v in report.items()})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, JobResources, ResolvedConfig,
-                          is_glob, job_resources, seed_of, to_dict, to_json)
+                          is_glob, job_resources, seed_of, to_dict, to_json, train_settings_dict)
 
 SHIPPED_TOKENIZER = "shipped"
 
@@ -251,7 +251,7 @@ def train_settings(cfg: ResolvedConfig, experiment: str) -> str:
     """The experiment's settings; with in-training validation also ``validation`` (its settings
     and file), and on the verl engine its cluster layout (``runtime``), so that local runs
     without validation keep exactly the settings they had before these existed."""
-    settings = to_dict(cfg.experiments[experiment])
+    settings = train_settings_dict(cfg.experiments[experiment])
     if cfg.root.validation.every > 0:
         settings["validation"] = {**to_dict(cfg.root.validation), "data": validation_file(cfg)}
     if cfg.experiments[experiment].engine == "verl":

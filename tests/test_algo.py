@@ -7,7 +7,7 @@ import torch
 
 from luffy.algo.advantages import group_advantages, informative_groups
 from luffy.algo.losses import (LossSettings, aggregate, kl_penalty, mixed_policy_loss, off_policy_token_loss,
-                               on_policy_token_loss, shaped_weight, sft_loss)
+                               on_policy_token_loss, rollout_correction, shaped_weight, sft_loss)
 
 
 def leaf(values):
@@ -338,3 +338,45 @@ def test_token_prob_max_drops_confident_tokens_from_the_loss():
     assert loss.item() == pytest.approx(-1.0)  # only the 0.5 token: -A * ratio 1
     loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([-1.0, 0.0])
+
+
+# ---- the sampler's importance correction (vLLM rollouts) ----
+
+def test_rollout_correction_is_the_truncated_ratio_on_on_policy_tokens():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    rollout = torch.tensor([[-1.0, -2.5, -2.0, -1.0]])  # ratios 1, e^0.5, e^1.5 (capped at 2), e^-2
+    on = torch.tensor([[1.0, 1.0, 1.0, 0.0]])            # the last token is the teacher's: not counted
+    weight, metrics = rollout_correction(old, rollout, on, cap=2.0)
+    torch.testing.assert_close(weight, torch.tensor([[1.0, math.exp(0.5), 2.0, math.exp(-2.0)]]))
+    assert not weight.requires_grad
+    assert metrics["rollout/logprob_gap"] == pytest.approx((0 + 0.5 + 1.5) / 3)
+    assert metrics["rollout/is_weight_mean"] == pytest.approx((1 + math.exp(0.5) + 2) / 3)
+    assert metrics["rollout/is_capped_share"] == pytest.approx(1 / 3)
+    none, raw = rollout_correction(old, rollout, on, cap=0)  # no correction: only the metrics
+    assert none is None and raw["rollout/is_weight_mean"] == pytest.approx((1 + math.exp(0.5) + math.exp(1.5)) / 3)
+
+
+def test_rollout_weight_scales_only_the_on_policy_term():
+    """L with weights w: the on-policy tokens' loss and gradient are w times those without; the
+    teacher tokens' are unchanged; w = 1 changes nothing."""
+    settings = LossSettings(clip=True, loss_agg="token_mean", entropy_coef=0.0)
+    mask = torch.ones(2, 3)
+    off = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    advantages = torch.tensor([1.0, -0.5])
+    old = torch.full((2, 3), -1.0)
+    w = torch.tensor([[0.5, 2.0, 1.0], [3.0, 3.0, 0.25]])
+
+    def loss_and_grad(weight):
+        logp = leaf([[-1.1, -0.9, -1.0], [-0.7, -1.3, -1.05]])
+        loss, _ = mixed_policy_loss(logp, old.double(), advantages.double(), mask.double(), off.double(), settings,
+                                    rollout_weight=None if weight is None else weight.double())
+        loss.backward()
+        return loss.item(), logp.grad
+
+    base_loss, base_grad = loss_and_grad(None)
+    same_loss, same_grad = loss_and_grad(torch.ones(2, 3))
+    assert same_loss == base_loss and torch.equal(same_grad, base_grad)
+    _, grad = loss_and_grad(w)
+    on = 1 - off.double()
+    torch.testing.assert_close(grad * on, base_grad * w.double() * on)
+    torch.testing.assert_close(grad * off.double(), base_grad * off.double())  # teacher tokens: no weight

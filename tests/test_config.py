@@ -51,6 +51,17 @@ def test_demo_config_resolves_with_algorithm_defaults():
     (minimal(validation={"every": 5}), "validation.every"),
     (minimal(validation={"select": "median"}), "validation.select"),
     (minimal(experiments={"x": {"algorithm": "sft", "teacher_logprobs": True}}), "experiments.x.teacher_logprobs"),
+    (minimal(experiments={"x": {"rollout": "sglang"}}), "experiments.x.rollout"),
+    (minimal(experiments={"x": {"rollout_is_cap": 2.0}}), "experiments.x.rollout_is_cap"),  # hf: nothing to correct
+    (minimal(experiments={"x": {"rollout": "hf", "rollout_memory": 0.2}}), "experiments.x.rollout_memory"),
+    (minimal(experiments={"x": {"rollout": "vllm", "rollout_is_cap": 0.5}}), "experiments.x.rollout_is_cap"),
+    (minimal(experiments={"x": {"rollout": "vllm", "rollout_is_cap": -1.0}}), "experiments.x.rollout_is_cap"),
+    (minimal(experiments={"x": {"rollout": "vllm", "rollout_memory": 0}}), "experiments.x.rollout_memory"),
+    (minimal(experiments={"x": {"rollout": "vllm", "rollout_is_cap": "2"}}), "experiments.x.rollout_is_cap"),
+    (minimal(experiments={"x": {"algorithm": "sft", "rollout": "vllm"}}), "experiments.x.rollout"),
+    (minimal(experiments={"x": {"engine": "verl", "device": "cpu", "rollout": "hf"}}), "experiments.x.rollout"),
+    (minimal(experiments={"x": {"engine": "verl", "device": "cpu", "rollout_memory": 0.3}}),
+     "experiments.x.rollout_memory"),
 ])
 def test_bad_config_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -310,3 +321,20 @@ def test_reading_a_config_imports_no_engine_and_no_torch():
     from luffy.engines import registry
 
     assert registry.ENGINE_NAMES is ENGINE_NAMES and set(registry.ENGINES) == set(ENGINE_NAMES)
+
+
+def test_rollout_settings_resolve_per_sampler_and_stay_out_of_default_runs_settings():
+    """rollout null: hf on the local engine, vllm on verl; the vLLM rollout settings get their
+    defaults only with rollout vllm, and a run on the default sampler keeps the settings it had
+    before they existed (no rerun, the same work directory)."""
+    from luffy.config import train_settings_dict
+
+    cfg = load_config(minimal(experiments={"hf": {}, "v": {"rollout": "vllm"},
+                                           "capped": {"rollout": "vllm", "rollout_is_cap": 0}}))
+    hf, v, capped = (cfg.experiments[name] for name in ("hf", "v", "capped"))
+    assert (hf.rollout, hf.rollout_is_cap, hf.rollout_memory) == ("hf", None, None)
+    assert (v.rollout, v.rollout_is_cap, v.rollout_memory) == ("vllm", 2.0, 0.3)
+    assert capped.rollout_is_cap == 0  # no correction, stated
+    assert not {"rollout", "rollout_is_cap", "rollout_memory"} & set(train_settings_dict(hf))
+    assert {k: train_settings_dict(v)[k] for k in ("rollout", "rollout_is_cap", "rollout_memory")} == {
+        "rollout": "vllm", "rollout_is_cap": 2.0, "rollout_memory": 0.3}

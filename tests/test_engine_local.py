@@ -56,7 +56,7 @@ def test_partial_prefix_members_carry_the_trace_prefix_then_a_continuation(tiny_
     members = trainer._off_policy_members(idx, step=0)
     for i, group in zip(idx, members):
         trace = trainer.data.trace_ids[i]
-        (full, full_count), (partial, k) = group
+        (full, full_count, _), (partial, k, _) = group
         assert full == trace and full_count == len(trace)  # ratio 1: the whole trace + EOS
         assert k == (len(trace) - 1) // 2 and partial[:k] == trace[:k]  # ratio 0.5: prefix ...
         assert len(partial) > k  # ... then the policy's own tokens

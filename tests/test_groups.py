@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from luffy.algo.groups import prefix_length, prefix_ratios
+from luffy.algo.groups import prefix_length, prefix_ratios, sampled_logprob_layout
 
 
 def test_random_ratios_are_uniform_in_range_and_seeded():
@@ -30,3 +30,18 @@ def test_full_trace_is_ratio_one_and_bad_input_is_refused():
         prefix_ratios("random", 1, 0.8, 0.2, random.Random(0))
     with pytest.raises(ValueError, match="unknown prefix strategy"):
         prefix_ratios("cosine", 1, 0.0, 1.0, random.Random(0))
+
+
+def test_sampled_logprobs_fill_the_response_after_the_teacher_prefix():
+    import torch
+
+    from luffy.models.sequences import build_batch
+
+    batch = build_batch([[1, 2], [1, 2, 3]], [[7, 8, 9], [4, 5]], pad_id=0)
+    out = sampled_logprob_layout(batch.response_mask, [1, 0], [[-0.5, -0.25], [-1.0, -2.0]])
+    # row 0: prompt of 2, the first response token the teacher's: the sampler's values at positions 2, 3
+    assert out[0].tolist() == [0.0, 0.0, -0.5, -0.25]
+    assert out[1].tolist() == [0.0, 0.0, -1.0, -2.0]
+    with pytest.raises(ValueError, match="row 1: 2 sampled tokens but 1 sampler log-probs"):
+        sampled_logprob_layout(batch.response_mask, [1, 0], [[-0.5, -0.25], [-1.0]])
+    assert torch.equal(sampled_logprob_layout(batch.response_mask, [3, 2], [[], []]), torch.zeros(2, 4))

@@ -87,3 +87,17 @@ def test_prepared_base_model_has_the_overrides_and_template_and_shares_the_weigh
     with pytest.raises(ConfigError, match=r"\['no_such_key'\] are not keys of"):
         prepare_base_model(tiny_model_dir, {"no_such_key": 1}, None, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_vllm_rollouts_without_vllm_are_refused_before_any_work(tiny_model_dir, train_parquet, tmp_path, monkeypatch):
+    import importlib.util
+
+    from luffy.engines.local.engine import LocalEngine
+
+    data = train_parquet(12)
+    vllm_job = job(data, tiny_model_dir, tmp_path, rollout="vllm")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(PreflightError, match="rollout: vllm needs vLLM in this environment"):
+        preflight(vllm_job, LocalEngine())
+    preflight(job(data, tiny_model_dir, tmp_path), LocalEngine())  # rollout hf needs no vLLM

@@ -90,3 +90,18 @@ def teacher_logprob_layout(response_mask: torch.Tensor, off_tokens: Sequence[int
             positions = response_mask[i].nonzero().squeeze(-1)[:k]
             out[i, positions] = torch.tensor(list(values[:k]), dtype=out.dtype, device=out.device)
     return out
+
+
+def sampled_logprob_layout(response_mask: torch.Tensor, off_tokens: Sequence[int],
+                           sampled_logprobs: Sequence[Sequence[float]]) -> torch.Tensor:
+    """log pi_rollout (the sampler's own log-probs of the tokens it drew) laid out like the
+    per-token tensors: row i's response tokens after its ``off_tokens[i]`` teacher tokens get
+    ``sampled_logprobs[i]`` (one value per sampled token); other positions 0."""
+    out = torch.zeros_like(response_mask)
+    for i, (k, values) in enumerate(zip(off_tokens, sampled_logprobs)):
+        positions = response_mask[i].nonzero().squeeze(-1)[k:]
+        if len(positions) != len(values):
+            raise ValueError(f"row {i}: {len(positions)} sampled tokens but {len(values)} sampler log-probs")
+        if len(values):
+            out[i, positions] = torch.tensor(list(values), dtype=out.dtype, device=out.device)
+    return out

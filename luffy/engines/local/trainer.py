@@ -1,10 +1,12 @@
 """The local engine: one process, torch + transformers, rollouts by ``luffy.models.generation``
-(each prompt prefilled once, its KV cache shared by its samples).
+(each prompt prefilled once, its KV cache shared by its samples) or by vLLM in the same process
+(``rollout: vllm``, ``luffy.engines.local.rollout``).
 
 Per step (luffy / grpo): draw ``prompts_per_step`` prompts; for each, ``n - n_off`` sampled
 responses plus ``n_off`` copies of the teacher trace (+EOS); grade all with the reward;
 compute group advantages over the mixed group; record pi_old (the first update's own forward
-for its rows, a no-grad forward for the others); then ``ppo_epochs`` passes of
+for its rows, a no-grad forward for the others); with vLLM rollouts, weight each on-policy
+token by min(pi_old / pi_vllm, rollout_is_cap); then ``ppo_epochs`` passes of
 ``mini_batches`` optimizer updates on ``luffy.algo``'s loss.
 ``sft`` minimises the NLL of the traces instead. The math lives in ``luffy.algo`` only.
 """
@@ -28,8 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from luffy.algo import metrics as names
 from luffy.algo.advantages import group_advantages, informative_groups
-from luffy.algo.groups import off_policy_mask, plan_teacher_members, teacher_logprob_layout, training_progress
-from luffy.algo.losses import BatchTotals, LossSettings, masked_mean, mixed_policy_loss, sft_loss, sft_loss_term
+from luffy.algo.groups import (off_policy_mask, plan_teacher_members, sampled_logprob_layout, teacher_logprob_layout,
+                               training_progress)
+from luffy.algo.losses import (BatchTotals, LossSettings, masked_mean, mixed_policy_loss, rollout_correction, sft_loss,
+                               sft_loss_term)
 from luffy.algo.metrics import combine_micro_batches, mean, mean_over_updates, rollout_metrics
 from luffy.chain import Deadline, TimeLimitReached
 from luffy.config import TrainConfig, to_dict
@@ -38,10 +42,10 @@ from luffy.data.templates import encode_prompts
 from luffy.data.training import load_train_data
 from luffy.engines.base import MetricsSink, write_manifest
 from luffy.engines.local import checkpoint
+from luffy.engines.local.rollout import HFSampler, VllmSampler
 from luffy import io
 from luffy.io import atomic_dir, atomic_path, write_text
 from luffy.models.attention import use_gqa_sdpa
-from luffy.models.generation import sample
 from luffy.models.sequences import (SequenceBatch, autocast_for, build_batch, length_buckets, pick_device,
                                     select_rows, token_logprobs_and_entropy)
 from luffy.reward.math import Grade, grade
@@ -126,17 +130,33 @@ class LocalTrainer:
                 problems = problems.iloc[: validation["max_problems"]]
             _, self.valid_prompts = encode_prompts(self.tokenizer, problems["prompt"].tolist())
             self.valid_answers = problems["ground_truth"].tolist()
+        self.sampler = self._make_sampler()
+
+    def _make_sampler(self) -> HFSampler | VllmSampler:
+        """The rollouts' sampler (``rollout``): the trainer's own model, or vLLM in this process
+        with a context for the longest prompt + ``max_response_tokens``."""
+        cfg, tok = self.cfg, self.tokenizer
+        if cfg.rollout != "vllm":
+            return HFSampler(self.model, tok.eos_token_id, tok.pad_token_id)
+        longest = max(len(p) for p in [*self.data.prompt_ids, *self.valid_prompts])
+        sequences = cfg.prompts_per_step * cfg.n
+        if self.validation:
+            sequences = max(sequences, len(self.valid_prompts) * self.validation["n"])
+        return VllmSampler(self.model, self.base_model, longest + cfg.max_response_tokens, cfg.rollout_memory,
+                           sequences, cfg.seed)
 
     # ---- one step ----
     def _update(self, batch: SequenceBatch, rows: list[int], old_logp, advantages, off_mask, ref_logp,
-                teacher_logp, trace_batch: SequenceBatch | None, fill_old: bool = False) -> dict[str, float]:
+                teacher_logp, trace_batch: SequenceBatch | None, fill_old: bool = False,
+                rollout_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer update on the mini-batch ``rows`` of ``batch``.
 
         The rows are processed in length-sorted micro-batches (``micro_batch_tokens``) whose
         losses are normalised by the mini-batch's totals, so the accumulated gradient is the
         mini-batch's and padding stays near each micro-batch's own length. ``fill_old``: the
         step's first update, before which the policy is still pi_old: each micro-batch's own
-        log-probs (detached) are its rows' pi_old, written into ``old_logp``.
+        log-probs (detached) are its rows' pi_old, written into ``old_logp``. ``rollout_logp``:
+        the sampler's log-probs (vLLM rollouts), for the importance correction of on-policy tokens.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,12 +169,18 @@ class LocalTrainer:
                                                        entropy_grad=self.loss_settings.entropy_coef > 0)
             if fill_old:
                 old_logp[micro, :width] = logp.detach()
+            weight, corrected = None, {}
+            if rollout_logp is not None:
+                weight, corrected = rollout_correction(old_logp[micro, :width], rollout_logp[micro, :width],
+                                                       sub.response_mask * (1.0 - off_mask[micro, :width]),
+                                                       self.cfg.rollout_is_cap)
             loss, metrics = mixed_policy_loss(
                 logp, old_logp[micro, :width], advantages[micro], sub.response_mask, off_mask[micro, :width],
                 self.loss_settings, entropy, ref_log_prob=None if ref_logp is None else ref_logp[micro, :width],
-                teacher_log_prob=None if teacher_logp is None else teacher_logp[micro, :width], totals=totals)
+                teacher_log_prob=None if teacher_logp is None else teacher_logp[micro, :width], totals=totals,
+                rollout_weight=weight)
             loss.backward()
-            parts.append((float(sub.response_mask.sum()), metrics))
+            parts.append((float(sub.response_mask.sum()), {**metrics, **corrected}))
         metrics = combine_micro_batches(parts)
         if trace_batch is not None:  # rl_sft: + sft_coef x NLL of the same prompts' teacher traces
             trace_logp, _ = token_logprobs_and_entropy(self.model, trace_batch, with_entropy=False)
@@ -170,6 +196,7 @@ class LocalTrainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
+        self.sampler.weights_changed()
         return grad_norm
 
     @_in_precision
@@ -178,19 +205,21 @@ class LocalTrainer:
         idx = prompt_indices(step, cfg.prompts_per_step, len(self.data.prompt_ids), cfg.seed)
         n_on = cfg.n - cfg.n_off
         torch.manual_seed(derived_seed(cfg.seed, step))
-        sampled = sample(self.model, [self.data.prompt_ids[i] for i in idx], n=n_on,
-                         max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature, top_p=1.0,
-                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id) if n_on else [[] for _ in idx]
+        drawn = self.sampler.draw([self.data.prompt_ids[i] for i in idx], n_on, cfg.max_response_tokens,
+                                  cfg.temperature) if n_on else None
+        sampled = drawn.ids if drawn else [[] for _ in idx]
+        sampled_logp = drawn.logprobs if drawn and drawn.logprobs is not None else [[None] * n_on for _ in idx]
         guided = self._off_policy_members(idx, step)
-        prompts, responses, off_flags, off_tokens, golds = [], [], [], [], []
-        for i, teacher, group in zip(idx, guided, sampled):
-            members = teacher + [(response, 0) for response in group]
-            for m, (response, n_off_tokens) in enumerate(members):
+        prompts, responses, off_flags, off_tokens, golds, rollout_logps = [], [], [], [], [], []
+        for i, teacher, group, group_logp in zip(idx, guided, sampled, sampled_logp):
+            members = teacher + [(response, 0, logp) for response, logp in zip(group, group_logp)]
+            for m, (response, n_off_tokens, logp) in enumerate(members):
                 prompts.append(self.data.prompt_ids[i])
                 responses.append(response)
                 off_flags.append(m < cfg.n_off)
                 off_tokens.append(n_off_tokens)
                 golds.append(self.data.answers[i])
+                rollout_logps.append(logp)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         grades = self._grade(texts, golds)
         rewards = torch.tensor([g.reward for g in grades]).view(len(idx), cfg.n)
@@ -203,7 +232,9 @@ class LocalTrainer:
         if rows:
             per_update = self._policy_updates([prompts[r] for r in rows], [responses[r] for r in rows],
                                               [off_tokens[r] for r in rows], advantages[rows],
-                                              [idx[r // cfg.n] for r in rows])
+                                              [idx[r // cfg.n] for r in rows],
+                                              [rollout_logps[r] for r in rows] if self.sampler.name == "vllm"
+                                              else None)
         metrics = mean_over_updates(per_update)
         metrics.update(rollout_metrics(
             _groups([g.reward for g in grades], cfg.n), _groups(off_flags, cfg.n),
@@ -211,40 +242,44 @@ class LocalTrainer:
             kept=keep.tolist()))
         return metrics
 
-    def _off_policy_members(self, idx: list[int], step: int) -> list[list[tuple[list[int], int]]]:
-        """Per prompt, its n_off teacher members as (response ids, number of off-policy tokens).
+    def _off_policy_members(self, idx: list[int], step: int) -> list[list[tuple[list[int], int, list | None]]]:
+        """Per prompt, its n_off teacher members as (response ids, number of off-policy tokens,
+        the sampler's log-probs of the rest: [] for a whole trace, None with the hf sampler).
 
         Ratio 1 gives the whole trace + EOS; a smaller ratio gives the trace's prefix followed by
         the policy's own continuation, of which only the prefix is off-policy.
         """
-        cfg, tok = self.cfg, self.tokenizer
+        cfg = self.cfg
         rng = random.Random(derived_seed(cfg.seed, step))
         progress = training_progress(step, cfg.steps)
-        members: list[list[tuple[list[int], int]]] = [[] for _ in idx]
+        members: list[list[tuple[list[int], int, list | None]]] = [[] for _ in idx]
         pending = []  # (group, prompt + prefix, prefix length) needing a continuation
         for g, i in enumerate(idx):
             trace = self.data.trace_ids[i]
             for k in plan_teacher_members(len(trace), cfg.n_off, cfg.prefix_strategy, cfg.prefix_ratio_min,
                                           cfg.prefix_ratio_max, rng, progress):
                 if k is None:
-                    members[g].append((trace, len(trace)))
+                    members[g].append((trace, len(trace), None if self.sampler.name == "hf" else []))
                 else:
                     pending.append((g, self.data.prompt_ids[i] + trace[:k], k))
         if pending:
-            continuations = sample(self.model, [p for _, p, _ in pending], n=1,
-                                   max_new_tokens=cfg.max_response_tokens - min(k for _, _, k in pending),
-                                   temperature=cfg.temperature, top_p=1.0, eos_id=tok.eos_token_id,
-                                   pad_id=tok.pad_token_id)
-            for (g, with_prefix, k), (continuation,) in zip(pending, continuations):
+            drawn = self.sampler.draw([p for _, p, _ in pending], 1,
+                                      cfg.max_response_tokens - min(k for _, _, k in pending), cfg.temperature)
+            logps = drawn.logprobs or [[None] for _ in pending]
+            for (g, with_prefix, k), (continuation,), (logp,) in zip(pending, drawn.ids, logps):
                 prefix = with_prefix[len(with_prefix) - k:] if k else []
-                members[g].append((prefix + continuation[: cfg.max_response_tokens - k], k))
+                keep = cfg.max_response_tokens - k
+                members[g].append((prefix + continuation[:keep], k, None if logp is None else logp[:keep]))
         return members
 
-    def _policy_updates(self, prompts, responses, off_tokens, advantages, sources) -> list[dict[str, float]]:
+    def _policy_updates(self, prompts, responses, off_tokens, advantages, sources,
+                        rollout_logps=None) -> list[dict[str, float]]:
         """pi_old (and pi_ref) by no-grad forwards, then ppo_epochs x mini-batch updates.
 
         ``off_tokens[j]``: how many leading tokens of response j are the teacher's;
-        ``sources[j]``: the training row response j answers. Before the first update the policy
+        ``sources[j]``: the training row response j answers; ``rollout_logps[j]``: the
+        sampler's log-probs of its sampled tokens (vLLM rollouts; None: the trainer's own
+        sampler). Before the first update the policy
         is pi_old: when its training forward equals its no-grad one (no dropout), the first
         mini-batch's pi_old comes from that update's own forward, and the no-grad pass runs
         only over the other mini-batches' rows (none with one mini-batch and one epoch).
@@ -256,8 +291,11 @@ class LocalTrainer:
                                               [self.data.teacher_logp[s] for s in sources]) if cfg.teacher_logprobs \
             else None
         advantages = advantages.to(self.device)
+        rollout_logp = None if rollout_logps is None else sampled_logprob_layout(batch.response_mask, off_tokens,
+                                                                                 rollout_logps)
         members_per_mb = cfg.n * (cfg.prompts_per_step // cfg.mini_batches)
-        minis = [list(range(s, min(s + members_per_mb, len(responses)))) for s in range(0, len(responses), members_per_mb)]
+        minis = [list(range(s, min(s + members_per_mb, len(responses))))
+                 for s in range(0, len(responses), members_per_mb)]
         old_logp = torch.zeros_like(batch.response_mask)
         with torch.no_grad():
             self.model.eval()
@@ -269,7 +307,8 @@ class LocalTrainer:
             for m, rows in enumerate(minis):
                 trace_batch = self._trace_batch([sources[r] for r in rows]) if cfg.algorithm == "rl_sft" else None
                 per_update.append(self._update(batch, rows, old_logp, advantages, off_mask, ref_logp, teacher_logp,
-                                               trace_batch, fill_old=self.own_old and epoch == 0 and m == 0))
+                                               trace_batch, fill_old=self.own_old and epoch == 0 and m == 0,
+                                               rollout_logp=rollout_logp))
         return per_update
 
     def _logprobs(self, model, batch: SequenceBatch, rows: list[int] | None = None,
@@ -324,8 +363,7 @@ class LocalTrainer:
         """Accuracy (mean over ``n`` samples of each held-out problem) of the current policy."""
         v, tok = self.validation, self.tokenizer
         torch.manual_seed(derived_seed(self.cfg.seed, 777))  # the same draws at every validation
-        samples = sample(self.model, self.valid_prompts, n=v["n"], max_new_tokens=self.cfg.max_response_tokens,
-                         temperature=v["temperature"], top_p=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        samples = self.sampler.draw(self.valid_prompts, v["n"], self.cfg.max_response_tokens, v["temperature"]).ids
         texts = [tok.batch_decode(group, skip_special_tokens=True) for group in samples]
         flat = [(t, gold) for group, gold in zip(texts, self.valid_answers) for t in group]
         scores = [g.reward for g in self._grade([t for t, _ in flat], [gold for _, gold in flat])]
@@ -349,6 +387,7 @@ class LocalTrainer:
                 self._run(out_dir, metrics_out, resume_run_id)
             finally:
                 self.grader = None
+                self.sampler.close()
 
     def _run(self, out_dir: Path, metrics_out: Path, resume_run_id: Callable[[], str | None] | None) -> None:
         cfg = self.cfg
