@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--suite", action="append", required=True, help="NAME=PATH (repeatable)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--gpus", type=_ranged(int, GE0), default=0, help="GPUs of the job (vLLM's tensor parallelism when > 1)")
+    p.add_argument("--gpus", type=_ranged(int, GE0), default=0,
+                   help="GPUs of the job (vLLM's tensor parallelism when > 1)")
 
     p = stage("teacher-traces", "how probable the teacher's tokens are under a model (training traces, "
                                 "teacher-forced)", settings=False)
@@ -168,6 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_ranged(int, Valid(low=1, high=65535)), default=5000,
                    help="the port of `mlflow ui` (SQLite stores)")
     p.add_argument("--serve", action="store_true", help="also run `mlflow ui` on the config's SQLite store")
+
+    p = sub.add_parser("tracking-server", help="the study's MLflow tracking server with authentication: creates its "
+                                               "store, admin and study user on first start, writes the study user's "
+                                               "credentials (0600, tracking.credentials), prints the tracking.uri")
+    p.add_argument("configfile")
+    p.add_argument("--add-reader", metavar="NAME", default=None,
+                   help="on the running server, create user NAME with read-only access to the study's runs; its "
+                        "credentials go to <tracking.server.dir>/NAME.credentials (0600)")
 
     p = sub.add_parser("check-config", help="validate a config file (and --config overrides) and print it resolved")
     p.add_argument("configfile")
@@ -219,6 +228,10 @@ def run(args: argparse.Namespace) -> None:
         args.threads = allocated_threads(args.threads)
 
     common = {"group": getattr(args, "group", None), "rule": getattr(args, "rule", None) or args.stage}
+    if hasattr(args, "group") or args.stage == "init-tracking":  # a stage that logs to MLflow: its access first
+        from luffy.tracking import check_access
+
+        check_access()
     if args.stage == "make-toy-traces":
         stages.make_toy_traces(from_json(DataConfig, args.settings), args.out_dir, **common)
     elif args.stage == "prepare-traces":
@@ -278,10 +291,22 @@ def run(args: argparse.Namespace) -> None:
         from luffy.compare import compare
         from luffy.config import load_config_file
 
+        from luffy.tracking import CREDENTIALS_ENV, use_credentials
+
         root = load_config_file(args.configfile).root
+        use_credentials(os.environ.get(CREDENTIALS_ENV) or root.tracking.credentials)
         compare(os.environ.get("MLFLOW_TRACKING_URI", root.tracking.uri),
                 os.environ.get("MLFLOW_EXPERIMENT_NAME", root.tracking.experiment), list(root.evaluation.suites),
                 port=args.port, serve=args.serve)
+    elif args.stage == "tracking-server":
+        from luffy.config import load_config_file
+        from luffy.tracking_server import add_reader, serve
+
+        tracking = load_config_file(args.configfile).root.tracking
+        if args.add_reader:
+            print(add_reader(tracking, args.add_reader))
+        else:
+            serve(tracking)
     elif args.stage == "check-config":
         from luffy.config import load_config_file, to_dict
 

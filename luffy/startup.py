@@ -146,6 +146,18 @@ def study_problem(results_dir: str, configfiles: list[str], experiment: str) -> 
             f"results_dir (or delete {marker} to hand the folder over)")
 
 
+def tracking_problem() -> str | None:
+    """Where Snakemake is typed, before any job: the tracking server's refusal of the study's
+    credentials (``luffy.tracking.check_access``) as one line, else None."""
+    from luffy.tracking import TrackingAccessError, check_access
+
+    try:
+        check_access()
+    except TrackingAccessError as err:
+        return str(err)
+    return None
+
+
 def claim_results_dir(results_dir: str, configfiles: list[str], experiment: str) -> None:
     """Record which config writes into ``results_dir`` (atomically; refuses another config's)."""
     problem = study_problem(results_dir, configfiles, experiment)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from luffy.config.checking import ConfigError
 from luffy.errors import Cancelled, signals_deferred
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,92 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
+# the study user's credentials file (tracking.credentials), set by the workflow for every job
+CREDENTIALS_ENV = "LUFFY_TRACKING_CREDENTIALS"
+CREDENTIALS_SECTION = "mlflow"  # the file's layout is MLflow's own ~/.mlflow/credentials
+USERNAME_KEY, PASSWORD_KEY = "mlflow_tracking_username", "mlflow_tracking_password"
+
+
+class TrackingAccessError(ConfigError):
+    """The tracking server cannot be used with the study's credentials: refused before any work."""
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def read_credentials(path: str) -> tuple[str, str]:
+    """(user, password) from a credentials file in MLflow's layout ([mlflow] with
+    mlflow_tracking_username and mlflow_tracking_password), which must be readable by its owner
+    only: anything else is a ``TrackingAccessError`` naming the file (never the password)."""
+    import configparser
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise TrackingAccessError(f"tracking credentials {path}: file not found (`luffy tracking-server` writes it "
+                                  "on its first start)") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise TrackingAccessError(f"tracking credentials {path}: readable by others (mode "
+                                  f"{stat.S_IMODE(mode):04o}); make it the owner's only: chmod 600 {path}")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+        user, password = parser[CREDENTIALS_SECTION][USERNAME_KEY], parser[CREDENTIALS_SECTION][PASSWORD_KEY]
+    except (configparser.Error, KeyError):
+        raise TrackingAccessError(f"tracking credentials {path}: not a credentials file (expected "
+                                  f"[{CREDENTIALS_SECTION}] with {USERNAME_KEY} and {PASSWORD_KEY})") from None
+    if not user or not password:
+        raise TrackingAccessError(f"tracking credentials {path}: empty {USERNAME_KEY} or {PASSWORD_KEY}")
+    return user, password
+
+
+def use_credentials(path: str | None = None) -> tuple[str, str] | None:
+    """Authenticate this process's MLflow calls (and its children's) as the user in ``path``
+    (default: the file ``LUFFY_TRACKING_CREDENTIALS`` names); None when no file is named. An
+    explicit MLFLOW_TRACKING_USERNAME / _PASSWORD in the environment is left as it is."""
+    path = path or os.environ.get(CREDENTIALS_ENV)
+    if not path:
+        return None
+    user, password = read_credentials(path)
+    if not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+
+
+def check_access() -> None:
+    """Before a stage's work: with a tracking server, its credentials (``use_credentials``) are
+    read and tried once on the study's experiment. Refused (401: no or wrong password; 403: no
+    permission on the experiment) is a ``TrackingAccessError`` naming the credentials file, so
+    the stage fails in one line before it starts, not hours later. A server that cannot be
+    reached is left to ``StageRun`` (the stage goes on, its metrics in its files)."""
+    uri = tracking_uri()
+    if not is_server(uri):
+        return
+    import requests
+
+    path = os.environ.get(CREDENTIALS_ENV)
+    creds = use_credentials()
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": experiment_name()}, auth=creds, timeout=30)
+    except requests.RequestException:
+        return
+    if answer.status_code == 401:
+        if path:
+            raise TrackingAccessError(f"the MLflow tracking server {uri} refused the credentials in {path} (401 "
+                                      "Unauthorized): a wrong user or password")
+        raise TrackingAccessError(f"the MLflow tracking server {uri} needs credentials (401 Unauthorized): set "
+                                  "tracking.credentials to the file `luffy tracking-server` wrote")
+    if answer.status_code == 403:
+        raise TrackingAccessError(f"the MLflow tracking server {uri} refused user {creds[0] if creds else '?'} "
+                                  f"(credentials {path}) the experiment {experiment_name()!r} (403 Permission denied)")
 
 
 def experiment_name() -> str:

@@ -33,7 +33,12 @@ def bad(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "latin1.yaml").write_bytes("results_dir: r\u00e9sultats\n".encode("latin-1"))
     (tmp_path / "not_parquet.parquet").write_bytes(b"PAR1 not really\xff\xfe")
     (tmp_path / "not_json.json").write_bytes(b"\xff\xfe{")
-    return {"directory": tmp_path / "a_directory", "model_without_config": tmp_path / "model_without_config",
+    suites = "evaluation: {suites: {s: {source: 'toy:id'}}}\n"
+    (tmp_path / "no_credentials.yaml").write_text(suites)
+    (tmp_path / "server_never_started.yaml").write_text(
+        suites + f"tracking: {{uri: 'http://127.0.0.1:9', credentials: c, server: {{dir: {tmp_path / 'none'}}}}}\n")
+    return {"no_credentials": tmp_path / "no_credentials.yaml",
+            "server_never_started": tmp_path / "server_never_started.yaml","directory": tmp_path / "a_directory", "model_without_config": tmp_path / "model_without_config",
             "yaml_syntax": tmp_path / "syntax.yaml", "not_utf8": tmp_path / "latin1.yaml",
             "not_parquet": tmp_path / "not_parquet.parquet", "not_json": tmp_path / "not_json.json",
             "missing": tmp_path / "missing.parquet"}
@@ -95,6 +100,10 @@ def _cases(bad: dict[str, Path], out: Path) -> dict[str, list[tuple[str, list[st
                                                                      "--data", p, "--out", f"{o}/s.parquet"])],
         "init-tracking": [("not JSON", ["--resolved-config", "{"])],
         "compare": config_cases,
+        "tracking-server": config_cases + [
+            ("tracking.credentials unset", [str(bad["no_credentials"])]),
+            ("a reader before the server's first start", [str(bad["server_never_started"]), "--add-reader", "ann"]),
+            ("a reader name that is no user name", [str(bad["server_never_started"]), "--add-reader", "a b"])],
         "check-config": config_cases,
         "rehearse": config_cases,
         "settings": [("README is a directory", ["--update", d]), ("README is missing", ["--update", x])],

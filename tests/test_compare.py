@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -107,3 +108,36 @@ def test_the_comparison_opens_on_one_row_per_model_with_accuracy_and_the_curves(
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_behind_authentication_the_comparison_opens_after_logging_in(tmp_path, monkeypatch):
+    """The study's authenticated server (``luffy tracking-server``): ``luffy compare`` prints the
+    server's URLs, the browser logs in (answers the server's challenge with the study user) and
+    sees the same models view; without credentials the server lets nothing through."""
+    from browser_login import page_text_after_login
+    from tracking_server import authenticated_study
+
+    with authenticated_study(tmp_path, MICRO, experiment="luffy-compare") as study:
+        user, password = study.user()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "luffy-compare")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)  # as the stages log (luffy.tracking.use_credentials)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        write_store(tmp_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LUFFY_"))}
+        printed = subprocess.run([str(BIN / "luffy"), "compare", "study.yaml"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert printed.returncode == 0, printed.stderr
+        assert password not in printed.stdout + printed.stderr
+        models_url, _ = re.findall(rf"({re.escape(study.uri)}/#/\S+)", printed.stdout)
+        assert "viewStateShareKey=luffy-models" in models_url
+
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # no login, no page data
+            urllib.request.urlopen(f"{study.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        table = page_text_after_login(CHROMIUM, models_url, user, password,
+                                      ready=lambda text: "matching runs" in text)
+        challenges = int(re.search(r"\[challenges: (\d+)\]", table).group(1))
+        assert challenges >= 1  # the server asked, the browser logged in
+        assert "LUFFY: models" in table and "3 matching runs" in table, table[-2000:]
+        body = table.split("train/final_reward_on_policy_mean", 1)[1].split("matching runs")[0]
+        assert re.findall(r"\b(base|grpo|luffy|data|report)\b", body) == ["base", "grpo", "luffy"], body

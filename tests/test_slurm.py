@@ -19,7 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import requests
 from slurm_records import job_records
+from tracking_server import authenticated_study
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMITTER = REPO / ".venv-slurm" / "bin" / "snakemake"
@@ -85,38 +87,58 @@ def test_the_paper_runs_plan_shows_each_train_jobs_gpus_nodes_and_time(tmp_path)
 @pytest.mark.slurm
 @needs_slurm
 def test_micro_pipeline_through_slurm_then_one_stage_by_its_target(tmp_path):
+    """The micro config through `--profile slurm`, logging to the study's authenticated tracking
+    server (``luffy tracking-server``, its credentials file named in the config): every job logs
+    its stage as the study user."""
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")  # `--profile slurm` as typed in the repository root
-    shutil.copy(MICRO, tmp_path / "micro.yaml")
-    run = snakemake(tmp_path, "--configfile", "micro.yaml")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| luffy |" in (tmp_path / "results" / "report" / "results.md").read_text()
+    with authenticated_study(tmp_path, MICRO, experiment="luffy-micro") as study:
+        run = snakemake(tmp_path, "--configfile", "study.yaml")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "| luffy |" in (tmp_path / "results" / "report" / "results.md").read_text()
 
-    jobs = jobs_in(tmp_path)
-    rules = Counter(re.sub(r"_wildcards_.*", "", job["comment"]).removeprefix("rule_") for job in jobs.values())
-    assert rules == {"make_toy_traces": 1, "prepare_traces": 1, "make_base_model": 1, "train": 3, "convert": 3,
-                     "evaluate": 4, "report": 1}
-    assert {job["state"] for job in jobs.values()} == {"COMPLETED"}
+        jobs = jobs_in(tmp_path)
+        rules = Counter(re.sub(r"_wildcards_.*", "", job["comment"]).removeprefix("rule_") for job in jobs.values())
+        assert rules == {"make_toy_traces": 1, "prepare_traces": 1, "make_base_model": 1, "train": 3, "convert": 3,
+                         "evaluate": 4, "report": 1}
+        assert {job["state"] for job in jobs.values()} == {"COMPLETED"}
+        # each job's stage run on the server, logged with the study user's credentials, finished
+        found = requests.post(f"{study.uri}/api/2.0/mlflow/runs/search", auth=study.user(), timeout=60, json={
+            "experiment_ids": [experiment_id(study)], "filter": "tags.`luffy.role` = 'stage'", "max_results": 1000})
+        assert found.status_code == 200, found.text
+        stages = [{t["key"]: t["value"] for t in r["data"]["tags"]} | {"status": r["info"]["status"]}
+                  for r in found.json()["runs"]]
+        assert Counter(s["luffy.stage"] for s in stages) == rules
+        assert {s["status"] for s in stages} == {"FINISHED"}
+        assert requests.get(f"{study.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30
+                            ).status_code == 401  # and nothing without them
 
-    rerun = snakemake(tmp_path, "-f", "results/eval/base/toy_id.json", "--configfile", "micro.yaml")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    new = {k: v for k, v in jobs_in(tmp_path).items() if k not in jobs}
-    assert [job["comment"] for job in new.values()] == ["rule_evaluate_wildcards_base"]
-    assert "SLURM accounting is off here (sacct: Slurm accounting storage is disabled): job states are read with " \
-           "squeue" in rerun.stdout + rerun.stderr
+        rerun = snakemake(tmp_path, "-f", "results/eval/base/toy_id.json", "--configfile", "study.yaml")
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        new = {k: v for k, v in jobs_in(tmp_path).items() if k not in jobs}
+        assert [job["comment"] for job in new.values()] == ["rule_evaluate_wildcards_base"]
+        assert "SLURM accounting is off here (sacct: Slurm accounting storage is disabled): job states are read " \
+               "with squeue" in rerun.stdout + rerun.stderr
 
-    # the HTML report, in the submitting environment: current results inline, the re-evaluated one named
-    report = snakemake(tmp_path, "--configfile", "micro.yaml", "--report", "report.html")
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert (tmp_path / "report.html").stat().st_size > 100_000
-    page = (tmp_path / ".snakemake" / "luffy-report-page.rst").read_text()
-    assert "<td>luffy</td>" in page and "- ``results/eval/base/toy_id.json``" in page
+        # the HTML report, in the submitting environment: current results inline, the re-evaluated one named
+        report = snakemake(tmp_path, "--configfile", "study.yaml", "--report", "report.html")
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert (tmp_path / "report.html").stat().st_size > 100_000
+        page = (tmp_path / ".snakemake" / "luffy-report-page.rst").read_text()
+        assert "<td>luffy</td>" in page and "- ``results/eval/base/toy_id.json``" in page
 
     # the demo config typed without --configfile into these results: refused, nothing submitted
     shutil.copytree(REPO / "config", tmp_path / "config")
     other = snakemake(tmp_path, "-n")
     assert other.returncode != 0
-    assert first_error(other).startswith("results/ holds the study of micro.yaml (MLflow experiment 'luffy-micro'), "
-                                         "not of this run's config/config.yaml: add --configfile micro.yaml")
+    assert first_error(other).startswith("results/ holds the study of study.yaml (MLflow experiment 'luffy-micro'), "
+                                         "not of this run's config/config.yaml: add --configfile study.yaml")
+
+
+def experiment_id(study) -> str:
+    found = requests.get(f"{study.uri}/api/2.0/mlflow/experiments/get-by-name", auth=study.user(), timeout=30,
+                         params={"experiment_name": "luffy-micro"})
+    assert found.status_code == 200, found.text
+    return found.json()["experiment"]["experiment_id"]
 
 
 @needs_submitter

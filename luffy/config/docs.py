@@ -17,6 +17,7 @@ from luffy.config.checking import BOOL, ConfigError, Valid, _key, to_dict
 from luffy.config.sections import (BaseModelConfig, BenchmarkSpec, Config, DataConfig, EvaluationConfig,
                                    ExternalModelConfig, GradingConfig, JobResources, ReportConfig, ResourcesConfig,
                                    StandInConfig, SuiteConfig, TinyModelConfig, ToyTaskConfig, TrackingConfig,
+                                   TrackingServerConfig,
                                    TrainConfig, ValidationConfig, VerlConfig, VllmConfig)
 
 
@@ -134,7 +135,8 @@ def _default_words(f: dataclasses.Field) -> str:
 
 
 SETTING_SECTIONS: list[tuple[str, type]] = [  # (key path, settings class)
-    ("", Config), ("tracking", TrackingConfig), ("data", DataConfig), ("data.toy", ToyTaskConfig),
+    ("", Config), ("tracking", TrackingConfig), ("tracking.server", TrackingServerConfig),
+    ("data", DataConfig), ("data.toy", ToyTaskConfig),
     ("validation", ValidationConfig), ("base_model", BaseModelConfig),
     ("base_model.tiny", TinyModelConfig), ("base_model.stand_in", StandInConfig),
     ("train_defaults, experiments.<name>", TrainConfig),

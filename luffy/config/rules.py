@@ -210,7 +210,14 @@ def _looks_local(path: str) -> bool:
 
 
 def _check_sections(root: Config) -> None:
-    """Rules within the data, validation and base-model sections (before any experiment)."""
+    """Rules within the tracking, data, validation and base-model sections (before any experiment)."""
+    tracking = root.tracking
+    if tracking.credentials is not None and not tracking.uri.startswith(("http://", "https://")):
+        raise ConfigError(f"config key 'tracking.credentials': credentials are for a tracking server (an http(s):// "
+                          f"uri), not {tracking.uri!r}; remove them or set tracking.uri to the server")
+    if not tracking.server.user.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(f"config key 'tracking.server.user': {tracking.server.user!r} is not a user name (letters, "
+                          "digits, _ . -)")
     toy = root.data.toy
     traces = root.data.traces
     if traces != "toy" and not traces.startswith(HUB_PREFIX) and not is_glob(traces):

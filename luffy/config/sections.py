@@ -47,12 +47,36 @@ HUB_PREFIX = "hub:"  # data.traces read from the HuggingFace hub
 
 
 @dataclass
+class TrackingServerConfig:
+    """The study's own tracking server (``luffy tracking-server``): MLflow's server with its
+    basic-auth app, users and permissions."""
+
+    host: str = _help("address the server listens on: 127.0.0.1 (this machine only), the login node's address "
+                      "that compute nodes reach, or 0.0.0.0 (every interface) only when that is wanted", "127.0.0.1",
+                      valid=NAME)
+    port: int = _help("port of the server", 5000, valid=Valid(low=1, high=65535))
+    workers: int = _help("the server's worker processes (MLflow's default 4; each holds ~0.2 GB)", 4, valid=GE1)
+    dir: str = _help("the server's folder (created 0700): its runs store (SQLite), artifacts, user store and "
+                     "secrets (admin password, session key; 0600)", "mlflow-server",
+                     valid=Valid(text="a directory path", nonempty=True))
+    user: str = _help("the study's user, whose credentials every stage logs with (tracking.credentials)", "luffy",
+                      valid=Valid(text="a user name: letters, digits, _ . -", nonempty=True))
+
+
+@dataclass
 class TrackingConfig:
     uri: str = _help("MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins",
                      "sqlite:///mlflow.db",
                      valid=Valid(text="an MLflow tracking URI: sqlite:///<file>, http(s)://<host>:<port>, a directory",
                                  nonempty=True))
     experiment: str = _help("MLflow experiment name", "luffy", valid=NAME)
+    credentials: Optional[str] = _help(
+        "file with the MLflow user and password every stage logs with to an authenticated server (http(s) uri); "
+        "`luffy tracking-server` writes it (0600) on its first start; a relative path is from the directory "
+        "Snakemake runs in; null: no authentication (a local store)", None,
+        valid=Valid(text="a file path", nonempty=True))
+    server: TrackingServerConfig = _help("`luffy tracking-server`: the study's authenticated tracking server",
+                                         TrackingServerConfig)
 
 
 PRETRAIN_FORMATS = ("trace", "words", "direct")

@@ -24,9 +24,12 @@ BENCHMARK_SUITES = list(CFG.benchmarks)  # suites materialised from the benchmar
 LUFFY = wf.luffy_command()  # the jobs' `luffy`, also when the venv's bin/ is not on PATH
 os.environ.setdefault("MLFLOW_TRACKING_URI", CFG.root.tracking.uri)
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
+if CFG.root.tracking.credentials:  # every job (local or SLURM) logs in with the study user's file
+    os.environ.setdefault(wf.CREDENTIALS_ENV, os.path.abspath(os.path.expanduser(CFG.root.tracking.credentials)))
 if workflow.is_main_process:  # once, where Snakemake is typed (also for -n); not again in each job
     for problem in (startup.job_command_problem(LUFFY, bool(os.environ.get(wf.LUFFY_COMMAND))),
-                    startup.study_problem(RESULTS, workflow.configfiles, CFG.root.tracking.experiment)):
+                    startup.study_problem(RESULTS, workflow.configfiles, CFG.root.tracking.experiment),
+                    startup.tracking_problem()):
         if problem:
             raise WorkflowError(problem)
 
