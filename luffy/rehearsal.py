@@ -12,7 +12,8 @@ report. Only what costs GPUs is shrunk (``Scale``):
 - the data: the first ``raw_rows`` raw trace rows (``data.max_rows``), traces and responses
   capped at ``response_tokens``;
 - training: ``steps`` steps of ``prompts_per_step`` prompts, a checkpoint every step, on the
-  CPU (``device: cpu``; verl: sdpa attention, one rollout replica, a small KV cache);
+  CPU (``device: cpu``; verl: sdpa attention, one rollout replica, a small KV cache, FSDP2 as
+  on GPUs by default);
 - evaluation: the first ``suite_problems`` problems of each suite, ``suite_samples`` samples
   of at most ``eval_tokens`` tokens; published models (``evaluation.models``) left out;
 - one seed; into ``<results_dir>-rehearsal`` and the MLflow experiment ``<experiment>-rehearsal``.
@@ -114,7 +115,7 @@ def rehearsal_config(raw: dict[str, Any], scale: Scale = Scale(), nodes: int = 1
         base["stand_in"] = {**(base.get("stand_in") or {}), "enabled": True}
 
     verl = out.setdefault("verl", {})
-    verl.update(attn_implementation="sdpa", rollout_tensor_parallel=1,
+    verl.update(attn_implementation="sdpa", rollout_tensor_parallel=1, strategy="fsdp2",
                 rollout_gpu_memory_utilization=scale.kv_cache_share, agent_workers=1, reward_workers=1,
                 grader_processes=1, param_offload=False, optimizer_offload=False)
     max_prompt = root.verl.max_prompt_tokens
@@ -164,6 +165,9 @@ def describe(raw: dict[str, Any], rehearsal: dict[str, Any], scale: Scale) -> st
              + (f", each verl job on {nodes} nodes" if nodes > 1 else ""),
              f"  evaluation: first {scale.suite_problems} problems per suite, <= {scale.suite_samples} samples of "
              f"<= {scale.eval_tokens} tokens"]
+    if (raw.get("verl") or {}).get("strategy") == "fsdp":
+        lines.append("  verl: FSDP2 here; the GPU run's FSDP1 (verl.strategy: fsdp) is not rehearsed (FSDP1 asks for "
+                     "an accelerator): leave verl.strategy at fsdp2 to run what was rehearsed")
     if (raw.get("base_model") or {}).get("path"):
         lines.append(f"  base model: a random stand-in of {raw['base_model']['path']}'s architecture, with its "
                      "tokenizer and chat template")

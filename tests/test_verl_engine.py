@@ -31,6 +31,7 @@ from luffy.engines.verl.overrides import check_extra_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "experiments" / "paper_qwen2.5_math_7b.yaml"
+VERL_TOY = REPO / "config" / "verl_toy.yaml"
 
 
 def job_for(name: str, settings, data: str, model: str, work: Path, runtime: VerlConfig | None = None,
@@ -71,9 +72,11 @@ def test_shipped_verl_experiments_compose_and_validate(resolved, name, paper, ti
         assert entry == "verl.trainer.sft_trainer_ray"
         assert config.optim.lr == settings.lr and config.data.train_batch_size == settings.prompts_per_step
         assert config.trainer.total_training_steps == settings.steps * settings.mini_batches
+        assert config.engine.strategy == "fsdp2"  # on GPUs as on the CPU: the rehearsed strategy
         return
     config = validated_ppo(overrides)
     actor, rollout = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
+    assert actor.strategy == config.actor_rollout_ref.ref.strategy == "fsdp2"  # the rehearsed strategy
     assert entry == "verl.trainer.main_ppo" and config.trainer.v1.trainer_mode == "luffy" and config.trainer.use_v1
     assert (config.data.train_batch_size, actor.ppo_mini_batch_size) == (
         settings.prompts_per_step, settings.prompts_per_step // settings.mini_batches)
@@ -320,3 +323,24 @@ def test_sft_runs_on_verls_sft_trainer_with_conversations_and_our_metric_names(t
     lines = [json.loads(line) for line in job.metrics_out.read_text().splitlines()]
     assert lines == [{"step": 0, "loss/sft": 1.0, "lr": 5e-5}, {"step": 1, "loss/sft": 0.5, "lr": 5e-5}]
     assert logged == [(0, {"loss/sft": 1.0, "lr": 5e-5}), (1, {"loss/sft": 0.5, "lr": 5e-5})]
+
+
+def test_fsdp1_stays_selectable_on_gpus_and_is_refused_on_the_cpu_and_named_by_the_rehearsal(tiny_model_dir,
+                                                                                             train_parquet, tmp_path):
+    from luffy.rehearsal import Scale, describe, rehearsal_config
+
+    settings = resolve_train_config("luffy", {}, {"engine": "verl", "micro_batch_tokens": 16384})
+    job = job_for("luffy", settings, train_parquet(8), tiny_model_dir, tmp_path, VerlConfig(strategy="fsdp"))
+    actor = validated_ppo(VerlEngine().overrides(job)[1]).actor_rollout_ref.actor
+    assert actor.strategy == "fsdp"
+    raw = yaml.safe_load(VERL_TOY.read_text())
+    raw["train_defaults"]["device"] = "cpu"
+    raw["verl"] = {**raw.get("verl", {}), "attn_implementation": "sdpa", "rollout_tensor_parallel": 1}
+    load_config(raw)  # FSDP2 (the default) on the CPU
+    with pytest.raises(ConfigError, match="'experiments.luffy.device': verl on the CPU needs verl.strategy: fsdp2"):
+        load_config({**raw, "verl": {**raw["verl"], "strategy": "fsdp"}})
+    paper = yaml.safe_load(PAPER.read_text())
+    paper["verl"] = {**paper.get("verl", {}), "strategy": "fsdp"}
+    rehearsal = rehearsal_config(paper, Scale())
+    assert rehearsal["verl"]["strategy"] == "fsdp2"
+    assert "the GPU run's FSDP1 (verl.strategy: fsdp) is not rehearsed" in describe(paper, rehearsal, Scale())

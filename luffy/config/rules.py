@@ -163,6 +163,8 @@ def _check_verl(root: Config, experiments: dict[str, TrainConfig]) -> None:
              "sdpa (flash-attn runs on GPUs only)"),
             (on_cpu and v.rollout_tensor_parallel != 1, "device", "verl on the CPU needs "
              "verl.rollout_tensor_parallel: 1 (one logical GPU)"),
+            (on_cpu and v.strategy != "fsdp2", "device", "verl on the CPU needs verl.strategy: fsdp2 (FSDP1 asks "
+             "for an accelerator)"),
             (cfg.algorithm != "sft" and cfg.micro_batch_tokens < v.max_prompt_tokens + cfg.max_response_tokens,
              "micro_batch_tokens", f"must hold one whole sequence on a GPU: >= verl.max_prompt_tokens + "
              f"max_response_tokens = {v.max_prompt_tokens + cfg.max_response_tokens}"),

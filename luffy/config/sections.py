@@ -421,6 +421,7 @@ class ReportConfig:
 
 
 ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa")
+FSDP_STRATEGIES = ("fsdp2", "fsdp")
 
 
 @dataclass
@@ -437,6 +438,9 @@ class VerlConfig:
                                                   "cache; 0.05 is plenty for a small model)", 0.6, valid=SHARE)
     rollout_max_num_seqs: int = _help("most sequences a vLLM replica decodes at once (>= 1)", 256, valid=GE1)
     rollout_max_num_batched_tokens: int = _help("vLLM's token budget per scheduler step (>= 1)", 16384, valid=GE1)
+    strategy: str = _help("the actor's FSDP: fsdp2 (FSDP2, the default on GPUs as on the CPU, so a rehearsal runs what "
+                          "the GPU run runs) | fsdp (FSDP1: GPUs only, not rehearsed on the CPU)", "fsdp2",
+                          valid=Valid(choices=FSDP_STRATEGIES))
     attn_implementation: str = _help("actor attention: flash_attention_2 (needs flash-attn; verl packs sequences) | "
                                      "sdpa (no packing: slower, same math)", "flash_attention_2",
                                      valid=Valid(choices=ATTENTION_IMPLEMENTATIONS))

@@ -110,20 +110,15 @@ def environment(alias_root: Path) -> dict[str, str]:
 
 def ppo_overrides() -> list[str]:
     """verl ``ppo_trainer`` settings a CPU run needs whatever the experiment. The layout settings
-    the config maps (attention, tensor parallelism, the KV cache's share of memory) come from the
-    ``verl`` section, which ``luffy.config`` checks for a CPU run."""
+    the config maps (attention, tensor parallelism, the KV cache's share of memory, FSDP2: FSDP1
+    asks for an accelerator) come from the ``verl`` section, which ``luffy.config`` checks for a
+    CPU run."""
     return [
-        "actor_rollout_ref.actor.strategy=fsdp2",                # FSDP1 asks for an accelerator (fsdp/transformer_impl.py:441)
         "+actor_rollout_ref.rollout.enable_sleep_mode=false",    # vllm_async_server.py:337: no sleep mode on CPU
         "actor_rollout_ref.rollout.free_cache_engine=false",
         "actor_rollout_ref.rollout.enforce_eager=true",          # no graph capture on CPU
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",  # default 8: 9.4 -> 7.7 GB at start-up
     ]
-
-
-def sft_overrides() -> list[str]:
-    """verl ``sft_trainer_engine`` settings a CPU run needs."""
-    return ["engine.strategy=fsdp2"]
 
 
 # ---- the worker side: imported by `import verl` in every process of the run ----

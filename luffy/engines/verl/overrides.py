@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from luffy.engines.verl import cpu
+from luffy.engines.verl.keys import refusal
 
 TRAINER_MODE = "luffy"          # our V1 trainer, registered by the plug-in
 TIME_UP_FILE = "LUFFY_TIME_UP_FILE"  # a chained job: where the trainer says which step it saved at for the time limit
@@ -33,10 +34,12 @@ PPO_MAPPED = (
     "actor_rollout_ref.actor.ppo_epochs", "actor_rollout_ref.actor.use_dynamic_bsz",
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu", "actor_rollout_ref.actor.shuffle",
     "actor_rollout_ref.actor.entropy_coeff", "actor_rollout_ref.actor.calculate_entropy",
-    "actor_rollout_ref.actor.use_kl_loss", "actor_rollout_ref.actor.kl_loss_coef", "actor_rollout_ref.actor.kl_loss_type",
+    "actor_rollout_ref.actor.use_kl_loss", "actor_rollout_ref.actor.kl_loss_coef",
+    "actor_rollout_ref.actor.kl_loss_type",
     "actor_rollout_ref.actor.loss_agg_mode", "actor_rollout_ref.actor.loss_scale_factor",
     "actor_rollout_ref.actor.clip_ratio_low", "actor_rollout_ref.actor.clip_ratio_high",
-    "actor_rollout_ref.actor.grad_clip", "actor_rollout_ref.actor.fsdp_config.param_offload",
+    "actor_rollout_ref.actor.grad_clip", "actor_rollout_ref.actor.strategy",
+    "actor_rollout_ref.actor.fsdp_config.param_offload",
     "actor_rollout_ref.actor.fsdp_config.optimizer_offload", "actor_rollout_ref.actor.data_loader_seed",
     "actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.n", "actor_rollout_ref.rollout.temperature",
     "actor_rollout_ref.rollout.top_p", "actor_rollout_ref.rollout.top_k", "actor_rollout_ref.rollout.seed",
@@ -174,6 +177,7 @@ def ppo_overrides(settings: Any, runtime: Any, job: VerlJob, metrics_path: str) 
         f"actor_rollout_ref.actor.loss_scale_factor={hydra_value(float(s.loss_constant))}",
         f"actor_rollout_ref.actor.clip_ratio_low={hydra_value(float(s.clip_ratio))}",
         f"actor_rollout_ref.actor.clip_ratio_high={hydra_value(float(s.clip_ratio_high or s.clip_ratio))}",
+        f"actor_rollout_ref.actor.strategy={r.strategy}",  # the reference model follows the actor's
         f"actor_rollout_ref.actor.fsdp_config.param_offload={hydra_value(r.param_offload)}",
         f"actor_rollout_ref.actor.fsdp_config.optimizer_offload={hydra_value(r.optimizer_offload)}",
         "actor_rollout_ref.rollout.name=vllm",
@@ -257,13 +261,14 @@ def sft_overrides(settings: Any, runtime: Any, job: VerlJob) -> list[str]:
         f"optim.clip_grad={hydra_value(float(s.grad_clip))}",
         f"optim.lr_warmup_steps={s.warmup_steps * s.mini_batches}",
         "optim.lr_scheduler_type=constant",
+        f"engine.strategy={r.strategy}",
         f"engine.param_offload={hydra_value(r.param_offload)}",
         f"engine.optimizer_offload={hydra_value(r.optimizer_offload)}",
         *_trainer(s, r, job),
         "trainer.test_freq=-1",
         f"trainer.max_ckpt_to_keep={s.keep_checkpoints}",
         f"trainer.seed={s.seed}",
-    ] + (cpu.sft_overrides() if job.device == "cpu" else []) + list(r.overrides)
+    ] + list(r.overrides)
 
 
 def override_key(override: str) -> str:
@@ -274,7 +279,8 @@ def override_key(override: str) -> str:
 
 
 def check_extra_overrides(overrides: Iterable[str]) -> None:
-    """User overrides must be key=value and leave the settings this module maps alone."""
+    """User overrides must be key=value, leave the settings this module maps alone, and set
+    nothing LUFFY would ignore or break (``keys.REFUSED``: why, and what to use instead)."""
     mapped = set(PPO_MAPPED) | set(SFT_MAPPED)
     for override in overrides:
         key = override_key(override)
@@ -282,3 +288,6 @@ def check_extra_overrides(overrides: Iterable[str]) -> None:
         if clash:
             raise ValueError(f"'{override}' sets {clash[0]}, which the experiment's settings decide "
                              "(change the setting instead)")
+        refused = refusal(key)
+        if refused:
+            raise ValueError(f"'{override}': verl's {refused[0]} is refused: {refused[1]}")
