@@ -135,7 +135,7 @@ def test_behind_authentication_the_comparison_opens_after_logging_in(tmp_path, m
         with pytest.raises(urllib.error.HTTPError, match="401"):  # no login, no page data
             urllib.request.urlopen(f"{study.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
         table = page_text_after_login(CHROMIUM, models_url, user, password,
-                                      ready=lambda text: "matching runs" in text)
+                                      ready=lambda text: "3 matching runs" in text)  # "0 ...": still loading
         challenges = int(re.search(r"\[challenges: (\d+)\]", table).group(1))
         assert challenges >= 1  # the server asked, the browser logged in
         assert "LUFFY: models" in table and "3 matching runs" in table, table[-2000:]
