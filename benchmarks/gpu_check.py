@@ -102,20 +102,12 @@ def loss_check(args, device: torch.device) -> None:
 
 
 def local_step_check(args, device: torch.device) -> None:
-    from luffy.config import TinyModelConfig, ToyTaskConfig, resolve_train_config
-    from luffy.data.toy import make_toy_data
-    from luffy.data.traces import filter_traces
+    from common import toy_model_and_data
+    from luffy.config import resolve_train_config
     from luffy.engines.local.trainer import LocalTrainer
-    from luffy.models.export import export_verified
-    from luffy.models.tiny import build_tiny_model
-    from luffy.models.tokenizer import load_shipped_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = load_shipped_tokenizer()
-        export_verified(build_tiny_model(TinyModelConfig(), tokenizer), tokenizer, Path(tmp) / "model")
-        raw = make_toy_data(ToyTaskConfig(n_train=256, n_pretrain=1, n_eval_id=1, n_eval_ood=1), "S").raw_traces
-        rows, _ = filter_traces(raw, lambda texts: [len(t) for t in texts], 128, "S", "toy")
-        rows.to_parquet(Path(tmp) / "train.parquet")
+        toy_model_and_data(Path(tmp))  # the demo's architecture, random weights; the toy rows
         cfg = resolve_train_config("luffy", {}, {"algorithm": "luffy", "steps": args.steps, "prompts_per_step": 64,
                                                  "n": 8, "max_response_tokens": 128, "lr": 1.0e-4,
                                                  "micro_batch_tokens": 131072, "device": device.type})

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alternating import emit, run_timed, toy_model_and_data
+from common import emit, run_timed, toy_model_and_data
 
 SIZES = {
     "demo": {"model": {}, "prompts": 8, "n": 8, "tokens": 64},

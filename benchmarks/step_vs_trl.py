@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alternating import ROOT, emit, run_timed, toy_model_and_data
+from common import ROOT, emit, run_timed, toy_model_and_data
 
 REQUIREMENTS = ROOT / "envs" / "bench-trl.txt"
 PROMPTS, N, NEW_TOKENS = 8, 8, 64

@@ -21,10 +21,9 @@ import os
 import subprocess
 import sys
 from typing import Any
-from urllib.parse import urlparse
 
 from luffy.algo import metrics as names
-from luffy.tracking import CURRENT_TAG, KIND_TAG, STAGE_TAG, _metric_key
+from luffy.tracking import CURRENT_TAG, KIND_TAG, STAGE_TAG, _metric_key, is_server
 
 MODELS_VIEW, CURVES_VIEW = "luffy-models", "luffy-curves"
 # the figures each model's parent run carries (the evaluate and train stages log them there)
@@ -74,7 +73,7 @@ def views(suites: list[str]) -> dict[str, dict[str, Any]]:
 
 def ui_base(tracking_uri: str, port: int = DEFAULT_PORT) -> str:
     """Where the UI of this store is: the tracking server itself, or ``mlflow ui`` on this machine."""
-    if urlparse(tracking_uri).scheme in ("http", "https"):
+    if is_server(tracking_uri):
         return tracking_uri.rstrip("/")
     return f"http://127.0.0.1:{port}"
 
@@ -103,7 +102,7 @@ def compare(tracking_uri: str, experiment: str, suites: list[str], port: int = D
     print(f"models, accuracy (%) per suite: {links[MODELS_VIEW]}")
     print(f"training curves:                {links[CURVES_VIEW]}", flush=True)
     if serve:
-        if urlparse(tracking_uri).scheme in ("http", "https"):
+        if is_server(tracking_uri):
             raise ConfigError(f"--serve: {tracking_uri} is a tracking server with its own UI; open the URLs above")
         mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
         subprocess.run([mlflow if os.path.exists(mlflow) else "mlflow", "ui", "--backend-store-uri", tracking_uri,

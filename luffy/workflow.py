@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from luffy.tracking import CREDENTIALS_ENV  # noqa: F401  (the jobs' credentials file, set by common.smk)
 from luffy.config import (BENCHMARK_SOURCE_PREFIX, HUB_PREFIX, TOY_SOURCE_PREFIX, JobResources, ResolvedConfig,
                           is_glob, job_resources, seed_of, to_dict, to_json, train_settings_dict)
 

@@ -5,7 +5,6 @@ opened in headless Chromium at the URLs ``luffy compare`` prints (CI installs Ch
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tracking_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = Path(__file__).with_name("micro.yaml")
@@ -23,12 +23,6 @@ BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (.ci/run does)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def page_text(url: str) -> str:

@@ -8,7 +8,6 @@ and must end, with its MLflow workers, within 60 s."""
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import os
 import signal
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
+
+from luffy.tracking import read_credentials
 
 LUFFY = str(Path(sys.executable).parent / "luffy")
 
@@ -42,10 +43,8 @@ class Study:
     printed: str
 
     def user(self, path: Path | None = None) -> tuple[str, str]:
-        """(user, password) from a credentials file (default: the study user's)."""
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read(path or self.credentials)
-        return parser["mlflow"]["mlflow_tracking_username"], parser["mlflow"]["mlflow_tracking_password"]
+        """(user, password) from a credentials file (default: the study user's), read as the stages read it."""
+        return read_credentials(str(path or self.credentials))
 
 
 def start(workdir: Path, config: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:

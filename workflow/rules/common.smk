@@ -8,6 +8,7 @@ from snakemake.utils import validate
 from luffy import startup
 from luffy import workflow as wf
 from luffy.config import ConfigError, load_config
+from luffy.tracking import CREDENTIALS_ENV
 
 
 try:  # first: a bad setting is one line naming the key, its value and its valid range
@@ -25,7 +26,7 @@ LUFFY = wf.luffy_command()  # the jobs' `luffy`, also when the venv's bin/ is no
 os.environ.setdefault("MLFLOW_TRACKING_URI", CFG.root.tracking.uri)
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", CFG.root.tracking.experiment)
 if CFG.root.tracking.credentials:  # every job (local or SLURM) logs in with the study user's file
-    os.environ.setdefault(wf.CREDENTIALS_ENV, os.path.abspath(os.path.expanduser(CFG.root.tracking.credentials)))
+    os.environ.setdefault(CREDENTIALS_ENV, os.path.abspath(os.path.expanduser(CFG.root.tracking.credentials)))
 if workflow.is_main_process:  # once, where Snakemake is typed (also for -n); not again in each job
     for problem in (startup.job_command_problem(LUFFY, bool(os.environ.get(wf.LUFFY_COMMAND))),
                     startup.study_problem(RESULTS, workflow.configfiles, CFG.root.tracking.experiment),

@@ -244,7 +244,8 @@ class LocalTrainer:
 
     def _off_policy_members(self, idx: list[int], step: int) -> list[list[tuple[list[int], int, list | None]]]:
         """Per prompt, its n_off teacher members as (response ids, number of off-policy tokens,
-        the sampler's log-probs of the rest: [] for a whole trace, None with the hf sampler).
+        the sampler's log-probs of the rest: [] for a whole trace; None for a continuation the
+        hf sampler drew).
 
         Ratio 1 gives the whole trace + EOS; a smaller ratio gives the trace's prefix followed by
         the policy's own continuation, of which only the prefix is off-policy.
@@ -259,7 +260,7 @@ class LocalTrainer:
             for k in plan_teacher_members(len(trace), cfg.n_off, cfg.prefix_strategy, cfg.prefix_ratio_min,
                                           cfg.prefix_ratio_max, rng, progress):
                 if k is None:
-                    members[g].append((trace, len(trace), None if self.sampler.name == "hf" else []))
+                    members[g].append((trace, len(trace), []))
                 else:
                     pending.append((g, self.data.prompt_ids[i] + trace[:k], k))
         if pending:

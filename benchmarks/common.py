@@ -1,6 +1,6 @@
-"""What the alternating A/B benchmarks share (``step_vs_trl.py``, ``rollout_vllm.py``): the toy
-training data and a seeded random model, and each side's run in a process of its own that
-prints one ``STEP {json}`` line per step."""
+"""What the benchmarks share: the toy training data and a seeded random model
+(``step_vs_trl.py``, ``rollout_vllm.py``, ``gpu_check.py``), and for the alternating A/B ones
+each side's run in a process of its own that prints one ``STEP {json}`` line per step."""
 
 from __future__ import annotations
 
